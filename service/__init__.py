@@ -1,0 +1,29 @@
+"""An event-sourced service for Replicate jobs: create_app builds the Flask application."""
+
+from __future__ import annotations
+
+import atexit
+
+from flask import Flask
+
+from service import cli, health, logs
+from service.config import Settings
+from service.db import open_pool, resolve_database_url
+
+
+def create_app(overrides: dict | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.from_mapping(Settings.from_env().as_dict())
+    app.config.update(overrides or {})
+    logs.configure(app.config["LOG_LEVEL"])
+
+    url = resolve_database_url(app.config["DATABASE_URL"], app.config["DATA_DIR"])
+    app.config["DATABASE_URL"] = url
+    pool = open_pool(url, app.config["DB_POOL_MIN"], app.config["DB_POOL_MAX"],
+                     app.config["DB_STATEMENT_TIMEOUT_MS"])
+    app.extensions["db_pool"] = pool
+    atexit.register(pool.close)
+
+    app.register_blueprint(health.bp)
+    cli.register(app)
+    return app

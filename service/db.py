@@ -1,0 +1,100 @@
+"""Database access: which PostgreSQL, the connection pool, named queries, error mapping."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from service.config import ROOT
+from service.errors import ConfigError, InvalidEvent, ServiceError
+
+logger = logging.getLogger(__name__)
+
+QUERIES_FILE = ROOT / "sql" / "queries.sql"
+_QUERY_HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
+    """Named blocks of sql/queries.sql: a `-- name --` line starts each one."""
+    parts = _QUERY_HEADER.split(path.read_text())
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+queries = load_queries()
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def embedded_database_url(data_dir: str) -> str:
+    """Start (or join) the embedded PostgreSQL keeping its data in DATA_DIR/postgres."""
+    import pgserver  # imported here: only the no-DATABASE_URL path needs it
+
+    pgdata = Path(data_dir) / "postgres"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    except Exception as exc:  # pgserver raises plain exceptions with its own message
+        raise ConfigError(f"could not start the embedded PostgreSQL in {pgdata}: {exc}") from exc
+    return server.get_uri()
+
+
+def resolve_database_url(database_url: str | None, data_dir: str) -> str:
+    if database_url:
+        logger.info("using PostgreSQL from DATABASE_URL %s", redact(database_url),
+                    extra={"action": "db_select"})
+        return database_url
+    url = embedded_database_url(data_dir)
+    logger.info("using the embedded PostgreSQL in %s/postgres", data_dir,
+                extra={"action": "db_select"})
+    return url
+
+
+def connect(url: str, **kwargs: object) -> psycopg.Connection:
+    """One connection with the service's settings (no server-side prepared statements,
+    so it also works through Supabase's pooler in transaction mode)."""
+    return psycopg.connect(url, prepare_threshold=None, row_factory=dict_row, **kwargs)
+
+
+def open_pool(url: str, min_size: int, max_size: int, statement_timeout_ms: int) -> ConnectionPool:
+    options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else ""
+    pool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"prepare_threshold": None, "row_factory": dict_row, "options": options},
+        open=False,
+        name="service",
+    )
+    pool.open(wait=False)
+    return pool
+
+
+@contextmanager
+def translated_errors() -> Iterator[None]:
+    """Map database constraint failures to the service's named errors, in one place."""
+    try:
+        yield
+    except psycopg.errors.CheckViolation as exc:
+        constraint = exc.diag.constraint_name or "a check"
+        raise InvalidEvent(f"the event store refused the event ({constraint})") from exc
+    except psycopg.errors.InvalidDatetimeFormat as exc:
+        raise InvalidEvent(f"a timestamp in the event is not valid: {exc.diag.message_primary}") from exc
+    except psycopg.errors.InvalidTextRepresentation as exc:
+        raise InvalidEvent(f"a value in the event is not valid: {exc.diag.message_primary}") from exc
+    except psycopg.OperationalError as exc:
+        raise ServiceError(f"database unavailable: {exc}") from exc

@@ -1,0 +1,484 @@
+-- The fold: how events become projections. The live path (append_event → apply_event,
+-- one event at a time) and the rebuild (rebuild_projections, set-based) share every
+-- rule below, so they cannot drift apart.
+--
+-- Order independence. Replicate delivers late, twice and out of order, and concurrent
+-- transactions commit out of position order. So no projected field depends on arrival
+-- order: each field group of a prediction is taken from the event with the greatest
+-- *fold key*, a fixed-width text computed from that one event:
+--   state_key  (status, error, metrics, completed_at):
+--              status rank | log length | output size | content hash | position
+--   logs_key   (logs): log length | hash | position        ('' when there are no logs)
+--   output_key (output): output size | hash | position     ('' when there is no output)
+-- A terminal status therefore always beats an earlier one, and logs and outputs only
+-- grow. The live upsert keeps the greater key; the rebuild takes max(key). The position
+-- suffix only breaks ties between byte-identical bodies, and lets the rebuild find the
+-- winning event again.
+
+CREATE FUNCTION prediction_status_rank(status text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE status
+    WHEN 'starting' THEN 1 WHEN 'processing' THEN 2
+    WHEN 'aborted' THEN 3 WHEN 'canceled' THEN 4 WHEN 'failed' THEN 5 WHEN 'succeeded' THEN 6
+    ELSE 0 END;
+
+-- One piece of a fold key: a number as fixed-width text, so text order is number order.
+CREATE FUNCTION fold_key_part(n bigint, width integer) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN lpad(n::text, width, '0');
+
+CREATE FUNCTION fold_key_hash(h bigint) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN lpad(to_hex(h), 16, '0');
+
+-- The event that produced a winning key.
+CREATE FUNCTION fold_key_position(fold_key text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN nullif(right(fold_key, 19), '')::bigint;
+
+-- The job a stream belongs to: streams are job ids (uuids) or, for orphans, prediction ids.
+CREATE FUNCTION stream_job_id(stream text) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN length(stream) = 36
+    AND stream ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+    THEN stream::uuid END;
+
+-- The prediction object an event carries, if any.
+CREATE FUNCTION prediction_body(type text, data jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE type
+    WHEN 'prediction.submitted' THEN data -> 'prediction'
+    WHEN 'replicate.webhook' THEN data
+    WHEN 'replicate.polled' THEN data END;
+
+-- A number from untrusted text, or NULL when it is not a small non-negative integer.
+CREATE FUNCTION small_int(value text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN value ~ '^[0-9]{1,6}$' THEN value::integer END;
+
+-- The step of a job a prediction belongs to: our own record says it, and a webhook's
+-- query string (?job=<id>&step=<n>) repeats it.
+CREATE FUNCTION prediction_step(type text, data jsonb, metadata jsonb) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN small_int(CASE WHEN type = 'prediction.submitted' THEN data ->> 'step'
+                      ELSE metadata -> 'query' ->> 'step' END);
+
+-- Every URL in an output, however nested (string, list, list of lists, dict of file objects).
+CREATE FUNCTION output_urls(output jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN coalesce(jsonb_path_query_array(output,
+    'strict $.** ? (@.type() == "string" && (@ starts with "https://" || @ starts with "http://" || @ starts with "data:"))'),
+    '[]'::jsonb);
+
+-- Text to timestamptz (stable, not immutable: the cast reads the session's settings,
+-- and a function must not claim less volatility than its body or it is not inlined).
+CREATE FUNCTION text_timestamptz(value text) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN nullif(value, '')::timestamptz;
+
+-- What one event says about its prediction, as a predictions row (event_count 1).
+-- Used by the live upsert directly and by the rebuild for each winning event.
+CREATE FUNCTION prediction_facts(
+    stream text, type text, data jsonb, metadata jsonb, pos bigint, recorded_at timestamptz
+) RETURNS SETOF predictions
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT b ->> 'id',
+           stream_job_id(stream),
+           prediction_step(type, data, metadata),
+           b ->> 'status',
+           b ->> 'error',
+           right(b ->> 'logs', 4000),
+           coalesce(length(b ->> 'logs'), 0),
+           CASE WHEN jsonb_typeof(b -> 'metrics') = 'object' THEN b -> 'metrics' ELSE '{}'::jsonb END,
+           nullif(b -> 'output', 'null'::jsonb),
+           output_urls(b -> 'output'),
+           b ->> 'model',
+           b ->> 'version',
+           coalesce(b -> 'data_removed' = 'true'::jsonb, false),
+           text_timestamptz(b ->> 'created_at'),
+           text_timestamptz(b ->> 'started_at'),
+           text_timestamptz(b ->> 'completed_at'),
+           recorded_at,
+           recorded_at,
+           1,
+           prediction_status_rank(b ->> 'status')::text
+               || fold_key_part(coalesce(length(b ->> 'logs'), 0), 10)
+               || fold_key_part(coalesce(pg_column_size(nullif(b -> 'output', 'null'::jsonb)), 0), 10)
+               || fold_key_hash(jsonb_hash_extended(b, 0))
+               || fold_key_part(pos, 19),
+           CASE WHEN b ->> 'logs' IS NULL THEN '' ELSE
+               fold_key_part(length(b ->> 'logs'), 10)
+               || fold_key_hash(hashtextextended(b ->> 'logs', 0))
+               || fold_key_part(pos, 19) END,
+           CASE WHEN nullif(b -> 'output', 'null'::jsonb) IS NULL THEN '' ELSE
+               fold_key_part(pg_column_size(b -> 'output'), 10)
+               || fold_key_hash(jsonb_hash_extended(b -> 'output', 0))
+               || fold_key_part(pos, 19) END
+    FROM (SELECT prediction_body(type, data) AS b) AS body
+    WHERE b ->> 'id' IS NOT NULL
+$$;
+
+-- What one output.processed / output.failed event says, as an outputs row.
+-- A processed result beats a failed one (a later retry may succeed).
+CREATE FUNCTION output_facts(
+    stream text, type text, data jsonb, pos bigint, recorded_at timestamptz
+) RETURNS SETOF outputs
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT data ->> 'prediction_id',
+           small_int(data ->> 'index'),
+           stream_job_id(stream),
+           CASE type WHEN 'output.processed' THEN 'processed' ELSE 'failed' END,
+           data ->> 'source_url',
+           data ->> 'url',
+           data ->> 'original_url',
+           small_int(data ->> 'width'),
+           small_int(data ->> 'height'),
+           CASE WHEN data ->> 'bytes' ~ '^[0-9]{1,15}$' THEN (data ->> 'bytes')::bigint END,
+           data ->> 'error',
+           data - ARRAY['prediction_id', 'index', 'source_url', 'url', 'original_url',
+                        'width', 'height', 'bytes', 'error'],
+           recorded_at,
+           CASE type WHEN 'output.processed' THEN '1' ELSE '0' END
+               || fold_key_hash(jsonb_hash_extended(data, 0))
+               || fold_key_part(pos, 19)
+    WHERE type IN ('output.processed', 'output.failed')
+      AND data ->> 'prediction_id' IS NOT NULL
+      AND small_int(data ->> 'index') IS NOT NULL
+$$;
+
+-- A job as job.created describes it, with the event statistics the caller knows.
+CREATE FUNCTION job_facts(
+    stream text, data jsonb, created_at timestamptz, event_count integer,
+    last_position bigint, updated_at timestamptz, canceled_at timestamptz, submit_failures integer
+) RETURNS SETOF jobs
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stream_job_id(stream),
+           data ->> 'model',
+           data ->> 'version',
+           data ->> 'deployment',
+           coalesce(data ->> 'aspect_ratio', '1:1'),
+           coalesce(data -> 'postprocess', '{"mode": "auto"}'::jsonb),
+           coalesce(data -> 'input', '{}'::jsonb),
+           data -> 'then',
+           coalesce(data -> 'metadata', '{}'::jsonb),
+           'pending', coalesce(small_int(data ->> 'count'), 1),
+           0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
+           canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
+           updated_at, last_position, event_count
+    WHERE stream_job_id(stream) IS NOT NULL
+$$;
+
+-- A job's status from what is known about its predictions and outputs.
+CREATE FUNCTION job_status(
+    canceled_at timestamptz, expected integer, submitted integer, started integer,
+    succeeded integer, failed integer, outputs_expected integer, processed integer,
+    outputs_failed integer
+) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN canceled_at IS NOT NULL THEN 'canceled'
+    WHEN submitted = 0 THEN 'pending'
+    WHEN succeeded + failed < expected THEN CASE WHEN started > 0 THEN 'running' ELSE 'queued' END
+    WHEN succeeded = 0 THEN 'failed'
+    WHEN processed + outputs_failed < outputs_expected THEN 'processing'
+    WHEN outputs_expected > 0 AND processed = 0 THEN 'failed'
+    ELSE 'completed' END;
+
+CREATE VIEW job_prediction_rollups AS
+SELECT job_id,
+       count(*)::integer AS submitted,
+       count(*) FILTER (WHERE status <> 'starting')::integer AS started,
+       count(*) FILTER (WHERE status = 'succeeded')::integer AS succeeded,
+       count(*) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))::integer AS failed,
+       coalesce(sum(jsonb_array_length(output_urls)) FILTER (WHERE status = 'succeeded'), 0)::integer
+           AS outputs_expected,
+       min(started_at) AS started_at,
+       max(completed_at) AS completed_at,
+       min(error) FILTER (WHERE status = 'failed') AS error
+FROM predictions
+WHERE job_id IS NOT NULL
+GROUP BY job_id;
+
+CREATE VIEW job_output_rollups AS
+SELECT job_id,
+       count(*) FILTER (WHERE status = 'processed')::integer AS processed,
+       count(*) FILTER (WHERE status = 'failed')::integer AS failed,
+       max(recorded_at) AS completed_at,
+       coalesce(jsonb_agg(jsonb_build_object(
+                    'prediction_id', prediction_id, 'index', index, 'source_url', source_url,
+                    'url', url, 'width', width, 'height', height)
+                ORDER BY prediction_id, index) FILTER (WHERE status = 'processed'),
+                '[]'::jsonb) AS outputs,
+       min(error) FILTER (WHERE status = 'failed') AS error
+FROM outputs
+WHERE job_id IS NOT NULL
+GROUP BY job_id;
+
+-- Every derived column of a job, computed from its predictions and outputs.
+CREATE VIEW job_derived AS
+SELECT j.id, s.status,
+       coalesce(r.submitted, 0) AS predictions_submitted,
+       coalesce(r.succeeded, 0) AS predictions_succeeded,
+       coalesce(r.failed, 0) AS predictions_failed,
+       coalesce(r.outputs_expected, 0) AS outputs_expected,
+       coalesce(o.processed, 0) AS outputs_processed,
+       coalesce(o.failed, 0) AS outputs_failed,
+       coalesce(o.outputs, '[]'::jsonb) AS outputs,
+       CASE WHEN s.status = 'failed' THEN coalesce(r.error, o.error) END AS error,
+       r.started_at,
+       CASE s.status
+           WHEN 'canceled' THEN j.canceled_at
+           WHEN 'completed' THEN greatest(r.completed_at, o.completed_at)
+           WHEN 'failed' THEN greatest(r.completed_at, o.completed_at) END AS completed_at
+FROM jobs j
+LEFT JOIN job_prediction_rollups r ON r.job_id = j.id
+LEFT JOIN job_output_rollups o ON o.job_id = j.id
+CROSS JOIN LATERAL (SELECT job_status(
+    j.canceled_at, j.predictions_expected, coalesce(r.submitted, 0), coalesce(r.started, 0),
+    coalesce(r.succeeded, 0), coalesce(r.failed, 0), coalesce(r.outputs_expected, 0),
+    coalesce(o.processed, 0), coalesce(o.failed, 0)) AS status) s;
+
+-- Bring the derived columns of one job (or, with NULL, of every job) up to date.
+-- Rows that would not change are not written, so a log line does not rewrite a job.
+CREATE FUNCTION refresh_jobs(p_job uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE $sql$
+        UPDATE jobs j
+        SET (status, predictions_submitted, predictions_succeeded, predictions_failed,
+             outputs_expected, outputs_processed, outputs_failed, outputs, error,
+             started_at, completed_at)
+          = (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
+             d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
+             d.started_at, d.completed_at)
+        FROM job_derived d
+        WHERE d.id = j.id
+          AND (j.status, j.predictions_submitted, j.predictions_succeeded, j.predictions_failed,
+               j.outputs_expected, j.outputs_processed, j.outputs_failed, j.outputs, j.error,
+               j.started_at, j.completed_at)
+              IS DISTINCT FROM
+              (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
+               d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
+               d.started_at, d.completed_at)
+    $sql$ || CASE WHEN p_job IS NULL THEN '' ELSE ' AND j.id = $1' END
+    USING p_job;
+END $$;
+
+-- Fold one prediction event into predictions: each field group keeps the value whose
+-- fold key is greater (see the top of this file); counts add up.
+CREATE FUNCTION apply_prediction_event(e events) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO predictions AS p
+    SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
+    ON CONFLICT (id) DO UPDATE SET
+        job_id        = greatest(p.job_id, excluded.job_id),
+        step          = least(p.step, excluded.step),
+        status        = CASE WHEN excluded.state_key > p.state_key THEN excluded.status ELSE p.status END,
+        error         = CASE WHEN excluded.state_key > p.state_key THEN excluded.error ELSE p.error END,
+        metrics       = CASE WHEN excluded.state_key > p.state_key THEN excluded.metrics ELSE p.metrics END,
+        completed_at  = CASE WHEN excluded.state_key > p.state_key THEN excluded.completed_at ELSE p.completed_at END,
+        state_key     = greatest(p.state_key, excluded.state_key),
+        logs_tail     = CASE WHEN excluded.logs_key > p.logs_key THEN excluded.logs_tail ELSE p.logs_tail END,
+        logs_length   = CASE WHEN excluded.logs_key > p.logs_key THEN excluded.logs_length ELSE p.logs_length END,
+        logs_key      = greatest(p.logs_key, excluded.logs_key),
+        output        = CASE WHEN excluded.output_key > p.output_key THEN excluded.output ELSE p.output END,
+        output_urls   = CASE WHEN excluded.output_key > p.output_key THEN excluded.output_urls ELSE p.output_urls END,
+        output_key    = greatest(p.output_key, excluded.output_key),
+        model         = greatest(p.model, excluded.model),
+        version       = greatest(p.version, excluded.version),
+        data_removed  = p.data_removed OR excluded.data_removed,
+        created_at    = least(p.created_at, excluded.created_at),
+        started_at    = least(p.started_at, excluded.started_at),
+        first_seen_at = least(p.first_seen_at, excluded.first_seen_at),
+        updated_at    = greatest(p.updated_at, excluded.updated_at),
+        event_count   = p.event_count + 1
+$$;
+
+CREATE FUNCTION apply_output_event(e events) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO outputs AS o
+    SELECT * FROM output_facts(e.stream, e.type, e.data, e.position, e.recorded_at)
+    ON CONFLICT (prediction_id, index) DO UPDATE SET
+        (job_id, status, source_url, url, original_url, width, height, bytes, error, detail,
+         recorded_at, fold_key)
+      = (excluded.job_id, excluded.status, excluded.source_url, excluded.url, excluded.original_url,
+         excluded.width, excluded.height, excluded.bytes, excluded.error, excluded.detail,
+         excluded.recorded_at, excluded.fold_key)
+    WHERE excluded.fold_key > o.fold_key
+$$;
+
+-- Fold one recorded event into every projection. Called by append_event in the
+-- transaction that records the event.
+CREATE FUNCTION apply_event(e events) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_job uuid := stream_job_id(e.stream);
+BEGIN
+    IF e.type = 'job.created' THEN
+        INSERT INTO jobs
+        SELECT * FROM job_facts(e.stream, e.data, e.recorded_at, 0, e.position, e.recorded_at, NULL, 0)
+        ON CONFLICT (id) DO NOTHING;
+    ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled') THEN
+        PERFORM apply_prediction_event(e);
+    ELSIF e.type IN ('output.processed', 'output.failed') THEN
+        PERFORM apply_output_event(e);
+    END IF;
+    IF v_job IS NOT NULL THEN
+        UPDATE jobs SET
+            event_count     = event_count + 1,
+            last_position   = greatest(last_position, e.position),
+            updated_at      = greatest(updated_at, e.recorded_at),
+            canceled_at     = CASE WHEN e.type = 'job.canceled'
+                                   THEN least(canceled_at, e.recorded_at) ELSE canceled_at END,
+            submit_failures = submit_failures + (e.type = 'prediction.submit_failed')::integer
+        WHERE id = v_job;
+        PERFORM refresh_jobs(v_job);
+    END IF;
+END $$;
+
+-- Record one event and fold it into the projections, in the caller's transaction.
+-- Idempotent by event_key: a duplicate records nothing, changes nothing, and returns
+-- the original event's position with duplicate = true. Appends to one stream are
+-- serialised (advisory lock), so a job's derived counts never miss a concurrent event;
+-- a full replay holds a SHARE lock on events, so appends wait for it to commit.
+CREATE FUNCTION append_event(
+    p_event_key text, p_stream text, p_type text, p_data jsonb, p_metadata jsonb DEFAULT '{}'
+) RETURNS TABLE (event_position bigint, duplicate boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    e events;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_stream, 0));
+    INSERT INTO events (event_key, stream, type, data, metadata)
+    VALUES (p_event_key, p_stream, p_type, p_data, coalesce(p_metadata, '{}'::jsonb))
+    ON CONFLICT (event_key) DO NOTHING
+    RETURNING * INTO e;
+    IF e.position IS NULL THEN
+        RETURN QUERY SELECT ev.position, true FROM events ev WHERE ev.event_key = p_event_key;
+        RETURN;
+    END IF;
+    PERFORM apply_event(e);
+    RETURN QUERY SELECT e.position, false;
+END $$;
+
+-- The rebuild: the same facts and fold keys, applied set-based. Each function works on
+-- every stream (p_stream NULL) or on one, and expects the caller to have emptied that
+-- part of the projections first (clear_projections) in the same transaction.
+
+CREATE FUNCTION stream_filter(p_stream text, alias text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_stream IS NULL THEN 'true' ELSE alias || '.stream = $1' END;
+
+CREATE FUNCTION clear_projections(p_stream text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_stream IS NULL THEN
+        DELETE FROM outputs;
+        DELETE FROM predictions;
+        DELETE FROM jobs;
+    ELSE
+        DELETE FROM outputs WHERE job_id = stream_job_id(p_stream);
+        DELETE FROM predictions WHERE job_id = stream_job_id(p_stream)
+            OR (job_id IS NULL AND id = p_stream);
+        DELETE FROM jobs WHERE id = stream_job_id(p_stream);
+    END IF;
+END $$;
+
+CREATE FUNCTION rebuild_predictions(p_stream text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($sql$
+        INSERT INTO predictions
+        SELECT g.id, g.job_id, g.step, s.status, s.error, l.logs_tail, coalesce(l.logs_length, 0),
+               s.metrics, o.output, coalesce(o.output_urls, '[]'::jsonb), g.model, g.version,
+               g.data_removed, g.created_at, g.started_at, s.completed_at, g.first_seen_at,
+               g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key
+        FROM (
+            SELECT f.id,
+                   max(f.job_id::text COLLATE "C")::uuid AS job_id,
+                   min(f.step) AS step,
+                   max(f.state_key) AS state_key,
+                   max(f.logs_key) AS logs_key,
+                   max(f.output_key) AS output_key,
+                   max(f.model) AS model,
+                   max(f.version) AS version,
+                   bool_or(f.data_removed) AS data_removed,
+                   min(f.created_at) AS created_at,
+                   min(f.started_at) AS started_at,
+                   min(f.first_seen_at) AS first_seen_at,
+                   max(f.updated_at) AS updated_at,
+                   count(*)::integer AS event_count
+            FROM events e
+            CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata,
+                                                e.position, e.recorded_at) f
+            WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled')
+              AND %s
+            GROUP BY f.id
+        ) g
+        JOIN events se ON se.position = fold_key_position(g.state_key)
+        CROSS JOIN LATERAL prediction_facts(se.stream, se.type, se.data, se.metadata,
+                                            se.position, se.recorded_at) s
+        LEFT JOIN events le ON le.position = fold_key_position(g.logs_key)
+        LEFT JOIN LATERAL prediction_facts(le.stream, le.type, le.data, le.metadata,
+                                           le.position, le.recorded_at) l ON true
+        LEFT JOIN events oe ON oe.position = fold_key_position(g.output_key)
+        LEFT JOIN LATERAL prediction_facts(oe.stream, oe.type, oe.data, oe.metadata,
+                                           oe.position, oe.recorded_at) o ON true
+    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+CREATE FUNCTION rebuild_outputs(p_stream text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($sql$
+        INSERT INTO outputs
+        SELECT DISTINCT ON (f.prediction_id, f.index) f.*
+        FROM events e
+        CROSS JOIN LATERAL output_facts(e.stream, e.type, e.data, e.position, e.recorded_at) f
+        WHERE e.type IN ('output.processed', 'output.failed') AND %s
+        ORDER BY f.prediction_id, f.index, f.fold_key DESC
+    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+CREATE FUNCTION rebuild_jobs(p_stream text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($sql$
+        INSERT INTO jobs
+        SELECT j.*
+        FROM (
+            SELECT e.stream,
+                   count(*)::integer AS event_count,
+                   max(e.position) AS last_position,
+                   max(e.recorded_at) AS updated_at,
+                   min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
+                   count(*) FILTER (WHERE e.type = 'prediction.submit_failed')::integer
+                       AS submit_failures
+            FROM events e
+            WHERE stream_job_id(e.stream) IS NOT NULL AND %s
+            GROUP BY e.stream
+        ) s
+        JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
+        CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.event_count,
+                                     s.last_position, s.updated_at, s.canceled_at,
+                                     s.submit_failures) j
+    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF p_stream IS NULL OR stream_job_id(p_stream) IS NOT NULL THEN
+        PERFORM refresh_jobs(stream_job_id(p_stream));
+    END IF;
+    RETURN n;
+END $$;

@@ -1,0 +1,28 @@
+-- Named queries, looked up by name from Python (service/db.py: queries["name"]).
+-- A `-- name --` line starts each block; the line after it says what the block does.
+
+-- append_event --
+-- Record one event and fold it into the projections; a duplicate key changes nothing.
+SELECT event_position AS position, duplicate
+FROM append_event(%(event_key)s, %(stream)s, %(type)s, %(data)s, %(metadata)s);
+
+-- event_count --
+-- How many events a rebuild of all streams, or of one, reads.
+SELECT count(*) AS n FROM events WHERE %(stream)s::text IS NULL OR stream = %(stream)s;
+
+-- lock_events_for_replay --
+-- A full replay makes appends wait until it commits (they take ROW EXCLUSIVE).
+LOCK TABLE events IN SHARE MODE;
+
+-- lock_stream --
+-- The same lock append_event takes for a stream: a one-job replay makes that job's appends wait.
+SELECT pg_advisory_xact_lock(hashtextextended(%(stream)s, 0));
+
+-- job_events --
+-- A job's events in recording order.
+SELECT position, type, event_key, recorded_at, data, metadata
+FROM events WHERE stream = %(stream)s ORDER BY position;
+
+-- database_ok --
+-- Health check: the database answers and the schema is there.
+SELECT (SELECT count(*) FROM schema_migrations) AS migrations;

@@ -1,0 +1,96 @@
+"""Tests run against a real PostgreSQL: the embedded one (pgserver) by default, or the
+server named by DATABASE_URL. The session migrates a template database once; each test
+gets a fresh clone of it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from service import create_app, db, migrations
+
+PAYLOADS = Path(__file__).resolve().parent.parent.parent / "shared" / "replicate" / "payloads"
+_counter = itertools.count()
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL to the server's maintenance database (postgres)."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield with_database(configured, "postgres")
+        return
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def _admin(server_url: str) -> psycopg.Connection:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"rjs_template_{os.getpid()}"
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with db.connect(with_database(server_url, name), autocommit=True) as conn:
+        migrations.migrate(conn)
+    yield name
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"rjs_test_{os.getpid()}_{next(_counter)}"
+    with _admin(server_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield with_database(server_url, name)
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the test's database: each append commits."""
+    with db.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def app(db_url: str):
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url})
+    yield app
+    app.extensions["db_pool"].close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def payload(name: str) -> dict:
+    """A real prediction body Replicate sent (../shared/replicate/payloads)."""
+    return json.loads((PAYLOADS / f"{name}.json").read_text())
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,56 @@
+"""Build realistic event sequences from the real Replicate payloads in ../shared."""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+from service import events
+from tests.conftest import payload
+
+LIFECYCLE = [  # one SDXL prediction as Replicate reports it, in order
+    "starting_sdxl_create_response",
+    "processing_sdxl_partial_logs",
+    "processing_sdxl_more_logs",
+    "succeeded_sdxl_polled_list_output",
+]
+FAILED = ["starting_sdxl_create_response", "failed_flux11pro_nsfw_with_traceback_logs"]
+CANCELED = ["starting_sdxl_create_response", "canceled_sdxl_after_start"]
+
+
+def bodies(names: list[str], prediction_id: str) -> list[dict[str, Any]]:
+    """The payloads, re-keyed to one prediction id, as successive states of it."""
+    out = []
+    for name in names:
+        body = copy.deepcopy(payload(name))
+        body["id"] = prediction_id
+        out.append(body)
+    return out
+
+
+def create_job(conn, job_id: str, count: int = 1, **fields: Any) -> events.Appended:
+    data = {"model": "stability-ai/sdxl", "input": {"prompt": "a lighthouse"},
+            "aspect_ratio": "1:1", "count": count, **fields}
+    return events.append(conn, key=f"created:{job_id}", stream=job_id, type="job.created", data=data)
+
+
+def webhook(conn, job_id: str | None, body: dict, key: str, step: int = 1) -> events.Appended:
+    metadata = {"source": "test", "query": {"job": job_id, "step": str(step)} if job_id else {}}
+    return events.append(conn, key=key, stream=job_id or body["id"], type="replicate.webhook",
+                         data=body, metadata=metadata)
+
+
+def deliveries(states: list[dict], rng: random.Random, duplicates: int = 2) -> list[tuple[str, dict]]:
+    """Each state delivered 1..duplicates+1 times under one webhook id, shuffled."""
+    out = [(f"msg_{s['id']}_{i}", s) for i, s in enumerate(states)
+           for _ in range(rng.randint(1, duplicates + 1))]
+    rng.shuffle(out)
+    return out
+
+
+def prediction_row(conn, prediction_id: str) -> dict:
+    """The projection row, without the columns that record arrival (positions, times)."""
+    row = conn.execute("SELECT * FROM predictions WHERE id = %s", (prediction_id,)).fetchone()
+    drop = {"state_key", "logs_key", "output_key", "first_seen_at", "updated_at", "event_count"}
+    return {k: v for k, v in row.items() if k not in drop}
