@@ -6,6 +6,7 @@ import sys
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from service import migrations
 from service import replay as replays
@@ -22,6 +23,7 @@ def _connect(**kwargs: object):
 
 
 @click.command("migrate")
+@with_appcontext
 def migrate_command() -> None:
     """Apply the sql/NNN_*.sql migrations not yet applied."""
     with _connect(autocommit=True) as conn:
@@ -33,6 +35,7 @@ def migrate_command() -> None:
 
 
 @click.command("replay")
+@with_appcontext
 @click.option("--check", is_flag=True,
               help="Rebuild in a scratch transaction, list differences, change nothing; "
                    "exit 1 if any.")

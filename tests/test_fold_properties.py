@@ -1,0 +1,72 @@
+"""Delivery order and duplicates must not change the projection (Hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service import events
+from tests.conftest import new_job_id
+from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, prediction_row, webhook
+
+SEQUENCES = {"succeeded": LIFECYCLE, "failed": FAILED, "canceled": CANCELED}
+_ids = itertools.count()
+
+
+def _states(kind: str, pid: str, polled_after: bool) -> list[tuple[str, str, dict]]:
+    """(event type, key, body) for one prediction's life, optionally a late poll."""
+    states = bodies(SEQUENCES[kind], pid)
+    out = [("replicate.webhook", f"msg_{pid}_{i}", s) for i, s in enumerate(states)]
+    if polled_after:
+        final = dict(states[-1], logs="", output=None, data_removed=True)
+        out.append(("replicate.polled", f"polled:{pid}:removed", final))
+    return out
+
+
+def _deliver(conn, job: str, items: list[tuple[str, str, dict]]) -> None:
+    for type_, key, body in items:
+        if type_ == "replicate.webhook":
+            webhook(conn, job, body, key=key)
+        else:
+            events.append(conn, key=key, stream=job, type=type_, data=body, metadata={})
+
+
+def _projected(conn, job: str, pid: str, items: list[tuple[str, str, dict]]) -> tuple[dict, dict]:
+    """Deliver items in a transaction, read the projection, roll back: each delivery
+    order is tried on the same ids from the same starting point."""
+    with conn.transaction(force_rollback=True):
+        create_job(conn, job)
+        _deliver(conn, job, items)
+        job_row = conn.execute(
+            "SELECT status, predictions_succeeded, predictions_failed, outputs_expected, error, "
+            "started_at, completed_at FROM jobs WHERE id = %s", (job,)).fetchone()
+        return prediction_row(conn, pid), job_row
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(sorted(SEQUENCES)), polled_after=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), extra=st.lists(st.integers(0, 10), max_size=8))
+def test_shuffled_and_duplicated_delivery_gives_the_in_order_projection(
+        conn, kind, polled_after, seed, extra):
+    job, pid = new_job_id(), f"p{next(_ids)}"
+    in_order = _states(kind, pid, polled_after)
+    shuffled = in_order + [in_order[i % len(in_order)] for i in extra]  # same webhook-id again
+    random.Random(seed).shuffle(shuffled)
+    expected = _projected(conn, job, pid, in_order)
+    assert expected[0]["status"] == in_order[-1 - polled_after][2]["status"]
+    assert _projected(conn, job, pid, shuffled) == expected
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(sorted(SEQUENCES)), first=st.floats(0, 100), second=st.floats(0, 100))
+def test_two_distinct_bodies_with_the_same_status_and_sizes_resolve_the_same_either_way(
+        conn, kind, first, second):
+    """The content-hash part of the fold key breaks ties that status and sizes cannot."""
+    job, pid = new_job_id(), f"p{next(_ids)}"
+    final = bodies(SEQUENCES[kind][-1:], pid)[0]
+    one = ("replicate.webhook", "msg_one", dict(final, metrics={"predict_time": first}))
+    two = ("replicate.webhook", "msg_two", dict(final, metrics={"predict_time": second}))
+    assert _projected(conn, job, pid, [one, two]) == _projected(conn, job, pid, [two, one])

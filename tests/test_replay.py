@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import random
+
+from service import events, replay
+from tests.conftest import new_job_id
+from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, deliveries, webhook
+
+PROJECTIONS = ("jobs", "predictions", "outputs")
+
+
+def snapshot(conn) -> dict[str, list[dict]]:
+    order = {"jobs": "id", "predictions": "id", "outputs": "prediction_id, index"}
+    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY {order[t]}").fetchall() for t in PROJECTIONS}
+
+
+def random_workload(conn, rng: random.Random, jobs: int = 12) -> list[str]:
+    """Jobs with 1-3 predictions each, random outcomes, shuffled duplicate deliveries,
+    some processed outputs, a cancel, a submit failure and an orphan webhook."""
+    job_ids = []
+    for j in range(jobs):
+        job = new_job_id()
+        job_ids.append(job)
+        n = rng.randint(1, 3)
+        create_job(conn, job, count=n)
+        for i in range(n):
+            pid = f"p{j}x{i}"
+            kind = rng.choice([LIFECYCLE, LIFECYCLE, FAILED, CANCELED])
+            states = bodies(kind, pid)
+            events.append(conn, key=f"submitted:{job}:1:{i}", stream=job, type="prediction.submitted",
+                          data={"step": 1, "index": i, "prediction": states[0]})
+            for key, body in deliveries(states[1:], rng):
+                webhook(conn, job, body, key=key)
+            if kind is LIFECYCLE and rng.random() < 0.7:
+                for k, url in enumerate(states[-1]["output"]):
+                    events.append(conn, key=f"processed:{pid}:{k}", stream=job, type="output.processed",
+                                  data={"prediction_id": pid, "index": k, "source_url": url,
+                                        "url": f"/files/{pid}-{k}.png", "width": 1024, "height": 1024})
+        if rng.random() < 0.15:
+            events.append(conn, key=f"canceled:{job}", stream=job, type="job.canceled", data={})
+        if rng.random() < 0.15:
+            events.append(conn, key=f"submit_failed:{job}:1:9", stream=job,
+                          type="prediction.submit_failed", data={"step": 1, "index": 9, "error": "429"})
+    orphan = bodies(["succeeded_sdxl_2024_list_output_nanosecond_timestamps"], "orphan1")[0]
+    webhook(conn, None, orphan, key="msg_orphan")
+    return job_ids
+
+
+def test_replay_of_a_random_workload_equals_the_live_projection(conn):
+    random_workload(conn, random.Random(7))
+    live = snapshot(conn)
+    result = replay.replay(conn, check=True)
+    assert result.differences == 0, [str(d) for d in result.samples]
+    assert result.jobs == len(live["jobs"]) and result.predictions == len(live["predictions"])
+    assert result.events == conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
+    assert snapshot(conn) == live
+
+
+def test_replay_rebuilds_dropped_projections_row_for_row(conn):
+    random_workload(conn, random.Random(11))
+    live = snapshot(conn)
+    conn.execute("DELETE FROM outputs; DELETE FROM predictions; DELETE FROM jobs")
+    result = replay.replay(conn)
+    assert result.committed
+    assert result.differences == sum(len(rows) for rows in live.values())
+    assert snapshot(conn) == live
+
+
+def test_check_catches_a_corrupted_row_and_changes_nothing(conn):
+    jobs = random_workload(conn, random.Random(3))
+    conn.execute("UPDATE jobs SET status = 'failed', outputs_processed = 99 WHERE id = %s", (jobs[0],))
+    conn.execute("UPDATE predictions SET logs_tail = 'tampered' WHERE id = 'p1x0'")
+    conn.execute("DELETE FROM outputs WHERE ctid = (SELECT min(ctid) FROM outputs)")
+    corrupted = snapshot(conn)
+    result = replay.replay(conn, check=True)
+    assert result.differences == 3
+    described = {str(d) for d in result.samples}
+    assert f"jobs {jobs[0]}: changed (status, outputs_processed)" in described
+    assert "predictions p1x0: changed (logs_tail)" in described
+    assert any(d.table == "outputs" and d.kind == "only in rebuild" for d in result.samples)
+    assert not result.committed
+    assert snapshot(conn) == corrupted
+    replay.replay(conn)
+    assert replay.replay(conn, check=True).differences == 0
+
+
+def test_replay_of_one_job_touches_only_that_job(conn):
+    jobs = random_workload(conn, random.Random(5))
+    conn.execute("UPDATE jobs SET outputs_processed = 99 WHERE id = ANY(%s::uuid[])", (jobs[:2],))
+    result = replay.replay(conn, stream=jobs[0])
+    assert result.committed and result.differences == 1 and result.jobs == 1
+    processed = {r["id"]: r["outputs_processed"] for r in
+                 conn.execute("SELECT id::text, outputs_processed FROM jobs")}
+    assert processed[jobs[0]] != 99
+    assert processed[jobs[1]] == 99  # untouched: it was not replayed
+    assert replay.replay(conn, check=True).differences == 1
+
+
+def test_replay_of_an_orphan_stream(conn):
+    orphan = bodies(["succeeded_sdxl_2024_list_output_nanosecond_timestamps"], "orphan9")[0]
+    webhook(conn, None, orphan, key="msg_o9")
+    conn.execute("UPDATE predictions SET status = 'processing'")
+    result = replay.replay(conn, stream="orphan9")
+    assert result.predictions == 1 and result.differences == 1
+    assert conn.execute("SELECT status FROM predictions").fetchone()["status"] == "succeeded"
+
+
+def test_the_replay_command_prints_a_summary_and_check_exits_non_zero(app, conn):
+    random_workload(conn, random.Random(1), jobs=3)
+    runner = app.test_cli_runner()
+    ok = runner.invoke(args=["replay", "--check"])
+    assert ok.exit_code == 0, ok.output
+    assert "the live projection matches the events" in ok.output
+    assert "events/s" in ok.output
+    conn.execute("UPDATE predictions SET status = 'starting'")
+    bad = runner.invoke(args=["replay", "--check"])
+    assert bad.exit_code == 1
+    assert "differences from the live projection; nothing changed" in bad.output
+    fixed = runner.invoke(args=["replay"])
+    assert fixed.exit_code == 0 and "rows corrected" in fixed.output
+    assert runner.invoke(args=["replay", "--check"]).exit_code == 0
