@@ -9,7 +9,8 @@ the old projection until the commit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
@@ -47,6 +48,8 @@ class ReplayResult:
     differences: int
     samples: list[Difference]
     committed: bool
+    # seconds per step (lock, snapshot, clear, each phase, diff, commit), for benchmarks
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def events_per_second(self) -> float:
@@ -62,19 +65,36 @@ def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool =
     started = time.perf_counter()
     report = progress or (lambda phase, n: None)
     counts: dict[str, int] = {}
-    with conn.transaction() as tx:
-        events = _lock_and_count(conn, stream)
-        _snapshot(conn, stream)
-        conn.execute("SELECT clear_projections(%s)", (stream,))
+    timings: dict[str, float] = {}
+    with _timed(timings, "commit"), conn.transaction() as tx:
+        with _timed(timings, "lock"):
+            events = _lock_and_count(conn, stream)
+        with _timed(timings, "snapshot"):
+            _snapshot(conn, stream)
+        with _timed(timings, "clear"):
+            conn.execute("SELECT clear_projections(%s)", (stream,))
         for phase in PHASES:
-            counts[phase] = conn.execute(f"SELECT rebuild_{phase}(%s) AS n", (stream,)).fetchone()["n"]
+            with _timed(timings, phase):
+                counts[phase] = conn.execute(f"SELECT rebuild_{phase}(%s) AS n", (stream,)).fetchone()["n"]
             report(phase, counts[phase])
-        total, samples = _differences(conn, stream)
+        with _timed(timings, "diff"):
+            total, samples = _differences(conn, stream)
         committed = bool(total) and not check
         if not committed:
             raise psycopg.Rollback(tx)
+    timings["commit"] -= sum(v for k, v in timings.items() if k != "commit")
     return ReplayResult(events, counts["jobs"], counts["predictions"],
-                        time.perf_counter() - started, total, samples, committed)
+                        time.perf_counter() - started, total, samples, committed, timings)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to timings[name]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
 
 
 def _lock_and_count(conn: psycopg.Connection, stream: str | None) -> int:
