@@ -1,0 +1,91 @@
+"""What both benchmarks share: a scratch database, the real Replicate payloads as templates."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a plain script: make `service` importable
+    sys.path.insert(0, str(ROOT))
+
+from service import db, migrations  # noqa: E402
+
+PAYLOADS = ROOT.parent / "shared" / "replicate" / "payloads"
+
+# One SDXL prediction's states as Replicate reported them, and how some end instead.
+TEMPLATES = {
+    "starting": "starting_sdxl_create_response",
+    "processing": "processing_sdxl_partial_logs",
+    "more_logs": "processing_sdxl_more_logs",
+    "succeeded": "succeeded_sdxl_polled_list_output",
+    "failed": "failed_flux11pro_nsfw_with_traceback_logs",
+    "canceled": "canceled_sdxl_after_start",
+}
+PROMPTS = [
+    "a studio photo of a rainbow colored corgi",
+    "A chariot pulled by a team of six rainbow unicorns",
+    "a lighthouse on a cliff at dusk, volumetric light, 35mm film",
+    "isometric cutaway of a tiny bakery, warm morning light",
+    "portrait of an astronaut cat, renaissance oil painting",
+]
+
+
+def templates() -> dict[str, dict[str, Any]]:
+    """The real payloads (../shared/replicate/payloads) the generated bodies are made from."""
+    return {name: json.loads((PAYLOADS / f"{file}.json").read_text()) for name, file in TEMPLATES.items()}
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@contextmanager
+def server(database_url: str | None) -> Iterator[tuple[str, str]]:
+    """(maintenance URL, description) of DATABASE_URL's server, or of an embedded one in a temp dir."""
+    if database_url:
+        yield with_database(database_url, "postgres"), "DATABASE_URL server"
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+        embedded = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="delete")
+        try:
+            yield embedded.get_uri(), f"embedded pgserver in {tmp}"
+        finally:
+            embedded.cleanup()
+
+
+@contextmanager
+def scratch_database(server_url: str, name: str) -> Iterator[str]:
+    """A new migrated database, dropped afterwards whatever happens."""
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(server_url, name)
+    try:
+        with db.connect(url, autocommit=True) as conn:
+            migrations.migrate(conn)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def server_version(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SHOW server_version").fetchone()[0]
+
+
+def default_database_url() -> str | None:
+    return os.environ.get("DATABASE_URL", "").strip() or None
