@@ -6,7 +6,7 @@ import atexit
 
 from flask import Flask
 
-from service import cli, health, logs
+from service import cli, dashboard, health, logs
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -25,5 +25,6 @@ def create_app(overrides: dict | None = None) -> Flask:
     atexit.register(pool.close)
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(dashboard.bp)
     cli.register(app)
     return app
