@@ -98,7 +98,7 @@ def main() -> int:
               file=sys.stderr)
         return 1
     print(f"\n  Dashboard:  {base}/\n  Health:     {base}/healthz\n"
-          f"  Database:   {redact(url)}\n  Stop:       Ctrl-C\n", flush=True)
+          f"  SQL:        psql '{redact(url)}'\n  Stop:       Ctrl-C\n", flush=True)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

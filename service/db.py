@@ -34,7 +34,7 @@ queries = load_queries()
 def redact(url: str) -> str:
     """The URL with any password replaced, fit for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if not parts.password:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
