@@ -24,6 +24,23 @@ def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> i
     return value
 
 
+def _url(env: dict[str, str], name: str, default: str | None) -> str | None:
+    raw = env.get(name, "").strip().rstrip("/")
+    if not raw:
+        return default
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
+def _secret(env: dict[str, str]) -> str | None:
+    raw = env.get("REPLICATE_WEBHOOK_SECRET", "").strip()
+    if raw and not raw.startswith("whsec_"):
+        raise ConfigError("REPLICATE_WEBHOOK_SECRET must look like whsec_… (Replicate's signing "
+                          "secret from GET /v1/webhooks/default/secret)")
+    return raw or None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -34,6 +51,18 @@ class Settings:
     DB_POOL_MAX: int = 10
     DB_STATEMENT_TIMEOUT_MS: int = 30_000
     LOG_LEVEL: str = "INFO"
+    # Replicate
+    REPLICATE_API_BASE_URL: str = "https://api.replicate.com/v1"
+    REPLICATE_API_TOKEN: str | None = field(default=None, repr=False)
+    REPLICATE_WEBHOOK_SECRET: str | None = field(default=None, repr=False)
+    REPLICATE_RATE_LIMIT_PER_MINUTE: int = 600
+    PUBLIC_BASE_URL: str | None = None
+    WEBHOOK_MAX_BYTES: int = 1024 * 1024
+    # Jobs API: comma-separated bearer keys; empty means no key is required
+    API_KEYS: tuple[str, ...] = field(default=(), repr=False)
+    # Worker and reconciler
+    RECONCILE_AFTER_MINUTES: int = 5
+    WORKER_POLL_SECONDS: int = 5
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -52,6 +81,15 @@ class Settings:
             DB_POOL_MAX=pool_max,
             DB_STATEMENT_TIMEOUT_MS=_int(env, "DB_STATEMENT_TIMEOUT_MS", 30_000, 0, 3_600_000),
             LOG_LEVEL=level,
+            REPLICATE_API_BASE_URL=_url(env, "REPLICATE_API_BASE_URL", "https://api.replicate.com/v1"),
+            REPLICATE_API_TOKEN=env.get("REPLICATE_API_TOKEN", "").strip() or None,
+            REPLICATE_WEBHOOK_SECRET=_secret(env),
+            REPLICATE_RATE_LIMIT_PER_MINUTE=_int(env, "REPLICATE_RATE_LIMIT_PER_MINUTE", 600, 1, 100_000),
+            PUBLIC_BASE_URL=_url(env, "PUBLIC_BASE_URL", None),
+            WEBHOOK_MAX_BYTES=_int(env, "WEBHOOK_MAX_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+            RECONCILE_AFTER_MINUTES=_int(env, "RECONCILE_AFTER_MINUTES", 5, 1, 24 * 60),
+            WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
         )
 
     def as_dict(self) -> dict[str, object]:
