@@ -6,7 +6,7 @@ import atexit
 
 from flask import Flask
 
-from service import cli, dashboard, health, logs
+from service import cli, dashboard, errors, health, logs
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -24,6 +24,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.extensions["db_pool"] = pool
     atexit.register(pool.close)
 
+    errors.register_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(dashboard.bp)
     cli.register(app)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+logger = logging.getLogger(__name__)
+
 
 class ServiceError(Exception):
     """Unexpected service error."""
@@ -41,3 +48,75 @@ class NotFound(ServiceError):
 
     code = "not_found"
     status = 404
+
+
+class ReplicateError(ServiceError):
+    """Replicate could not be used."""
+
+    code = "replicate_error"
+    status = 502
+    # Whether the same call may succeed if made again later.
+    transient = False
+
+    def __init__(self, message: str | None = None, *, replicate_status: int | None = None,
+                 detail: str | None = None) -> None:
+        self.replicate_status = replicate_status
+        self.detail = detail
+        default = (self.__doc__ or "").strip().rstrip(".")
+        if replicate_status is not None:
+            default += f" (HTTP {replicate_status})"
+        super().__init__(message or (f"{default}: {detail}" if detail else default + "."))
+
+
+class InvalidPredictionRequest(ReplicateError):
+    """The prediction request is malformed."""
+
+    code = "invalid_prediction_request"
+    status = 400
+
+
+class ReplicateRejected(ReplicateError):
+    """Replicate refused the request."""
+
+    code = "replicate_rejected"
+
+
+class ReplicateUnavailable(ReplicateError):
+    """Replicate is unavailable."""
+
+    code = "replicate_unavailable"
+    status = 503
+    transient = True
+
+
+class ReplicateRateLimited(ReplicateError):
+    """Replicate is throttling requests."""
+
+    code = "replicate_rate_limited"
+    status = 503
+    transient = True
+
+    def __init__(self, message: str | None = None, *, replicate_status: int | None = 429,
+                 detail: str | None = None, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, replicate_status=replicate_status, detail=detail)
+
+
+def register_handlers(app: Flask) -> None:
+    """Every error leaves the service as JSON: {"error": code, "message": text}."""
+
+    @app.errorhandler(ServiceError)
+    def service_error(exc: ServiceError) -> tuple[dict, int]:
+        if exc.status >= 500:
+            logger.exception("request failed: %s", exc, extra={"action": "error", "code": exc.code})
+        return {"error": exc.code, "message": exc.message}, exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[dict, int]:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return {"error": code, "message": exc.description}, exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[dict, int]:
+        logger.exception("unexpected error", extra={"action": "error"})
+        return {"error": "internal_error", "message": "the service failed; see its log"}, 500

@@ -38,3 +38,34 @@ FROM jobs ORDER BY created_at DESC, id DESC LIMIT %(limit)s;
 SELECT status, count(*) AS n FROM jobs GROUP BY status
 UNION ALL
 SELECT 'orphan predictions', count(*) FROM predictions WHERE job_id IS NULL;
+
+-- enqueue_task --
+-- Add a task once per task_key, in the caller's transaction.
+SELECT enqueue_task(%(kind)s, %(key)s, %(job_id)s::uuid, %(payload)s,
+                    coalesce(%(run_after)s::timestamptz, now()), %(max_attempts)s) AS id;
+
+-- claim_task --
+-- Lease the next runnable task of these kinds to this worker.
+SELECT * FROM claim_task(%(worker)s, %(lease)s, %(kinds)s::text[]);
+
+-- finish_task --
+-- Mark a claimed task done, failed, or queued again after a delay; false if the lease was lost.
+SELECT coalesce(finish_task(%(id)s, %(worker)s, %(status)s, %(error)s, %(delay)s), false) AS ok;
+
+-- release_task --
+-- Give a claimed task back without counting the attempt (worker shutting down).
+SELECT coalesce(release_task(%(id)s, %(worker)s), false) AS ok;
+
+-- extend_lease --
+-- Keep a long task's lease alive.
+SELECT coalesce(extend_lease(%(id)s, %(worker)s, %(lease)s), false) AS ok;
+
+-- job_for_update --
+-- One job, locked for the rest of the transaction (cancel checks then records).
+SELECT * FROM jobs WHERE id = %(id)s::uuid FOR UPDATE;
+
+-- unfinished_predictions --
+-- A job's predictions that Replicate may still be running.
+SELECT id, step FROM predictions
+WHERE job_id = %(job_id)s::uuid AND status IN ('starting', 'processing')
+ORDER BY step, id;

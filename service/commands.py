@@ -1,0 +1,66 @@
+"""What the outside world can ask of a job: create it, cancel it. Each records its event
+and enqueues its follow-up work in the caller's transaction, so both or neither happen."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import psycopg
+
+from service import events, queue
+from service.db import queries
+from service.errors import NotFound, ServiceError
+
+logger = logging.getLogger(__name__)
+
+# uuid5 namespace for job ids derived from a client's Idempotency-Key.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("8f1d3c52-6a0e-4a59-9a43-1b6f0f7f4d1e")
+JOB_FIELDS = ("model", "version", "deployment", "input", "aspect_ratio", "count",
+              "postprocess", "then", "metadata")
+
+
+class JobFinished(ServiceError):
+    """The job has already finished."""
+
+    code = "job_finished"
+    status = 409
+
+
+def create_job(conn: psycopg.Connection, spec: dict[str, Any],
+               idempotency_key: str | None = None) -> tuple[str, bool]:
+    """Record job.created and enqueue one submission per prediction; returns
+    (job id, created) — created is False when the idempotency key was seen before."""
+    job_id = str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, idempotency_key) if idempotency_key
+                 else uuid.uuid4())
+    data = {k: spec[k] for k in JOB_FIELDS if spec.get(k) is not None}
+    data.setdefault("count", 1)
+    appended = events.append(conn, key=f"created:{job_id}", stream=job_id, type="job.created",
+                             data=data, metadata={"source": "api", "idempotency_key": idempotency_key})
+    if not appended.duplicate:
+        for index in range(data["count"]):
+            queue.enqueue(conn, "submit_prediction", f"submit:{job_id}:1:{index}", job_id,
+                          {"step": 1, "index": index})
+    logger.info("job created" if not appended.duplicate else "job create repeated",
+                extra={"action": "create_job", "job_id": job_id, "count": data["count"]})
+    return job_id, not appended.duplicate
+
+
+def cancel_job(conn: psycopg.Connection, job_id: str, reason: str = "requested") -> list[str]:
+    """Record job.canceled and enqueue a cancel for each unfinished prediction; returns
+    their ids. Predictions not yet submitted are never submitted."""
+    job = conn.execute(queries["job_for_update"], {"id": job_id}).fetchone()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job["status"] in ("completed", "failed"):
+        raise JobFinished(f"job {job_id} has already {job['status']}")
+    events.append(conn, key=f"canceled:{job_id}", stream=job_id, type="job.canceled",
+                  data={"reason": reason}, metadata={"source": "api"})
+    running = [r["id"] for r in conn.execute(queries["unfinished_predictions"], {"job_id": job_id})]
+    for prediction_id in running:
+        queue.enqueue(conn, "cancel_prediction", f"cancel:{prediction_id}", job_id,
+                      {"prediction_id": prediction_id})
+    logger.info("job canceled", extra={"action": "cancel_job", "job_id": job_id,
+                                       "predictions": len(running)})
+    return running
