@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from datetime import datetime, timedelta
 from typing import Any
 
 from service import events
@@ -54,3 +55,48 @@ def prediction_row(conn, prediction_id: str) -> dict:
     row = conn.execute("SELECT * FROM predictions WHERE id = %s", (prediction_id,)).fetchone()
     drop = {"state_key", "logs_key", "output_key", "first_seen_at", "updated_at", "event_count"}
     return {k: v for k, v in row.items() if k not in drop}
+
+
+def timed(body: dict, base: datetime, *, started: float | None = None,
+          completed: float | None = None, predict_time: float | None = None) -> dict:
+    """The body with Replicate's timestamps moved to `base` plus the given seconds
+    (None clears them) and, when given, metrics.predict_time replaced."""
+    out = copy.deepcopy(body)
+    out["created_at"] = base.isoformat()
+    out["started_at"] = None if started is None else (base + timedelta(seconds=started)).isoformat()
+    out["completed_at"] = None if completed is None else (base + timedelta(seconds=completed)).isoformat()
+    if predict_time is not None:
+        out["metrics"] = {**(out.get("metrics") or {}), "predict_time": predict_time}
+    return out
+
+
+def job_created_at(conn, job_id: str) -> datetime:
+    """When the database recorded the job (its job.created event)."""
+    return conn.execute("SELECT created_at FROM jobs WHERE id = %s", (job_id,)).fetchone()["created_at"]
+
+
+def submit(conn, job_id: str, body: dict, step: int = 1, n: int = 1) -> events.Appended:
+    """The service's record of creating a prediction (body: Replicate's create response)."""
+    return events.append(conn, key=f"submitted:{job_id}:{step}:{n}", stream=job_id,
+                         type="prediction.submitted", data={"step": step, "prediction": body})
+
+
+def polled(conn, job_id: str, body: dict, key: str) -> events.Appended:
+    """What the reconciler learned by asking Replicate about a prediction."""
+    return events.append(conn, key=key, stream=job_id, type="replicate.polled", data=body,
+                         metadata={"source": "test"})
+
+
+def process_output(conn, job_id: str, prediction_id: str, index: int, width: int = 1024,
+                   height: int = 1024, size: int = 1_572_864) -> events.Appended:
+    """The worker's record of one output downloaded, resized and stored."""
+    data = {"prediction_id": prediction_id, "index": index, "width": width, "height": height,
+            "bytes": size, "source_url": f"https://replicate.delivery/{prediction_id}/out-{index}.png",
+            "url": f"file:///outputs/{prediction_id}/{index}.png"}
+    return events.append(conn, key=f"processed:{prediction_id}:{index}", stream=job_id,
+                         type="output.processed", data=data)
+
+
+def cancel_job(conn, job_id: str, reason: str | None = None) -> events.Appended:
+    data = {"reason": reason} if reason else {}
+    return events.append(conn, key=f"canceled:{job_id}", stream=job_id, type="job.canceled", data=data)
