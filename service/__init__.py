@@ -6,7 +6,7 @@ import atexit
 
 from flask import Flask
 
-from service import cli, dashboard, errors, health, logs
+from service import cli, dashboard, errors, health, logs, webhooks
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -27,5 +27,6 @@ def create_app(overrides: dict | None = None) -> Flask:
     errors.register_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(webhooks.bp)
     cli.register(app)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +35,23 @@ def _url(env: dict[str, str], name: str, default: str | None) -> str | None:
     return raw
 
 
+def secret_problem(secret: str) -> str | None:
+    """Why a Standard Webhooks signing secret is unusable, or None when it is fine."""
+    if not secret.startswith("whsec_"):
+        return "must look like whsec_… (Replicate's secret from GET /v1/webhooks/default/secret)"
+    encoded = secret.removeprefix("whsec_").rstrip("=")
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except binascii.Error:
+        return "must be base64 after whsec_"
+    return None if key else "must not be empty after whsec_"
+
+
 def _secret(env: dict[str, str]) -> str | None:
     raw = env.get("REPLICATE_WEBHOOK_SECRET", "").strip()
-    if raw and not raw.startswith("whsec_"):
-        raise ConfigError("REPLICATE_WEBHOOK_SECRET must look like whsec_… (Replicate's signing "
-                          "secret from GET /v1/webhooks/default/secret)")
+    problem = secret_problem(raw) if raw else None
+    if problem:
+        raise ConfigError(f"REPLICATE_WEBHOOK_SECRET {problem}")
     return raw or None
 
 

@@ -69,3 +69,8 @@ SELECT * FROM jobs WHERE id = %(id)s::uuid FOR UPDATE;
 SELECT id, step FROM predictions
 WHERE job_id = %(job_id)s::uuid AND status IN ('starting', 'processing')
 ORDER BY step, id;
+
+-- append_webhook --
+-- Record one verified Replicate webhook under its webhook-id, in its job's stream.
+SELECT event_position AS position, duplicate, stream
+FROM append_webhook(%(webhook_id)s, %(job)s, %(body)s, %(metadata)s);

@@ -1,0 +1,195 @@
+"""POST /webhooks/replicate: verify, record, acknowledge. Nothing else happens here:
+no downloads, no image work, no calls to Replicate."""
+
+from __future__ import annotations
+
+import binascii
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, current_app, request
+from psycopg.types.json import Jsonb
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from service.config import secret_problem
+from service.db import queries, translated_errors
+from service.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+
+STATUSES = frozenset({"starting", "processing", "succeeded", "failed", "canceled", "aborted"})
+TIMESTAMPS = ("created_at", "started_at", "completed_at")
+KEPT_HEADERS = ("webhook-id", "webhook-timestamp", "user-agent", "content-type", "content-length")
+
+
+class BadSignature(ServiceError):
+    """Webhook signature did not verify."""
+
+    code = "bad_signature"
+    status = 401
+
+
+class BadWebhook(ServiceError):
+    """The webhook body is not a Replicate prediction."""
+
+    code = "bad_webhook"
+    status = 400
+
+
+class BodyTooLarge(ServiceError):
+    """The webhook body is too large."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class SecretUnavailable(ServiceError):
+    """The webhook signing secret is not configured and could not be fetched."""
+
+    code = "secret_unavailable"
+    status = 503
+
+
+@bp.post("/replicate")
+def replicate() -> tuple[dict, int]:
+    started = time.perf_counter()
+    raw = read_body(current_app.config["WEBHOOK_MAX_BYTES"])
+    verify_signature(signing_secret(), request.headers, raw)
+    body = parse_prediction(raw)
+    job = _job_param(request.args.get("job"))
+    with current_app.extensions["db_pool"].connection() as conn, translated_errors():
+        row = conn.execute(queries["append_webhook"], {
+            "webhook_id": request.headers["webhook-id"], "job": job,
+            "body": Jsonb(body), "metadata": Jsonb(_metadata(job)),
+        }).fetchone()
+    status = "duplicate" if row["duplicate"] else "recorded"
+    logger.info("webhook %s", status, extra={
+        "action": "webhook", "webhook_id": request.headers["webhook-id"], "prediction_id": body["id"],
+        "prediction_status": body["status"], "job_id": row["stream"] if job else None,
+        "position": row["position"], "ms": round((time.perf_counter() - started) * 1000, 1)})
+    return {"status": status, "position": row["position"]}, 200
+
+
+def read_body(limit: int) -> bytes:
+    """The raw body, refused (413) before it is read whole when it is over the limit."""
+    if (request.content_length or 0) > limit:
+        raise BodyTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
+    return raw
+
+
+def verify_signature(secret: str, headers: Mapping[str, str], raw: bytes) -> None:
+    """Standard Webhooks verification over the raw bytes: any one valid v1 signature,
+    timestamp within five minutes either way. Raises BadSignature saying why."""
+    wanted = {name: headers.get(name, "") for name in ("webhook-id", "webhook-timestamp",
+                                                         "webhook-signature")}
+    missing = [name for name, value in wanted.items() if not value]
+    if missing:
+        raise BadSignature(f"missing header{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+    try:
+        Webhook(secret).verify(raw, wanted, json_parse=False)
+    except WebhookVerificationError as exc:
+        raise BadSignature(f"webhook signature did not verify: {exc}") from None
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        # malformed signature list or a body that is not UTF-8: cannot be Replicate's
+        raise BadSignature("webhook signature did not verify: malformed signature or body") from None
+
+
+def parse_prediction(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadWebhook("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadWebhook("the body is not a JSON object")
+    problems = list(_problems(body))
+    if problems:
+        raise BadWebhook("not a Replicate prediction: " + "; ".join(problems))
+    return body
+
+
+def _problems(body: dict[str, Any]) -> list[str]:
+    found = []
+    pid = body.get("id")
+    if not isinstance(pid, str) or not pid.strip() or len(pid) > 200:
+        found.append("`id` must be a non-empty string")
+    if body.get("status") not in STATUSES:
+        found.append(f"`status` must be one of {', '.join(sorted(STATUSES))}")
+    for name in TIMESTAMPS:
+        value = body.get(name)
+        if value is not None and not _is_timestamp(value):
+            found.append(f"`{name}` must be an RFC 3339 timestamp or null")
+    return found
+
+
+def _is_timestamp(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _job_param(value: str | None) -> str | None:
+    """The ?job= of the webhook URL as a canonical uuid, or None when absent or malformed
+    (the webhook is still recorded: the prediction may be known, or it is an orphan)."""
+    try:
+        return str(uuid.UUID(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _metadata(job: str | None) -> dict[str, Any]:
+    return {
+        "source": "replicate",
+        "received_at": datetime.now(UTC).isoformat(),
+        "headers": {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
+        "query": {"job": job, "step": request.args.get("step")},
+        "remote_addr": request.remote_addr,
+    }
+
+
+_secret_lock = threading.Lock()
+
+
+def signing_secret() -> str:
+    """REPLICATE_WEBHOOK_SECRET, else Replicate's default secret fetched once and cached."""
+    config = current_app.config
+    if config.get("REPLICATE_WEBHOOK_SECRET"):
+        return config["REPLICATE_WEBHOOK_SECRET"]
+    with _secret_lock:
+        if not config.get("REPLICATE_WEBHOOK_SECRET"):
+            config["REPLICATE_WEBHOOK_SECRET"] = fetch_secret(config)
+    return config["REPLICATE_WEBHOOK_SECRET"]
+
+
+def fetch_secret(config: Mapping[str, Any]) -> str:
+    from service.replicate import from_settings  # the client is only needed here
+
+    if not config.get("REPLICATE_API_TOKEN"):
+        raise SecretUnavailable("set REPLICATE_WEBHOOK_SECRET (or REPLICATE_API_TOKEN to fetch it)")
+    try:
+        secret = from_settings(config).default_webhook_secret()
+    except ServiceError as exc:
+        raise SecretUnavailable(f"could not fetch the webhook secret from Replicate: {exc}") from exc
+    check_secret(secret)
+    logger.info("fetched the webhook signing secret from Replicate", extra={"action": "webhook_secret"})
+    return secret
+
+
+def check_secret(secret: str) -> None:
+    problem = secret_problem(secret)
+    if problem:
+        raise SecretUnavailable(f"the webhook secret fetched from Replicate {problem}")

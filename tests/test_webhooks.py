@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from service import create_app
+from service.config import Settings
+from service.errors import ConfigError
+from tests.conftest import PAYLOADS, new_job_id, payload
+from tests.signing import SECRET, signed
+from tests.workload import create_job
+
+VECTORS = json.loads((PAYLOADS.parent / "signing_vectors.json").read_text())["vectors"]
+
+
+@pytest.fixture
+def app(db_url):
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": SECRET})
+    yield app
+    app.extensions["db_pool"].close()
+
+
+def post(client, body, headers, query=""):
+    return client.post(f"/webhooks/replicate{query}", data=body, headers=headers)
+
+
+def stored(conn) -> int:
+    return conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
+
+
+def test_a_signed_webhook_is_recorded_with_its_metadata(client, conn):
+    job = new_job_id()
+    create_job(conn, job)
+    body, headers = signed(payload("processing_sdxl_partial_logs"), webhook_id="msg_a1")
+    response = post(client, body, headers, f"?job={job}&step=1")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "recorded", "position": 2}
+    event = conn.execute("SELECT * FROM events WHERE position = 2").fetchone()
+    assert (event["event_key"], event["stream"], event["type"]) == ("msg_a1", job, "replicate.webhook")
+    assert event["data"] == json.loads(body)
+    assert event["metadata"]["query"] == {"job": job, "step": "1"}
+    assert event["metadata"]["headers"]["webhook-id"] == "msg_a1"
+    assert "webhook-signature" not in event["metadata"]["headers"]
+    prediction = conn.execute("SELECT job_id, step, status FROM predictions").fetchone()
+    assert (str(prediction["job_id"]), prediction["step"], prediction["status"]) == (job, 1, "processing")
+
+
+def test_a_redelivery_is_acknowledged_as_a_duplicate_and_recorded_once(client, conn):
+    body, headers = signed(payload("succeeded_sdxl_polled_list_output"), webhook_id="msg_dup")
+    first = post(client, body, headers).get_json()
+    again = post(client, body, headers)
+    assert again.status_code == 200
+    assert again.get_json() == {"status": "duplicate", "position": first["position"]}
+    assert stored(conn) == 1
+
+
+def test_any_one_valid_signature_of_several_suffices(client, conn):
+    body, headers = signed(payload("starting_sdxl_create_response"))
+    _, old_key = signed(body, secret="whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=",
+                        webhook_id=headers["webhook-id"], timestamp=int(headers["webhook-timestamp"]))
+    headers["webhook-signature"] = (f"v2,ignored {old_key['webhook-signature']} "
+                                    f"{headers['webhook-signature']}")
+    assert post(client, body, headers).status_code == 200
+    assert stored(conn) == 1
+
+
+@pytest.mark.parametrize("tamper,reason", [
+    (lambda b, h: (b.replace(b"processing", b"succeeded"), h), "signature did not verify"),
+    (lambda b, h: (b, {**h, "webhook-id": "msg_other"}), "signature did not verify"),
+    (lambda b, h: (b, {**h, "webhook-signature": "v1,invalid_signature"}), "did not verify"),
+    (lambda b, h: (b, {**h, "webhook-signature": "garbage-without-comma"}), "did not verify"),
+    (lambda b, h: signed(json.loads(b), secret="whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="),
+     "signature did not verify"),
+    (lambda b, h: signed(json.loads(b), timestamp=time.time() - 6 * 60), "too old"),
+    (lambda b, h: signed(json.loads(b), timestamp=time.time() + 6 * 60), "too new"),
+    (lambda b, h: (b, {k: v for k, v in h.items() if k != "webhook-signature"}),
+     "missing header: webhook-signature"),
+    (lambda b, h: (b, {"content-type": "application/json"}),
+     "missing headers: webhook-id, webhook-timestamp, webhook-signature"),
+])
+def test_an_unverifiable_webhook_is_refused_and_nothing_is_stored(client, conn, tamper, reason):
+    body, headers = tamper(*signed(payload("processing_sdxl_partial_logs")))
+    response = post(client, body, headers)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "bad_signature"
+    assert reason in response.get_json()["message"]
+    assert stored(conn) == 0
+
+
+def test_timestamps_just_inside_the_window_are_accepted(client):
+    for offset in (-4 * 60, 4 * 60):
+        body, headers = signed(payload("processing_sdxl_partial_logs"), timestamp=time.time() + offset)
+        assert post(client, body, headers).status_code == 200
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (json.dumps({"status": "processing"}).encode(), "`id` must be a non-empty string"),
+    (json.dumps({"id": "p1", "status": "done"}).encode(), "`status` must be one of"),
+    (json.dumps({"id": "p1", "status": "starting", "created_at": "yesterday"}).encode(),
+     "`created_at` must be an RFC 3339 timestamp"),
+    (json.dumps({"id": "", "status": "starting"}).encode(), "`id` must be a non-empty string"),
+])
+def test_a_signed_body_that_is_not_a_prediction_is_400_and_nothing_is_stored(client, conn, body, reason):
+    raw, headers = signed(body)
+    response = post(client, raw, headers)
+    assert response.status_code == 400
+    assert reason in response.get_json()["message"]
+    assert stored(conn) == 0
+
+
+def test_a_body_over_the_limit_is_413_and_nothing_is_stored(client, conn):
+    big = dict(payload("processing_sdxl_partial_logs"), logs="x" * (1024 * 1024))
+    raw, headers = signed(big)
+    response = post(client, raw, headers)
+    assert response.status_code == 413
+    assert response.get_json()["error"] == "body_too_large"
+    assert stored(conn) == 0
+
+
+def test_unknown_or_missing_job_makes_an_orphan_that_is_still_acknowledged(client, conn):
+    body, headers = signed(payload("succeeded_flux_pro_single_string_output_image_count"))
+    assert post(client, body, headers, f"?job={new_job_id()}&step=1").status_code == 200
+    body2, headers2 = signed(payload("succeeded_sdxl_polled_list_output"))
+    assert post(client, body2, headers2, "?job=not-a-uuid").status_code == 200
+    streams = {r["stream"] for r in conn.execute("SELECT stream FROM events")}
+    assert streams == {json.loads(body)["id"], json.loads(body2)["id"]}
+    assert conn.execute("SELECT count(*) AS n FROM predictions WHERE job_id IS NULL").fetchone()["n"] == 2
+
+
+def test_a_webhook_without_job_finds_the_job_through_the_known_prediction(client, conn):
+    job = new_job_id()
+    create_job(conn, job)
+    body, headers = signed(payload("processing_sdxl_partial_logs"))
+    post(client, body, headers, f"?job={job}")
+    later, headers2 = signed(payload("succeeded_sdxl_polled_list_output") | {"id": json.loads(body)["id"]})
+    assert post(client, later, headers2).status_code == 200
+    webhooks = conn.execute("SELECT stream FROM events WHERE type = 'replicate.webhook'").fetchall()
+    assert {r["stream"] for r in webhooks} == {job}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PAYLOADS.glob("*.json")))
+def test_every_real_replicate_body_is_accepted(client, conn, name):
+    body, headers = signed(payload(name))
+    response = post(client, body, headers)
+    assert response.status_code == 200, response.get_json()
+    row = conn.execute("SELECT status FROM predictions WHERE id = %s", (payload(name)["id"],)).fetchone()
+    assert row["status"] == payload(name)["status"]
+
+
+@pytest.mark.parametrize("vector", [v for v in VECTORS if "webhook_signature" in v], ids=lambda v: v["name"])
+def test_signatures_agree_with_the_published_vectors(vector):
+    """The vectors' 2021 timestamps are long stale, so this checks the signature alone."""
+    from datetime import datetime
+
+    body = vector.get("body")
+    if body is None:  # "payloads/x.json (file content without the trailing newline)"
+        body = (PAYLOADS.parent / vector["body_file"].split(" ")[0]).read_text().rstrip("\n")
+    when = datetime.fromtimestamp(int(vector["webhook_timestamp"]), tz=UTC)
+    ours = Webhook(vector["secret"]).sign(vector["webhook_id"], when, body)
+    assert (ours in vector["webhook_signature"].split(" ")) is vector["expect_valid"]
+
+
+def test_a_published_vector_is_refused_as_stale_by_the_endpoint(client, conn):
+    vector = next(v for v in VECTORS if v["name"] == "canonical_valid")
+    names = ("webhook_id", "webhook_timestamp", "webhook_signature")
+    headers = {k.replace("_", "-"): vector[k] for k in names}
+    app_secret = client.application.config["REPLICATE_WEBHOOK_SECRET"]
+    assert app_secret == vector["secret"]
+    response = post(client, vector["body"].encode(), headers)
+    assert response.status_code == 401 and "too old" in response.get_json()["message"]
+    assert stored(conn) == 0
+
+
+def test_a_malformed_secret_stops_startup_with_a_clear_message():
+    with pytest.raises(ConfigError, match="REPLICATE_WEBHOOK_SECRET must look like whsec_"):
+        Settings.from_env({"REPLICATE_WEBHOOK_SECRET": "not-a-secret"})
+    with pytest.raises(ConfigError, match="must be base64 after whsec_"):
+        Settings.from_env({"REPLICATE_WEBHOOK_SECRET": "whsec_!!!"})
+
+
+def test_without_a_secret_or_token_webhooks_are_503(db_url, conn):
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": None,
+                      "REPLICATE_API_TOKEN": None})
+    body, headers = signed(payload("processing_sdxl_partial_logs"))
+    response = app.test_client().post("/webhooks/replicate", data=body, headers=headers)
+    app.extensions["db_pool"].close()
+    assert response.status_code == 503
+    assert "REPLICATE_WEBHOOK_SECRET" in response.get_json()["message"]
+    assert stored(conn) == 0
