@@ -88,6 +88,13 @@ class ReplicateUnavailable(ReplicateError):
     status = 503
     transient = True
 
+    def __init__(self, message: str | None = None, *, replicate_status: int | None = None,
+                 detail: str | None = None, reached: bool = True) -> None:
+        super().__init__(message, replicate_status=replicate_status, detail=detail)
+        # False only when the request certainly never reached Replicate (connection refused),
+        # so that repeating a creation cannot start a second prediction.
+        self.reached = reached
+
 
 class ReplicateRateLimited(ReplicateError):
     """Replicate is throttling requests."""

@@ -134,6 +134,10 @@ class ReplicateClient:
                 wait = self._wait_after(failure, attempt)
                 if attempt > self.max_retries or wait > MAX_HINTED_WAIT:
                     raise
+                if paced and getattr(failure, "reached", False):
+                    # A creation Replicate may have received is not repeated here: the
+                    # caller's retry first looks for the prediction it may have started.
+                    raise
                 self._pause(wait, shared=paced and isinstance(failure, ReplicateRateLimited))
 
     def _pause(self, seconds: float, *, shared: bool) -> None:
@@ -151,7 +155,9 @@ class ReplicateClient:
                                              headers=self._headers(), timeout=self.timeout)
         except _TRANSPORT_ERRORS as exc:
             self._log(method, path, type(exc).__name__, attempt, started, prediction_id)
-            raise ReplicateUnavailable(detail=f"{type(exc).__name__} on {method} {path}") from exc
+            reached = not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.ReadTimeout)
+            raise ReplicateUnavailable(detail=f"{type(exc).__name__} on {method} {path}",
+                                       reached=reached) from exc
         except requests.RequestException as exc:
             raise ReplicateError(detail=f"{type(exc).__name__} on {method} {path}") from exc
         payload = _json(response)

@@ -171,6 +171,25 @@ AS $$
     WHERE stream_job_id(stream) IS NOT NULL
 $$;
 
+-- A submission that failed for good (a permanent refusal, or every retry round used up)
+-- takes the place of the prediction it could not create.
+CREATE FUNCTION is_final_submit_failure(type text, data jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN type = 'prediction.submit_failed' AND coalesce(data -> 'final' = 'true'::jsonb, false);
+
+-- What a job row records about its stream of events as a whole. The rebuild reads it for
+-- every stream; the live path reads it for one stream when job.created arrives (so events
+-- that came before job.created are counted the same way) and then adds each event.
+CREATE VIEW job_stream_stats AS
+SELECT stream,
+       count(*)::integer AS event_count,
+       max(position) AS last_position,
+       max(recorded_at) AS updated_at,
+       min(recorded_at) FILTER (WHERE type = 'job.canceled') AS canceled_at,
+       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures
+FROM events
+GROUP BY stream;
+
 -- A job's status from what is known about its predictions and outputs.
 CREATE FUNCTION job_status(
     canceled_at timestamptz, expected integer, submitted integer, started integer,
@@ -222,12 +241,15 @@ CREATE VIEW job_derived AS
 SELECT j.id, s.status,
        coalesce(r.submitted, 0) AS predictions_submitted,
        coalesce(r.succeeded, 0) AS predictions_succeeded,
-       coalesce(r.failed, 0) AS predictions_failed,
+       coalesce(r.failed, 0) + j.submit_failures AS predictions_failed,
        coalesce(r.outputs_expected, 0) AS outputs_expected,
        coalesce(o.processed, 0) AS outputs_processed,
        coalesce(o.failed, 0) AS outputs_failed,
        coalesce(o.outputs, '[]'::jsonb) AS outputs,
-       CASE WHEN s.status = 'failed' THEN coalesce(r.error, o.error) END AS error,
+       CASE WHEN s.status = 'failed' THEN coalesce(
+           r.error, o.error,
+           CASE WHEN j.submit_failures > 0 THEN 'Replicate refused or never accepted the submission' END,
+           'no prediction succeeded') END AS error,
        r.started_at,
        CASE s.status
            WHEN 'canceled' THEN j.canceled_at
@@ -238,8 +260,8 @@ LEFT JOIN job_prediction_rollups r ON r.job_id = j.id
 LEFT JOIN job_output_rollups o ON o.job_id = j.id
 CROSS JOIN LATERAL (SELECT job_status(
     j.canceled_at, j.predictions_expected, coalesce(r.submitted, 0), coalesce(r.started, 0),
-    coalesce(r.succeeded, 0), coalesce(r.failed, 0), coalesce(r.outputs_expected, 0),
-    coalesce(o.processed, 0), coalesce(o.failed, 0)) AS status) s;
+    coalesce(r.succeeded, 0), coalesce(r.failed, 0) + j.submit_failures,
+    coalesce(r.outputs_expected, 0), coalesce(o.processed, 0), coalesce(o.failed, 0)) AS status) s;
 
 -- Bring the derived columns of one job (or, with NULL, of every job) up to date.
 -- Rows that would not change are not written, so a log line does not rewrite a job.
@@ -319,8 +341,13 @@ DECLARE
 BEGIN
     IF e.type = 'job.created' THEN
         INSERT INTO jobs
-        SELECT * FROM job_facts(e.stream, e.data, e.recorded_at, 0, e.position, e.recorded_at, NULL, 0)
+        SELECT j.* FROM job_stream_stats s
+        CROSS JOIN LATERAL job_facts(e.stream, e.data, e.recorded_at, s.event_count, s.last_position,
+                                     s.updated_at, s.canceled_at, s.submit_failures) j
+        WHERE s.stream = e.stream
         ON CONFLICT (id) DO NOTHING;
+        PERFORM refresh_jobs(v_job);
+        RETURN;
     ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled') THEN
         PERFORM apply_prediction_event(e);
     ELSIF e.type IN ('output.processed', 'output.failed') THEN
@@ -333,7 +360,7 @@ BEGIN
             updated_at      = greatest(updated_at, e.recorded_at),
             canceled_at     = CASE WHEN e.type = 'job.canceled'
                                    THEN least(canceled_at, e.recorded_at) ELSE canceled_at END,
-            submit_failures = submit_failures + (e.type = 'prediction.submit_failed')::integer
+            submit_failures = submit_failures + is_final_submit_failure(e.type, e.data)::integer
         WHERE id = v_job;
         PERFORM refresh_jobs(v_job);
     END IF;
@@ -459,23 +486,13 @@ BEGIN
     EXECUTE format($sql$
         INSERT INTO jobs
         SELECT j.*
-        FROM (
-            SELECT e.stream,
-                   count(*)::integer AS event_count,
-                   max(e.position) AS last_position,
-                   max(e.recorded_at) AS updated_at,
-                   min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
-                   count(*) FILTER (WHERE e.type = 'prediction.submit_failed')::integer
-                       AS submit_failures
-            FROM events e
-            WHERE stream_job_id(e.stream) IS NOT NULL AND %s
-            GROUP BY e.stream
-        ) s
+        FROM job_stream_stats s
         JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
         CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.event_count,
                                      s.last_position, s.updated_at, s.canceled_at,
                                      s.submit_failures) j
-    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+        WHERE stream_job_id(s.stream) IS NOT NULL AND %s
+    $sql$, stream_filter(p_stream, 's')) USING p_stream;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF p_stream IS NULL OR stream_job_id(p_stream) IS NOT NULL THEN
         PERFORM refresh_jobs(stream_job_id(p_stream));

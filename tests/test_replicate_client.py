@@ -282,13 +282,30 @@ def test_server_errors_are_retried_with_backoff(replicate: FakeReplicate, logs: 
     replicate.then(Reply(500, problem(500, "Internal Server Error", "boom")),
                    Reply(502, None))
     client = client_for(replicate.url, backoff_base=0.2, backoff_cap=2.0)
-    prediction = client.create_prediction(version=VERSION, input={"prompt": "x"})
+    prediction = client.get_prediction("vgcm4plb7tgzlyznry5d5jkgvu")
     first, second, third = replicate.received
     assert second.at - first.at >= 0.1 and third.at - second.at >= 0.2  # at least half of 0.2, 0.4
-    assert first.body == second.body == third.body
+    assert first.path == second.path == third.path
     assert prediction["id"] == "vgcm4plb7tgzlyznry5d5jkgvu"
-    assert [(r.status, r.attempt) for r in logs.records] == [(500, 1), (502, 2), (201, 3)]
-    assert logs.records[-1].prediction_id == "vgcm4plb7tgzlyznry5d5jkgvu"
+    assert [(r.status, r.attempt) for r in logs.records] == [(500, 1), (502, 2), (200, 3)]
+
+
+def test_a_creation_replicate_may_have_received_is_not_repeated(replicate: FakeReplicate) -> None:
+    """A 5xx answer to a creation may come after the prediction started: sending it again
+    could start a second, paid prediction. The queue's retry looks for the first instead."""
+    replicate.then(Reply(500, problem(500, "Internal Server Error", "boom")))
+    with pytest.raises(ReplicateUnavailable) as caught:
+        client_for(replicate.url, backoff_base=0.2).create_prediction(version=VERSION, input={})
+    assert len(replicate.received) == 1
+    assert caught.value.transient is True and caught.value.reached is True
+
+
+def test_a_creation_that_never_connected_is_retried(logs: Captured) -> None:
+    client = client_for(f"http://127.0.0.1:{free_port()}/v1", max_retries=2, backoff_base=0.05)
+    with pytest.raises(ReplicateUnavailable) as caught:
+        client.create_prediction(version=VERSION, input={})
+    assert caught.value.reached is False
+    assert [r.attempt for r in logs.records] == [1, 2, 3]
 
 
 def test_server_errors_after_all_retries_raise_unavailable(replicate: FakeReplicate) -> None:
@@ -324,13 +341,20 @@ def test_connection_refused_is_retried_then_unavailable(logs: Captured) -> None:
 
 
 def test_timeouts_are_retried_then_unavailable(replicate: FakeReplicate) -> None:
-    replicate.then(*[Reply(201, {"id": "late"}, delay=1.0)] * 3)
+    replicate.then(*[Reply(200, {"id": "late"}, delay=1.0)] * 3)
     client = client_for(replicate.url, timeout=(1.0, 0.2), max_retries=2)
     started = time.monotonic()
     with pytest.raises(ReplicateUnavailable) as caught:
-        client.create_prediction(version=VERSION, input={})
+        client.get_prediction("late")
     assert 0.6 <= time.monotonic() - started < 5.0
     assert len(replicate.received) == 3 and "ReadTimeout" in str(caught.value)
+
+
+def test_a_creation_that_timed_out_is_not_repeated(replicate: FakeReplicate) -> None:
+    replicate.then(Reply(201, {"id": "late"}, delay=1.0))
+    with pytest.raises(ReplicateUnavailable) as caught:
+        client_for(replicate.url, timeout=(1.0, 0.2)).create_prediction(version=VERSION, input={})
+    assert len(replicate.received) == 1 and caught.value.reached is True
 
 
 def test_creations_are_paced(replicate: FakeReplicate) -> None:
