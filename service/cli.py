@@ -16,6 +16,8 @@ from service.db import connect
 def register(app: Flask) -> None:
     app.cli.add_command(migrate_command)
     app.cli.add_command(replay_command)
+    app.cli.add_command(worker_command)
+    app.cli.add_command(reconcile_command)
 
 
 def _connect(**kwargs: object):
@@ -69,3 +71,52 @@ def _summarise(result: replays.ReplayResult, check: bool) -> None:
         click.echo(f"rebuilt: {result.differences:,} rows corrected")
     else:
         click.echo("rebuilt: the projection already matched the events; nothing written")
+
+
+def _worker_context():
+    from service.replicate import from_settings
+    from service.worker import Context, worker_name
+
+    config = current_app.config
+    return Context(pool=current_app.extensions["db_pool"], worker=worker_name(), config=config,
+                   clients={"replicate": from_settings(config)})
+
+
+def _handlers() -> dict:
+    from service.submissions import CancelPrediction, SubmitPrediction
+
+    return {"submit_prediction": SubmitPrediction(), "cancel_prediction": CancelPrediction()}
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="Run the tasks that are ready now, then exit.")
+@with_appcontext
+def worker_command(once: bool) -> None:
+    """Run queued tasks (submissions, cancels, post-processing) and the reconciler."""
+    import signal
+    import threading
+
+    from service.reconciler import reconcile
+    from service.worker import Worker
+
+    ctx = _worker_context()
+    worker = Worker(ctx, _handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
+                    periodic=lambda: reconcile(ctx))
+    if once:
+        while worker.run_once():
+            pass
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker.run_forever(stop)
+
+
+@click.command("reconcile")
+@with_appcontext
+def reconcile_command() -> None:
+    """Poll Replicate once about quiet jobs and retry failed submissions."""
+    from service.reconciler import reconcile
+
+    done = reconcile(_worker_context())
+    click.echo(", ".join(f"{k}: {v}" for k, v in sorted(done.items())) or "nothing to do")

@@ -75,7 +75,7 @@ class Settings:
     # Jobs API: comma-separated bearer keys; empty means no key is required
     API_KEYS: tuple[str, ...] = field(default=(), repr=False)
     # Worker and reconciler
-    RECONCILE_AFTER_MINUTES: int = 5
+    RECONCILE_AFTER_SECONDS: int = 300
     WORKER_POLL_SECONDS: int = 5
 
     @classmethod
@@ -102,7 +102,7 @@ class Settings:
             PUBLIC_BASE_URL=_url(env, "PUBLIC_BASE_URL", None),
             WEBHOOK_MAX_BYTES=_int(env, "WEBHOOK_MAX_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
             API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
-            RECONCILE_AFTER_MINUTES=_int(env, "RECONCILE_AFTER_MINUTES", 5, 1, 24 * 60),
+            RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
         )
 

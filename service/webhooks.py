@@ -156,7 +156,7 @@ def _metadata(job: str | None) -> dict[str, Any]:
         "source": "replicate",
         "received_at": datetime.now(UTC).isoformat(),
         "headers": {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
-        "query": {"job": job, "step": request.args.get("step")},
+        "query": {"job": job, "step": request.args.get("step"), "index": request.args.get("index")},
         "remote_addr": request.remote_addr,
     }
 

@@ -74,3 +74,72 @@ ORDER BY step, id;
 -- Record one verified Replicate webhook under its webhook-id, in its job's stream.
 SELECT event_position AS position, duplicate, stream
 FROM append_webhook(%(webhook_id)s, %(job)s, %(body)s, %(metadata)s);
+
+-- job_by_id --
+-- One job from the projection.
+SELECT * FROM jobs WHERE id = %(id)s::uuid;
+
+-- quiet_predictions --
+-- Unfinished predictions of unfinished jobs that have had no event for a while.
+SELECT p.id, p.job_id::text AS job_id, p.step
+FROM jobs j JOIN predictions p ON p.job_id = j.id
+WHERE j.status IN ('queued', 'running', 'processing')
+  AND j.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
+  AND p.status IN ('starting', 'processing')
+ORDER BY j.updated_at
+LIMIT %(limit)s;
+
+-- failed_submissions --
+-- Submissions that gave up on transient errors, whose job still waits for them.
+SELECT t.job_id::text AS job_id, t.payload
+FROM tasks t JOIN jobs j ON j.id = t.job_id
+WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
+  AND j.status IN ('pending', 'queued', 'running')
+  AND coalesce((t.payload ->> 'round')::int, 0) + 1 < %(rounds)s
+  AND t.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
+  AND NOT EXISTS (
+      SELECT 1 FROM tasks r
+      WHERE r.task_key = format('submit:%%s:%%s:%%s:r%%s', t.job_id, t.payload ->> 'step',
+                                t.payload ->> 'index', coalesce((t.payload ->> 'round')::int, 0) + 1))
+LIMIT %(limit)s;
+
+-- job_view --
+-- One job as the jobs API shows it, from the projection only.
+SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
+       predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
+       outputs, error, created_at, started_at, completed_at, updated_at
+FROM jobs WHERE id = %(id)s::uuid;
+
+-- job_predictions_view --
+-- A job's predictions as the jobs API shows them, by step then creation.
+SELECT id, step, status, error, metrics, created_at, started_at, completed_at
+FROM predictions WHERE job_id = %(job_id)s::uuid
+ORDER BY step NULLS LAST, created_at NULLS LAST, id;
+
+-- list_jobs --
+-- A page of jobs newest first (created_at, id descending), by status and model when given,
+-- after the keyset cursor when given. The plain created_at bound lets the status and model
+-- indexes (x, created_at DESC) range-scan; the row comparison breaks ties on id.
+SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
+       predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
+       outputs, error, created_at, started_at, completed_at, updated_at
+FROM jobs
+WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(model)s::text IS NULL OR model = %(model)s::text)
+  AND (%(after_created_at)s::timestamptz IS NULL
+       OR (created_at <= %(after_created_at)s::timestamptz
+           AND (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid)))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- job_created_data --
+-- What a job's job.created event recorded: tells a repeated create from a reused Idempotency-Key.
+SELECT data FROM events WHERE stream = %(stream)s AND type = 'job.created'
+ORDER BY position LIMIT 1;
+
+-- prediction_for_slot --
+-- The first webhook Replicate sent for a job's step and index (from the webhook URL).
+SELECT data FROM events
+WHERE stream = %(stream)s AND type = 'replicate.webhook'
+  AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
+ORDER BY position LIMIT 1;

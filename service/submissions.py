@@ -1,0 +1,99 @@
+"""Task handlers that talk to Replicate: submit a job's prediction, cancel one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlencode
+
+from service import events, queue
+from service.db import queries
+from service.queue import Task
+from service.worker import Context
+
+logger = logging.getLogger(__name__)
+
+ROUNDS = 3  # a submission that keeps failing transiently is retried by the reconciler this often
+
+
+def webhook_url(config: dict[str, Any], job_id: str, step: int, index: int) -> str | None:
+    """Where Replicate should send this prediction's webhooks; None without a public URL
+    (then the reconciler's polling completes the job). The index lets a retried
+    submission recognise a prediction its earlier attempt started."""
+    base = config.get("PUBLIC_BASE_URL")
+    query = urlencode({"job": job_id, "step": step, "index": index})
+    return f"{base}/webhooks/replicate?{query}" if base else None
+
+
+class SubmitPrediction:
+    def run(self, ctx: Context, task: Task) -> None:
+        job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
+        with ctx.pool.connection() as conn:
+            job = conn.execute(queries["job_by_id"], {"id": job_id}).fetchone()
+        if job is None or job["status"] == "canceled":
+            self._skip(ctx, task, "job canceled" if job else "job unknown")
+            return
+        prediction = self._started_earlier(ctx, task) or ctx.clients["replicate"].create_prediction(
+            version=job["version"], model=job["model"], deployment=job["deployment"],
+            input=job["input"], webhook=webhook_url(ctx.config, job_id, step, index))
+        with ctx.pool.connection() as conn:
+            events.append(conn, key=f"submitted:{job_id}:{step}:{index}", stream=job_id,
+                          type="prediction.submitted",
+                          data={"step": step, "index": index, "prediction": prediction},
+                          metadata={"source": "worker", "task_id": task.id, "attempt": task.attempts})
+            queue.complete(conn, task, ctx.worker)
+        logger.info("prediction submitted", extra={"action": "submit", "job_id": job_id,
+                                                   "prediction_id": prediction.get("id"), "step": step})
+
+    def _started_earlier(self, ctx: Context, task: Task) -> dict[str, Any] | None:
+        """On a retry: the prediction an earlier attempt started, if Replicate has told us
+        of it by webhook (its answer to that attempt may have been lost)."""
+        if task.attempts <= 1:
+            return None
+        with ctx.pool.connection() as conn:
+            row = conn.execute(queries["prediction_for_slot"], {
+                "stream": task.job_id, "step": str(task.payload["step"]),
+                "index": str(task.payload["index"])}).fetchone()
+        if row:
+            logger.warning("adopting a prediction an earlier attempt started", extra={
+                "action": "submit_adopt", "job_id": task.job_id, "prediction_id": row["data"]["id"]})
+        return row["data"] if row else None
+
+    def give_up(self, ctx: Context, task: Task, reason: str, final: bool) -> None:
+        job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
+        round_ = task.payload.get("round", 0)
+        final = final or round_ + 1 >= ROUNDS
+        with ctx.pool.connection() as conn:
+            events.append(conn, key=f"submit_failed:{job_id}:{step}:{index}:{round_}", stream=job_id,
+                          type="prediction.submit_failed",
+                          data={"step": step, "index": index, "error": reason, "final": final,
+                                "round": round_},
+                          metadata={"source": "worker", "task_id": task.id, "attempts": task.attempts})
+            queue.fail(conn, task, ctx.worker, reason)
+
+    def _skip(self, ctx: Context, task: Task, why: str) -> None:
+        with ctx.pool.connection() as conn:
+            queue.complete(conn, task, ctx.worker)
+        logger.info("submission skipped: %s", why, extra={"action": "submit_skipped",
+                                                           "job_id": task.job_id})
+
+
+class CancelPrediction:
+    def run(self, ctx: Context, task: Task) -> None:
+        prediction = ctx.clients["replicate"].cancel_prediction(task.payload["prediction_id"])
+        with ctx.pool.connection() as conn:
+            record_polled(conn, task.job_id, prediction, source="cancel")
+            queue.complete(conn, task, ctx.worker)
+
+    def give_up(self, ctx: Context, task: Task, reason: str, final: bool) -> None:
+        with ctx.pool.connection() as conn:
+            queue.fail(conn, task, ctx.worker, reason)
+
+
+def record_polled(conn, job_id: str | None, prediction: dict[str, Any], source: str,
+                  step: int | None = None) -> events.Appended:
+    """Record what Replicate said when asked; the same status asked twice records once."""
+    return events.append(
+        conn, key=f"polled:{prediction['id']}:{prediction['status']}", stream=job_id or prediction["id"],
+        type="replicate.polled", data=prediction,
+        metadata={"source": source, "query": {"job": job_id, "step": None if step is None else str(step)}})
