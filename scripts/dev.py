@@ -1,4 +1,5 @@
-"""Run the whole service locally: database, migrations, web app; print where to look.
+"""Run the whole service locally: database, migrations, web app, worker, and (without a
+REPLICATE_API_TOKEN) the local Replicate simulator; print where to look.
 
 Started by ./run.sh. With no DATABASE_URL it starts the embedded PostgreSQL in
 .data/postgres (history survives restarts). Ctrl-C stops everything it started.
@@ -52,6 +53,28 @@ def wait_healthy(url: str, seconds: float) -> bool:
     return False
 
 
+def start_simulator(host: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "scripts" / "replicate_sim.py"), "--host", host,
+               "--port", str(port)]
+    return subprocess.Popen(command, cwd=ROOT)
+
+
+def start_worker(env: dict[str, str]) -> subprocess.Popen:
+    command = [str(ROOT / ".venv" / "bin" / "flask"), "--app", "service", "worker"]
+    return subprocess.Popen(command, cwd=ROOT, env=env)
+
+
+def replicate_env(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """Without a REPLICATE_API_TOKEN, point the service at the local simulator."""
+    public = env.get("PUBLIC_BASE_URL") or f"http://{args.host}:{args.port}"
+    env = dict(env, PUBLIC_BASE_URL=public)
+    if env.get("REPLICATE_API_TOKEN"):
+        return env, False
+    sim = f"http://{args.host}:{args.sim_port}/v1"
+    return dict(env, REPLICATE_API_BASE_URL=sim, REPLICATE_API_TOKEN="local-simulator",
+                REPLICATE_WEBHOOK_SECRET=""), True
+
+
 def start_web(host: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     command = [str(ROOT / ".venv" / "bin" / "gunicorn"), "wsgi:app", "--bind", f"{host}:{port}",
                "--workers", env.get("WEB_CONCURRENCY", "2"), "--threads", "4",
@@ -59,10 +82,33 @@ def start_web(host: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env)
 
 
+BANNER = """
+  Dashboard:  {base}/
+  API:        {base}/api/jobs   (OpenAPI: {base}/api/openapi.json)
+  Replicate:  {replicate}
+  Webhooks:   {public}/webhooks/replicate
+  SQL:        psql '{database}'
+  Stop:       Ctrl-C
+
+  Try it:
+    curl -s -X POST {base}/api/jobs -H 'Content-Type: application/json' \\
+      -d '{{"model": "stability-ai/sdxl", "input": {{"prompt": "a lighthouse"}}, "aspect_ratio": "3:4"}}'
+"""
+
+
+def banner(base: str, url: str, env: dict[str, str], simulated: bool, sim_url: str) -> str:
+    replicate = (f"local simulator at {sim_url} (set REPLICATE_API_TOKEN to use Replicate)"
+                 if simulated else env.get("REPLICATE_API_BASE_URL", "https://api.replicate.com/v1"))
+    return BANNER.format(base=base, replicate=replicate, public=env["PUBLIC_BASE_URL"],
+                         database=redact(url))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--sim-port", type=int, default=int(os.environ.get("SIM_PORT", "8100")),
+                        help="port of the local Replicate simulator (used without REPLICATE_API_TOKEN)")
     args = parser.parse_args()
     load_dotenv(ROOT / ".env")
     try:
@@ -76,14 +122,21 @@ def main() -> int:
         return 2
     logger.info("migrations: %s", ", ".join(applied) if applied else "up to date",
                 extra={"action": "migrate"})
-    if not port_free(args.host, args.port):
-        print(f"error: port {args.port} on {args.host} is in use; stop what uses it or run "
-              f"./run.sh --port {args.port + 1}", file=sys.stderr)
-        return 2
+    env, simulated = replicate_env(args, dict(os.environ, DATABASE_URL=url))
+    for port, flag in [(args.port, "--port")] + ([(args.sim_port, "--sim-port")] if simulated else []):
+        if not port_free(args.host, port):
+            print(f"error: port {port} on {args.host} is in use; stop what uses it or run "
+                  f"./run.sh {flag} {port + 1}", file=sys.stderr)
+            return 2
 
-    env = dict(os.environ, DATABASE_URL=url)
-    web = start_web(args.host, args.port, env)
-    children = [web]
+    children = []
+    if simulated:
+        children.append(start_simulator(args.host, args.sim_port))
+        if not wait_healthy(f"http://{args.host}:{args.sim_port}/_sim/health", 30):
+            print("error: the local Replicate simulator did not start", file=sys.stderr)
+            children[0].terminate()
+            return 1
+    children += [start_web(args.host, args.port, env), start_worker(env)]
 
     def stop(*_: object) -> None:
         for child in children:
@@ -97,8 +150,7 @@ def main() -> int:
         print("error: the web app did not become healthy within 60 s; see the log above",
               file=sys.stderr)
         return 1
-    print(f"\n  Dashboard:  {base}/\n  Health:     {base}/healthz\n"
-          f"  SQL:        psql '{redact(url)}'\n  Stop:       Ctrl-C\n", flush=True)
+    print(banner(base, url, env, simulated, f"http://{args.host}:{args.sim_port}/v1"), flush=True)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
