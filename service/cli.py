@@ -82,7 +82,7 @@ def _worker_context():
                    clients={"replicate": from_settings(config)})
 
 
-def _handlers() -> dict:
+def handlers() -> dict:
     from service.submissions import CancelPrediction, SubmitPrediction
 
     return {"submit_prediction": SubmitPrediction(), "cancel_prediction": CancelPrediction()}
@@ -100,7 +100,7 @@ def worker_command(once: bool) -> None:
     from service.worker import Worker
 
     ctx = _worker_context()
-    worker = Worker(ctx, _handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
+    worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     periodic=lambda: reconcile(ctx))
     if once:
         while worker.run_once():

@@ -1,0 +1,76 @@
+"""The whole service over real HTTP for end-to-end tests: the local Replicate simulator,
+the Flask app served on a real port, and a worker thread with the reconciler."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+from werkzeug.serving import make_server
+
+from scripts.replicate_sim import start_simulator
+from service import create_app
+from service.cli import handlers
+from service.reconciler import reconcile
+from service.replicate import from_settings
+from service.worker import Context, Worker, worker_name
+
+TERMINAL = {"completed", "failed", "canceled"}
+
+
+class Stack:
+    def __init__(self, app, base_url: str, sim, ctx: Context) -> None:
+        self.app, self.base_url, self.sim, self.ctx = app, base_url, sim, ctx
+
+    def create_job(self, **body: Any) -> dict:
+        response = requests.post(f"{self.base_url}/api/jobs", json=body, timeout=10)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict:
+        response = requests.get(f"{self.base_url}/api/jobs/{job_id}", timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_id: str, statuses: set[str], seconds: float = 30.0) -> dict:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["status"] in statuses:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} stayed {job['status']}, wanted {statuses}: {job}")
+
+
+@contextmanager
+def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
+                  reconcile_after: int = 300, **config: Any) -> Iterator[Stack]:
+    sim = start_simulator(speed=speed, faults=faults)
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url,
+                      "REPLICATE_API_BASE_URL": sim.api_url, "REPLICATE_API_TOKEN": "test-token",
+                      "REPLICATE_WEBHOOK_SECRET": None, "RECONCILE_AFTER_SECONDS": reconcile_after,
+                      "OUTPUT_ALLOWED_HOSTS": "127.0.0.1", **config})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    base_url = f"http://127.0.0.1:{server.server_port}"
+    app.config["PUBLIC_BASE_URL"] = base_url
+    served = threading.Thread(target=server.serve_forever, daemon=True)
+    served.start()
+    ctx = Context(pool=app.extensions["db_pool"], worker=worker_name(), config=app.config,
+                  clients={"replicate": from_settings(app.config)})
+    worker = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
+                    periodic_every=0.5)
+    stop = threading.Event()
+    working = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    working.start()
+    try:
+        yield Stack(app, base_url, sim, ctx)
+    finally:
+        stop.set()
+        working.join(timeout=10)
+        server.shutdown()
+        sim.stop()
+        app.extensions["db_pool"].close()
