@@ -76,9 +76,8 @@ def replicate_env(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[s
 
 
 def start_web(host: str, port: int, env: dict[str, str]) -> subprocess.Popen:
-    command = [str(ROOT / ".venv" / "bin" / "gunicorn"), "wsgi:app", "--bind", f"{host}:{port}",
-               "--workers", env.get("WEB_CONCURRENCY", "2"), "--threads", "4",
-               "--access-logfile", "-", "--graceful-timeout", "10"]
+    command = [str(ROOT / ".venv" / "bin" / "gunicorn"), "-c", str(ROOT / "gunicorn.conf.py"),
+               "--bind", f"{host}:{port}", "wsgi:app"]
     return subprocess.Popen(command, cwd=ROOT, env=env)
 
 

@@ -1,0 +1,26 @@
+"""gunicorn settings for the web app: `gunicorn -c gunicorn.conf.py wsgi:app`.
+
+Every value can be overridden from the environment (WEB_CONCURRENCY, WEB_THREADS, PORT,
+HOST, WEB_TIMEOUT). Requests are short: a webhook records one event, the API reads the
+projection, so a few threaded workers per core serve a lot; slow work is in the worker.
+"""
+
+import multiprocessing
+import os
+
+bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", max(2, multiprocessing.cpu_count())))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "4"))
+# A request that takes longer than this is stuck (the database statement timeout is 30 s).
+timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
+graceful_timeout = 20
+keepalive = 5
+# Bound memory growth of long-lived workers; jitter so they do not restart together.
+max_requests = 20000
+max_requests_jitter = 2000
+accesslog = "-"
+errorlog = "-"
+# Behind a proxy (Netlify, a load balancer) trust its forwarded headers only from loopback
+# by default; set FORWARDED_ALLOW_IPS to the proxy's addresses in production.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
