@@ -332,6 +332,14 @@ LANGUAGE sql AS $$
     WHERE excluded.fold_key > o.fold_key
 $$;
 
+-- What else must happen, in the same transaction, once an event has been folded live
+-- (never during a rebuild): later migrations replace this, e.g. to enqueue the work an
+-- event calls for.
+CREATE FUNCTION on_event_applied(e events) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+END $$;
+
 -- Fold one recorded event into every projection. Called by append_event in the
 -- transaction that records the event.
 CREATE FUNCTION apply_event(e events) RETURNS void
@@ -347,6 +355,7 @@ BEGIN
         WHERE s.stream = e.stream
         ON CONFLICT (id) DO NOTHING;
         PERFORM refresh_jobs(v_job);
+        PERFORM on_event_applied(e);
         RETURN;
     ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled') THEN
         PERFORM apply_prediction_event(e);
@@ -364,6 +373,7 @@ BEGIN
         WHERE id = v_job;
         PERFORM refresh_jobs(v_job);
     END IF;
+    PERFORM on_event_applied(e);
 END $$;
 
 -- Record one event and fold it into the projections, in the caller's transaction.
