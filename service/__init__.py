@@ -6,7 +6,7 @@ import atexit
 
 from flask import Flask
 
-from service import cli, dashboard, errors, health, logs, webhooks
+from service import cli, dashboard, errors, health, jobs, logs, webhooks
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -28,5 +28,6 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(webhooks.bp)
+    app.register_blueprint(jobs.bp)
     cli.register(app)
     return app

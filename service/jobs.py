@@ -1,0 +1,283 @@
+"""The jobs API under /api: create, read, list, cancel jobs, and their events.
+
+Reads come from the projections only and never call Replicate; writes record an event
+and enqueue the work for the worker (service/commands.py), in one transaction.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import uuid
+from functools import cache
+from typing import Any
+
+import psycopg
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, Response, current_app, request
+from marshmallow import Schema, ValidationError
+from psycopg_pool import ConnectionPool
+
+from service import commands, schemas
+from service.db import queries
+from service.errors import NotFound, ServiceError
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/api")
+
+
+class InvalidJson(ServiceError):
+    """The request body must be a JSON object."""
+
+    code = "invalid_json"
+    status = 400
+
+
+class InvalidRequest(ServiceError):
+    """The request is not valid."""
+
+    code = "invalid_request"
+    status = 422
+
+    def __init__(self, fields: dict[str, list[str]], message: str | None = None) -> None:
+        self.fields = fields
+        super().__init__(message or f"invalid: {', '.join(sorted(fields))}")
+
+
+class Unauthorized(ServiceError):
+    """Send Authorization: Bearer <API key>."""
+
+    code = "unauthorized"
+    status = 401
+
+
+@bp.errorhandler(InvalidRequest)
+def _invalid_request(exc: InvalidRequest) -> tuple[dict, int]:
+    return {"error": exc.code, "message": exc.message, "fields": exc.fields}, exc.status
+
+
+@bp.before_request
+def _authenticate() -> None:
+    request.max_content_length = schemas.MAX_BODY_BYTES
+    keys = current_app.config.get("API_KEYS") or ()
+    if keys and request.endpoint != "jobs.openapi_json" and not key_matches(request.headers, keys):
+        logger.info("request refused: no valid API key", extra={"action": "authenticate",
+                                                                "path": request.path})
+        raise Unauthorized()
+
+
+@bp.after_request
+def _challenge(response: Response) -> Response:
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
+
+
+def key_matches(headers: Any, keys: tuple[str, ...]) -> bool:
+    """Whether the bearer token is one of the keys, comparing with every key in constant time."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    return matched and bool(given)
+
+
+def _pool() -> ConnectionPool:
+    return current_app.extensions["db_pool"]
+
+
+def json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidJson."""
+    try:
+        body = json.loads(request.get_data(), parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidJson(f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def load(schema: Schema, data: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        raise InvalidRequest(schemas.flatten(exc.messages)) from None
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not schemas.IDEMPOTENCY_KEY_RE.match(key):
+        raise InvalidRequest({"Idempotency-Key": [
+            f"must be 1 to {schemas.MAX_IDEMPOTENCY_KEY} printable ASCII characters"]})
+    return key
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A jobs row with its progress, ready for JobSummarySchema / JobSchema."""
+    return {**row, "progress": {
+        "total": row["predictions_expected"], "succeeded": row["predictions_succeeded"],
+        "failed": row["predictions_failed"], "processed": row["outputs_processed"]}}
+
+
+def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str) -> dict[str, Any]:
+    """A job as the API shows it, from the projections; NotFound when there is none."""
+    row = conn.execute(queries["job_view"], {"id": str(job_id)}).fetchone()
+    if row is None:
+        raise NotFound(f"no job {job_id}")
+    predictions = conn.execute(queries["job_predictions_view"], {"job_id": str(job_id)}).fetchall()
+    return schemas.JobSchema().dump({**_shown(row), "predictions": predictions})
+
+
+def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None) -> tuple[dict[str, Any], bool]:
+    """Record the job (or find the one this Idempotency-Key made) and show it."""
+    job_id, created = commands.create_job(conn, spec, key)
+    if not created:
+        recorded = conn.execute(queries["job_created_data"], {"stream": job_id}).fetchone()
+        if recorded is None or recorded["data"] != recorded_spec(spec):
+            raise InvalidRequest({"Idempotency-Key": ["was used before for a different request"]},
+                                 "the Idempotency-Key was used before for a different request")
+    return job_view(conn, job_id), created
+
+
+def recorded_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The job.created data commands.create_job records for this spec."""
+    data = {k: spec[k] for k in commands.JOB_FIELDS if spec.get(k) is not None}
+    data.setdefault("count", 1)
+    return json.loads(json.dumps(data))
+
+
+def job_page(conn: psycopg.Connection, args: dict[str, Any]) -> dict[str, Any]:
+    """One page of jobs, newest first, and the cursor for the next one."""
+    after = args["cursor"] or (None, None)
+    rows = conn.execute(queries["list_jobs"], {
+        "status": args["status"], "model": args["model"], "limit": args["limit"] + 1,
+        "after_created_at": after[0], "after_id": after[1] and str(after[1]),
+    }).fetchall()
+    more, rows = len(rows) > args["limit"], rows[:args["limit"]]
+    cursor = schemas.Cursor.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return schemas.JobListSchema().dump({"jobs": [_shown(r) for r in rows], "next_cursor": cursor})
+
+
+def job_events(conn: psycopg.Connection, job_id: uuid.UUID) -> dict[str, Any]:
+    rows = conn.execute(queries["job_events"], {"stream": str(job_id)}).fetchall()
+    if not rows:
+        raise NotFound(f"no job {job_id}")
+    return schemas.EventListSchema().dump({"events": rows})
+
+
+def cancel(conn: psycopg.Connection, job_id: uuid.UUID) -> dict[str, Any]:
+    commands.cancel_job(conn, str(job_id))
+    return job_view(conn, job_id)
+
+
+@bp.post("/jobs")
+def create_job() -> tuple[dict, int, dict]:
+    spec = load(schemas.JobRequestSchema(), json_object())
+    key = idempotency_key()
+    with _pool().connection() as conn:
+        job, created = create(conn, spec, key)
+    return job, 201 if created else 200, {"Location": f"{bp.url_prefix}/jobs/{job['id']}"}
+
+
+@bp.get("/jobs")
+def list_jobs() -> dict:
+    args = load(schemas.JobListQuerySchema(), {k: v for k, v in request.args.items() if v != ""})
+    with _pool().connection() as conn:
+        return job_page(conn, args)
+
+
+@bp.get("/jobs/<uuid:job_id>")
+def get_job(job_id: uuid.UUID) -> dict:
+    with _pool().connection() as conn:
+        return job_view(conn, job_id)
+
+
+@bp.get("/jobs/<uuid:job_id>/events")
+def get_job_events(job_id: uuid.UUID) -> dict:
+    with _pool().connection() as conn:
+        return job_events(conn, job_id)
+
+
+@bp.post("/jobs/<uuid:job_id>/cancel")
+def cancel_job(job_id: uuid.UUID) -> tuple[dict, int]:
+    with _pool().connection() as conn:
+        return cancel(conn, job_id), 202
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> dict:
+    return openapi_document()
+
+
+def _op(summary: str, ok: int, schema: str | None, *errors: int, body: str | dict | None = None,
+        params: list[dict] | None = None, public: bool = False) -> dict[str, Any]:
+    """One OpenAPI operation answering JSON: `ok` with `schema`, each error with Error."""
+    content = {"application/json": {"schema": schema}} if schema else None
+    responses = {str(ok): {"description": "OK", **({"content": content} if content else {})}}
+    for status in errors:
+        responses[str(status)] = {"description": _ERRORS[status],
+                                  "content": {"application/json": {"schema": "Error"}}}
+    op: dict[str, Any] = {"summary": summary, "responses": responses, "parameters": params or []}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if public:
+        op["security"] = []
+    return op
+
+
+_ERRORS = {400: "the body is not a JSON object (or, for webhooks, not a valid delivery)",
+           401: "no valid API key (webhooks: the signature did not verify)", 404: "no such job",
+           409: "the job has already finished", 413: "the body is too large",
+           422: "invalid fields, named in `fields`", 503: "the database is unreachable"}
+_JOB_ID = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_IDEMPOTENCY = {"in": "header", "name": "Idempotency-Key", "required": False,
+                "description": "at most 200 characters; a repeat returns the same job with 200",
+                "schema": {"type": "string", "maxLength": schemas.MAX_IDEMPOTENCY_KEY}}
+_WEBHOOK = [{"in": "header", "name": n, "required": True, "schema": {"type": "string"}}
+            for n in ("webhook-id", "webhook-timestamp", "webhook-signature")] + [
+           {"in": "query", "name": n, "required": False, "schema": {"type": "string"}}
+           for n in ("job", "step")]
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3 document of /api, /webhooks/replicate and /healthz, from the schemas."""
+    spec = APISpec("Replicate jobs service", "1.0.0", "3.0.3", plugins=[MarshmallowPlugin()],
+                   security=[{"bearer": []}])
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer",
+                                               "description": "one of API_KEYS, when it is set"})
+    for name in ("JobRequest", "Job", "JobSummary", "JobList", "EventList", "Error"):
+        spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
+    spec.path("/api/jobs", operations={
+        "post": _op("Create a job", 201, "Job", 400, 401, 413, 422, body="JobRequest", params=[_IDEMPOTENCY]),
+        "get": _op("List jobs, newest first", 200, "JobList", 401, 422,
+                   params=[{"in": "query", "schema": schemas.JobListQuerySchema}])})
+    spec.path("/api/jobs/{job_id}", operations={"get": _op("A job", 200, "Job", 401, 404, params=[_JOB_ID])})
+    spec.path("/api/jobs/{job_id}/events", operations={
+        "get": _op("A job's events in order", 200, "EventList", 401, 404, params=[_JOB_ID])})
+    spec.path("/api/jobs/{job_id}/cancel", operations={
+        "post": _op("Cancel a job", 202, "Job", 401, 404, 409, params=[_JOB_ID])})
+    spec.path("/api/openapi.json", operations={"get": _op("This document", 200, None, public=True)})
+    spec.path("/webhooks/replicate", operations={"post": _op(
+        "Receive a Replicate webhook (Standard Webhooks signature)", 200, None, 400, 401, 413,
+        body={"type": "object", "description": "a Replicate prediction object"}, params=_WEBHOOK,
+        public=True)})
+    spec.path("/healthz", operations={
+        "get": _op("Database reachable and migrated", 200, None, 503, public=True)})
+    return spec.to_dict()
