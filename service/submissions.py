@@ -64,10 +64,11 @@ class SubmitPrediction:
         round_ = task.payload.get("round", 0)
         final = final or round_ + 1 >= ROUNDS
         with ctx.pool.connection() as conn:
+            data = {"step": step, "index": index, "error": reason, "final": final, "round": round_}
+            if final:  # the fold shows it as a failed prediction standing in for the missing one
+                data["prediction_id"] = f"unsubmitted-{job_id}-{step}-{index}"
             events.append(conn, key=f"submit_failed:{job_id}:{step}:{index}:{round_}", stream=job_id,
-                          type="prediction.submit_failed",
-                          data={"step": step, "index": index, "error": reason, "final": final,
-                                "round": round_},
+                          type="prediction.submit_failed", data=data,
                           metadata={"source": "worker", "task_id": task.id, "attempts": task.attempts})
             queue.fail(conn, task, ctx.worker, reason)
 

@@ -54,6 +54,8 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_user') THEN
         CREATE ROLE app_user NOLOGIN;
     END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;  -- another database on this server created it at the same moment; roles are per server
 END $$;
 
 REVOKE ALL ON events FROM PUBLIC;

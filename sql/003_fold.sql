@@ -43,13 +43,18 @@ RETURN CASE WHEN length(stream) = 36
     AND stream ~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
     THEN stream::uuid END;
 
--- The prediction object an event carries, if any.
+-- The prediction object an event carries, if any. A submission that failed for good
+-- stands in for the prediction it could not create: a failed prediction of its step,
+-- named by the event (unsubmitted-<job>-<step>-<index>), so it counts and shows its error.
 CREATE FUNCTION prediction_body(type text, data jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE type
     WHEN 'prediction.submitted' THEN data -> 'prediction'
     WHEN 'replicate.webhook' THEN data
-    WHEN 'replicate.polled' THEN data END;
+    WHEN 'replicate.polled' THEN data
+    WHEN 'prediction.submit_failed' THEN CASE WHEN data -> 'final' = 'true'::jsonb
+        THEN jsonb_build_object('id', data ->> 'prediction_id', 'status', 'failed',
+                                'error', data ->> 'error') END END;
 
 -- A number from untrusted text, or NULL when it is not a small non-negative integer.
 CREATE FUNCTION small_int(value text) RETURNS integer
@@ -190,24 +195,9 @@ SELECT stream,
 FROM events
 GROUP BY stream;
 
--- A job's status from what is known about its predictions and outputs.
-CREATE FUNCTION job_status(
-    canceled_at timestamptz, expected integer, submitted integer, started integer,
-    succeeded integer, failed integer, outputs_expected integer, processed integer,
-    outputs_failed integer
-) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE
-    WHEN canceled_at IS NOT NULL THEN 'canceled'
-    WHEN submitted = 0 THEN 'pending'
-    WHEN succeeded + failed < expected THEN CASE WHEN started > 0 THEN 'running' ELSE 'queued' END
-    WHEN succeeded = 0 THEN 'failed'
-    WHEN processed + outputs_failed < outputs_expected THEN 'processing'
-    WHEN outputs_expected > 0 AND processed = 0 THEN 'failed'
-    ELSE 'completed' END;
-
-CREATE VIEW job_prediction_rollups AS
+CREATE VIEW job_step_rollups AS
 SELECT job_id,
+       coalesce(step, 1) AS step,
        count(*)::integer AS submitted,
        count(*) FILTER (WHERE status <> 'starting')::integer AS started,
        count(*) FILTER (WHERE status = 'succeeded')::integer AS succeeded,
@@ -216,52 +206,92 @@ SELECT job_id,
            AS outputs_expected,
        min(started_at) AS started_at,
        max(completed_at) AS completed_at,
-       min(error) FILTER (WHERE status = 'failed') AS error
+       min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted')) AS error
 FROM predictions
 WHERE job_id IS NOT NULL
-GROUP BY job_id;
+GROUP BY job_id, coalesce(step, 1);
 
-CREATE VIEW job_output_rollups AS
-SELECT job_id,
-       count(*) FILTER (WHERE status = 'processed')::integer AS processed,
-       count(*) FILTER (WHERE status = 'failed')::integer AS failed,
-       max(recorded_at) AS completed_at,
+CREATE VIEW job_step_output_rollups AS
+SELECT o.job_id,
+       coalesce(p.step, 1) AS step,
+       count(*) FILTER (WHERE o.status = 'processed')::integer AS processed,
+       count(*) FILTER (WHERE o.status = 'failed')::integer AS failed,
+       max(o.recorded_at) AS completed_at,
        coalesce(jsonb_agg(jsonb_build_object(
-                    'prediction_id', prediction_id, 'index', index, 'source_url', source_url,
-                    'url', url, 'width', width, 'height', height)
-                ORDER BY prediction_id, index) FILTER (WHERE status = 'processed'),
+                    'prediction_id', o.prediction_id, 'index', o.index, 'step', coalesce(p.step, 1),
+                    'source_url', o.source_url, 'url', o.url, 'width', o.width, 'height', o.height)
+                ORDER BY o.prediction_id, o.index) FILTER (WHERE o.status = 'processed'),
                 '[]'::jsonb) AS outputs,
-       min(error) FILTER (WHERE status = 'failed') AS error
-FROM outputs
-WHERE job_id IS NOT NULL
-GROUP BY job_id;
+       min(o.error) FILTER (WHERE o.status = 'failed') AS error
+FROM outputs o
+LEFT JOIN predictions p ON p.id = o.prediction_id
+WHERE o.job_id IS NOT NULL
+GROUP BY o.job_id, coalesce(p.step, 1);
+
+-- Where one step of a job stands: waiting, running, post-processing, or settled with
+-- some results (done) or none (failed). `expected` is how many predictions the step needs.
+CREATE FUNCTION job_step_state(
+    expected integer, submitted integer, started integer, succeeded integer, failed integer,
+    outputs_expected integer, processed integer, outputs_failed integer
+) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN submitted = 0 AND expected > 0 THEN 'pending'
+    WHEN succeeded + failed < expected THEN CASE WHEN started > 0 THEN 'running' ELSE 'queued' END
+    WHEN succeeded = 0 THEN 'failed'
+    WHEN processed + outputs_failed < outputs_expected THEN 'processing'
+    WHEN outputs_expected > 0 AND processed = 0 THEN 'failed'
+    ELSE 'done' END;
+
+-- A job's status from its steps. With a second step (`then`), one step-2 prediction runs
+-- once step 1 is done, its input referring to step 1's processed outputs; the job is done
+-- when step 2 is.
+CREATE FUNCTION job_status(canceled_at timestamptz, first_step text, has_next boolean,
+                           next_step text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE
+    WHEN canceled_at IS NOT NULL THEN 'canceled'
+    WHEN first_step <> 'done' THEN CASE first_step WHEN 'failed' THEN 'failed' ELSE first_step END
+    WHEN NOT has_next THEN 'completed'
+    WHEN next_step = 'pending' THEN 'processing'  -- step 2 about to be submitted
+    WHEN next_step = 'queued' THEN 'running'
+    WHEN next_step = 'done' THEN 'completed'
+    ELSE next_step END;
 
 -- Every derived column of a job, computed from its predictions and outputs.
 CREATE VIEW job_derived AS
-SELECT j.id, s.status,
-       coalesce(r.submitted, 0) AS predictions_submitted,
-       coalesce(r.succeeded, 0) AS predictions_succeeded,
-       coalesce(r.failed, 0) + j.submit_failures AS predictions_failed,
-       coalesce(r.outputs_expected, 0) AS outputs_expected,
-       coalesce(o.processed, 0) AS outputs_processed,
-       coalesce(o.failed, 0) AS outputs_failed,
-       coalesce(o.outputs, '[]'::jsonb) AS outputs,
-       CASE WHEN s.status = 'failed' THEN coalesce(
-           r.error, o.error,
-           CASE WHEN j.submit_failures > 0 THEN 'Replicate refused or never accepted the submission' END,
-           'no prediction succeeded') END AS error,
-       r.started_at,
-       CASE s.status
+SELECT j.id, st.status,
+       coalesce(r1.submitted, 0) + coalesce(r2.submitted, 0) AS predictions_submitted,
+       coalesce(r1.succeeded, 0) + coalesce(r2.succeeded, 0) AS predictions_succeeded,
+       coalesce(r1.failed, 0) + coalesce(r2.failed, 0) AS predictions_failed,
+       coalesce(r1.outputs_expected, 0) + coalesce(r2.outputs_expected, 0) AS outputs_expected,
+       coalesce(o1.processed, 0) + coalesce(o2.processed, 0) AS outputs_processed,
+       coalesce(o1.failed, 0) + coalesce(o2.failed, 0) AS outputs_failed,
+       coalesce(o1.outputs, '[]'::jsonb) || coalesce(o2.outputs, '[]'::jsonb) AS outputs,
+       CASE WHEN st.status = 'failed' THEN coalesce(r2.error, o2.error, r1.error, o1.error,
+                                                    'no prediction succeeded') END AS error,
+       r1.started_at,
+       CASE st.status
            WHEN 'canceled' THEN j.canceled_at
-           WHEN 'completed' THEN greatest(r.completed_at, o.completed_at)
-           WHEN 'failed' THEN greatest(r.completed_at, o.completed_at) END AS completed_at
+           WHEN 'completed' THEN greatest(r1.completed_at, o1.completed_at, r2.completed_at, o2.completed_at)
+           WHEN 'failed' THEN greatest(r1.completed_at, o1.completed_at, r2.completed_at, o2.completed_at)
+       END AS completed_at
 FROM jobs j
-LEFT JOIN job_prediction_rollups r ON r.job_id = j.id
-LEFT JOIN job_output_rollups o ON o.job_id = j.id
-CROSS JOIN LATERAL (SELECT job_status(
-    j.canceled_at, j.predictions_expected, coalesce(r.submitted, 0), coalesce(r.started, 0),
-    coalesce(r.succeeded, 0), coalesce(r.failed, 0) + j.submit_failures,
-    coalesce(r.outputs_expected, 0), coalesce(o.processed, 0), coalesce(o.failed, 0)) AS status) s;
+LEFT JOIN job_step_rollups r1 ON r1.job_id = j.id AND r1.step = 1
+LEFT JOIN job_step_output_rollups o1 ON o1.job_id = j.id AND o1.step = 1
+LEFT JOIN job_step_rollups r2 ON r2.job_id = j.id AND r2.step = 2
+LEFT JOIN job_step_output_rollups o2 ON o2.job_id = j.id AND o2.step = 2
+CROSS JOIN LATERAL (SELECT
+    job_step_state(j.predictions_expected, coalesce(r1.submitted, 0), coalesce(r1.started, 0),
+                   coalesce(r1.succeeded, 0), coalesce(r1.failed, 0), coalesce(r1.outputs_expected, 0),
+                   coalesce(o1.processed, 0), coalesce(o1.failed, 0)) AS first_step,
+    1 AS next_expected) s1
+CROSS JOIN LATERAL (SELECT
+    job_step_state(s1.next_expected, coalesce(r2.submitted, 0), coalesce(r2.started, 0),
+                   coalesce(r2.succeeded, 0), coalesce(r2.failed, 0), coalesce(r2.outputs_expected, 0),
+                   coalesce(o2.processed, 0), coalesce(o2.failed, 0)) AS next_step) s2
+CROSS JOIN LATERAL (SELECT job_status(j.canceled_at, s1.first_step, j.next_step IS NOT NULL,
+                                      s2.next_step) AS status) st;
 
 -- Bring the derived columns of one job (or, with NULL, of every job) up to date.
 -- Rows that would not change are not written, so a log line does not rewrite a job.
@@ -357,7 +387,8 @@ BEGIN
         PERFORM refresh_jobs(v_job);
         PERFORM on_event_applied(e);
         RETURN;
-    ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled') THEN
+    ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
+                     'prediction.submit_failed') THEN
         PERFORM apply_prediction_event(e);
     ELSIF e.type IN ('output.processed', 'output.failed') THEN
         PERFORM apply_output_event(e);
@@ -453,7 +484,8 @@ BEGIN
             FROM events e
             CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata,
                                                 e.position, e.recorded_at) f
-            WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled')
+            WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
+                             'prediction.submit_failed')
               AND %s
             GROUP BY f.id
         ) g

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """A URL to the server's maintenance database (postgres)."""
     configured = os.environ.get("DATABASE_URL")
     if configured:
@@ -35,7 +36,10 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    # Not under pytest's basetemp: pytest deletes all but the newest three of those, so a
+    # second test session starting meanwhile would delete this one's database under it.
+    pgdata = Path(tempfile.mkdtemp(prefix="rjs-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
     yield server.get_uri()
     server.cleanup()
 

@@ -42,7 +42,7 @@ def test_a_signed_webhook_is_recorded_with_its_metadata(client, conn):
     event = conn.execute("SELECT * FROM events WHERE position = 2").fetchone()
     assert (event["event_key"], event["stream"], event["type"]) == ("msg_a1", job, "replicate.webhook")
     assert event["data"] == json.loads(body)
-    assert event["metadata"]["query"] == {"job": job, "step": "1"}
+    assert event["metadata"]["query"] == {"job": job, "step": "1", "index": None}
     assert event["metadata"]["headers"]["webhook-id"] == "msg_a1"
     assert "webhook-signature" not in event["metadata"]["headers"]
     prediction = conn.execute("SELECT job_id, step, status FROM predictions").fetchone()
