@@ -6,7 +6,7 @@ import atexit
 
 from flask import Flask
 
-from service import cli, dashboard, errors, health, jobs, logs, webhooks
+from service import cli, dashboard, downloads, errors, files, health, imaging, jobs, logs, storage, webhooks
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -16,6 +16,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.config.from_mapping(Settings.from_env().as_dict())
     app.config.update(overrides or {})
     logs.configure(app.config["LOG_LEVEL"])
+    check_settings(app.config)
 
     url = resolve_database_url(app.config["DATABASE_URL"], app.config["DATA_DIR"])
     app.config["DATABASE_URL"] = url
@@ -29,5 +30,13 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(files.bp)
     cli.register(app)
     return app
+
+
+def check_settings(config: dict) -> None:
+    """Parse every module-owned setting now, so a bad one stops startup, not a task."""
+    imaging.ImagingSettings.from_config(config)
+    downloads.DownloadPolicy.from_config(config)
+    storage.storage_from_config(config)

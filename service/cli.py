@@ -74,18 +74,27 @@ def _summarise(result: replays.ReplayResult, check: bool) -> None:
 
 
 def _worker_context():
-    from service.replicate import from_settings
     from service.worker import Context, worker_name
 
     config = current_app.config
     return Context(pool=current_app.extensions["db_pool"], worker=worker_name(), config=config,
-                   clients={"replicate": from_settings(config)})
+                   clients=clients(config))
+
+
+def clients(config) -> dict:
+    """The outside services a worker's handlers use."""
+    from service.replicate import from_settings
+    from service.storage import storage_from_config
+
+    return {"replicate": from_settings(config), "storage": storage_from_config(config)}
 
 
 def handlers() -> dict:
+    from service.postprocess import ProcessOutput
     from service.submissions import CancelPrediction, SubmitPrediction
 
-    return {"submit_prediction": SubmitPrediction(), "cancel_prediction": CancelPrediction()}
+    return {"submit_prediction": SubmitPrediction(), "cancel_prediction": CancelPrediction(),
+            "process_output": ProcessOutput()}
 
 
 @click.command("worker")

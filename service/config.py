@@ -26,6 +26,14 @@ def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> i
     return value
 
 
+_PASSED_THROUGH = (
+    "DOWNLOAD_MAX_BYTES", "DOWNLOAD_CONNECT_TIMEOUT", "DOWNLOAD_READ_TIMEOUT",
+    "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
+    "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
+    "SUPABASE_SERVICE_ROLE_KEY",
+)
+
+
 def _url(env: dict[str, str], name: str, default: str | None) -> str | None:
     raw = env.get(name, "").strip().rstrip("/")
     if not raw:
@@ -77,6 +85,24 @@ class Settings:
     # Worker and reconciler
     RECONCILE_AFTER_SECONDS: int = 300
     WORKER_POLL_SECONDS: int = 5
+    # Downloads, imaging and storage: kept as text here, parsed and range-checked at startup
+    # by the module that uses them (downloads.DownloadPolicy, imaging.ImagingSettings,
+    # storage.storage_from_config), so each rule lives in one place.
+    OUTPUT_ALLOWED_HOSTS: str = ""
+    DOWNLOAD_MAX_BYTES: str | None = None
+    DOWNLOAD_CONNECT_TIMEOUT: str | None = None
+    DOWNLOAD_READ_TIMEOUT: str | None = None
+    IMAGE_UPSCALE_FACTOR: str | None = None
+    IMAGE_MAX_LONG_SIDE: str | None = None
+    IMAGE_RESIZE_LONG_SIDE: str | None = None
+    IMAGE_JPEG_QUALITY: str | None = None
+    IMAGE_WEBP_QUALITY: str | None = None
+    IMAGE_PNG_COMPRESSION: str | None = None
+    IMAGE_MAX_PIXELS: str | None = None
+    STORAGE_DIR: str | None = None
+    STORAGE_BUCKET: str = "outputs"
+    SUPABASE_URL: str | None = None
+    SUPABASE_SERVICE_ROLE_KEY: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -104,6 +130,10 @@ class Settings:
             API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
+            **{name: env.get(name, "").strip() or None for name in _PASSED_THROUGH},
+            OUTPUT_ALLOWED_HOSTS=env.get("OUTPUT_ALLOWED_HOSTS", "").strip(),
+            STORAGE_BUCKET=env.get("STORAGE_BUCKET", "").strip() or "outputs",
+            SUPABASE_URL=_url(env, "SUPABASE_URL", None),
         )
 
     def as_dict(self) -> dict[str, object]:

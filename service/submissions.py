@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 from urllib.parse import urlencode
 
 from service import events, queue
 from service.db import queries
+from service.errors import ServiceError
 from service.queue import Task
 from service.worker import Context
 
@@ -25,6 +27,50 @@ def webhook_url(config: dict[str, Any], job_id: str, step: int, index: int) -> s
     return f"{base}/webhooks/replicate?{query}" if base else None
 
 
+_OUTPUT_REF = re.compile(r"\{\{outputs\[(\d+)\]\}\}")
+
+
+class StepInputError(ServiceError):
+    """The second step's input refers to an output the first step did not produce."""
+
+    code = "step_input_error"
+    status = 422
+    transient = False
+
+
+def step_request(job: dict[str, Any], step: int, public_base: str | None) -> tuple[dict, Any]:
+    """(model/version/deployment, input) of a job's step. Step 2 comes from `then`, with
+    each {{outputs[N]}} replaced by the URL of step 1's N-th processed output."""
+    if step == 1:
+        return {k: job[k] for k in ("version", "model", "deployment")}, job["input"]
+    spec = job["next_step"]
+    urls = [_absolute(o["url"], public_base) for o in job["outputs"] if o.get("step", 1) == 1]
+    target = {k: spec.get(k) for k in ("version", "model", "deployment")}
+    return target, _fill(spec.get("input", {}), urls)
+
+
+def _fill(value: Any, urls: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, urls) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, urls) for v in value]
+    if isinstance(value, str):
+        return _OUTPUT_REF.sub(lambda m: _output(urls, int(m.group(1))), value)
+    return value
+
+
+def _output(urls: list[str], n: int) -> str:
+    if n >= len(urls):
+        raise StepInputError(f"the second step refers to outputs[{n}], but the first step "
+                             f"processed {len(urls)} output{'s' if len(urls) != 1 else ''}")
+    return urls[n]
+
+
+def _absolute(url: str, public_base: str | None) -> str:
+    """Replicate must be able to fetch it: a path on this service becomes a full URL."""
+    return f"{public_base}{url}" if url.startswith("/") and public_base else url
+
+
 class SubmitPrediction:
     def run(self, ctx: Context, task: Task) -> None:
         job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
@@ -33,9 +79,9 @@ class SubmitPrediction:
         if job is None or job["status"] == "canceled":
             self._skip(ctx, task, "job canceled" if job else "job unknown")
             return
+        target, input_ = step_request(job, step, ctx.config.get("PUBLIC_BASE_URL"))
         prediction = self._started_earlier(ctx, task) or ctx.clients["replicate"].create_prediction(
-            version=job["version"], model=job["model"], deployment=job["deployment"],
-            input=job["input"], webhook=webhook_url(ctx.config, job_id, step, index))
+            **target, input=input_, webhook=webhook_url(ctx.config, job_id, step, index))
         with ctx.pool.connection() as conn:
             events.append(conn, key=f"submitted:{job_id}:{step}:{index}", stream=job_id,
                           type="prediction.submitted",

@@ -14,9 +14,8 @@ from werkzeug.serving import make_server
 
 from scripts.replicate_sim import start_simulator
 from service import create_app
-from service.cli import handlers
+from service.cli import clients, handlers
 from service.reconciler import reconcile
-from service.replicate import from_settings
 from service.worker import Context, Worker, worker_name
 
 TERMINAL = {"completed", "failed", "canceled"}
@@ -60,7 +59,7 @@ def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
     served = threading.Thread(target=server.serve_forever, daemon=True)
     served.start()
     ctx = Context(pool=app.extensions["db_pool"], worker=worker_name(), config=app.config,
-                  clients={"replicate": from_settings(app.config)})
+                  clients=clients(app.config))
     worker = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
                     periodic_every=0.5)
     stop = threading.Event()

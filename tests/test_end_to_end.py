@@ -7,6 +7,7 @@ import time
 
 import requests
 
+from service import imaging
 from tests.stack import running_stack
 
 SETTLED = {"processing", "completed", "failed"}
@@ -29,15 +30,26 @@ def assert_matches_simulator(stack, job: dict) -> None:
         assert row["logs_length"] == len(final["logs"] or "")
 
 
+def fetch_image(url: str) -> tuple[str, int, int]:
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200, url
+    return imaging.probe(response.content)
+
+
 def test_a_single_job_runs_end_to_end(db_url):
     with running_stack(db_url) as stack:
-        created = stack.create_job(model="stability-ai/sdxl", input={"prompt": "a lighthouse"},
-                                   aspect_ratio="3:4")
-        assert created["status"] == "pending"
-        job = stack.wait(created["id"], SETTLED)
-        assert job["progress"]["total"] == 1 and job["progress"]["succeeded"] == 1
+        created = stack.create_job(model="stability-ai/sdxl",
+                                   input={"prompt": "a lighthouse", "aspect_ratio": "3:4"})
+        assert created["status"] == "pending" and created["aspect_ratio"] == "3:4"
+        job = stack.wait(created["id"], {"completed", "failed"})
+        assert job["status"] == "completed", job
+        assert job["progress"] == {"total": 1, "succeeded": 1, "failed": 0, "processed": 1}
         assert len(job["predictions"]) == 1
         assert_matches_simulator(stack, job)
+        [output] = job["outputs"]
+        assert (output["width"], output["height"]) == (1080, 1440)
+        assert fetch_image(output["url"]) == ("png", 1080, 1440)
+        assert fetch_image(output["source_url"]) == ("png", 768, 1024)  # what the model made
         kinds = [e["type"] for e in stack_events(stack, job["id"])]
         assert kinds[:2] == ["job.created", "prediction.submitted"]
         assert "replicate.webhook" in kinds
@@ -47,8 +59,10 @@ def test_a_batch_job_runs_every_prediction(db_url):
     with running_stack(db_url) as stack:
         created = stack.create_job(model="black-forest-labs/flux-schnell",
                                    input={"prompt": "training image"}, count=6)
-        job = stack.wait(created["id"], SETTLED)
-        assert job["progress"]["succeeded"] == 6 and len(job["predictions"]) == 6
+        job = stack.wait(created["id"], {"completed", "failed"}, seconds=60)
+        assert job["status"] == "completed" and len(job["predictions"]) == 6
+        assert job["progress"] == {"total": 6, "succeeded": 6, "failed": 0, "processed": 6}
+        assert {(o["width"], o["height"]) for o in job["outputs"]} == {(2048, 2048)}  # 1:1 upscaled
         assert_matches_simulator(stack, job)
 
 
@@ -119,3 +133,21 @@ def stack_events(stack, job_id: str) -> list[dict]:
     response = requests.get(f"{stack.base_url}/api/jobs/{job_id}/events", timeout=10)
     assert response.status_code == 200
     return response.json()["events"] if isinstance(response.json(), dict) else response.json()
+
+
+def test_a_two_step_job_feeds_step_ones_processed_output_to_step_two(db_url):
+    with running_stack(db_url) as stack:
+        created = stack.create_job(
+            model="black-forest-labs/flux-schnell", input={"prompt": "a portrait"}, aspect_ratio="9:16",
+            then={"model": "black-forest-labs/flux-kontext-pro",
+                  "input": {"prompt": "put it in the template", "input_image": "{{outputs[0]}}"}})
+        job = stack.wait(created["id"], {"completed", "failed"}, seconds=60)
+        assert job["status"] == "completed", job
+        steps = sorted(p["step"] for p in job["predictions"])
+        assert steps == [1, 2]
+        first = next(o for o in job["outputs"] if o.get("step", 1) == 1)
+        second = next(p for p in job["predictions"] if p["step"] == 2)
+        sent = stack.sim.predictions[second["id"]]["input"]
+        assert sent["input_image"] == first["url"]  # step 2 got step 1's processed output
+        assert fetch_image(first["url"])[1:] == (1080, 1920)
+        assert len(job["outputs"]) == 2
