@@ -110,6 +110,7 @@ def worker_command(once: bool) -> None:
 
     ctx = _worker_context()
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
+                    lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
                     periodic=lambda: reconcile(ctx))
     if once:
         while worker.run_once():

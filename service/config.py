@@ -85,6 +85,7 @@ class Settings:
     # Worker and reconciler
     RECONCILE_AFTER_SECONDS: int = 300
     WORKER_POLL_SECONDS: int = 5
+    WORKER_LEASE_SECONDS: int = 300
     # Downloads, imaging and storage: kept as text here, parsed and range-checked at startup
     # by the module that uses them (downloads.DownloadPolicy, imaging.ImagingSettings,
     # storage.storage_from_config), so each rule lives in one place.
@@ -130,6 +131,7 @@ class Settings:
             API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
+            WORKER_LEASE_SECONDS=_int(env, "WORKER_LEASE_SECONDS", 300, 3, 24 * 3600),
             **{name: env.get(name, "").strip() or None for name in _PASSED_THROUGH},
             OUTPUT_ALLOWED_HOSTS=env.get("OUTPUT_ALLOWED_HOSTS", "").strip(),
             STORAGE_BUCKET=env.get("STORAGE_BUCKET", "").strip() or "outputs",
