@@ -57,6 +57,7 @@ class InvalidAspectRatio(ServiceError):
 
     code = "invalid_aspect_ratio"
     status = 400
+    transient = False
 
 
 class InvalidPostprocess(ServiceError):
@@ -64,6 +65,7 @@ class InvalidPostprocess(ServiceError):
 
     code = "invalid_postprocess"
     status = 400
+    transient = False
 
 
 class ImageError(ServiceError):
@@ -71,6 +73,8 @@ class ImageError(ServiceError):
 
     code = "image_error"
     status = 422
+    # The same bytes fail the same way: the worker gives up at once instead of retrying.
+    transient = False
 
 
 class NotAnImage(ImageError):
