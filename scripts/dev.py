@@ -71,8 +71,10 @@ def replicate_env(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[s
     if env.get("REPLICATE_API_TOKEN"):
         return env, False
     sim = f"http://{args.host}:{args.sim_port}/v1"
+    # The simulator serves its outputs itself; downloads must be allowed from it.
+    allowed = ",".join(filter(None, [env.get("OUTPUT_ALLOWED_HOSTS", ""), args.host]))
     return dict(env, REPLICATE_API_BASE_URL=sim, REPLICATE_API_TOKEN="local-simulator",
-                REPLICATE_WEBHOOK_SECRET=""), True
+                REPLICATE_WEBHOOK_SECRET="", OUTPUT_ALLOWED_HOSTS=allowed), True
 
 
 def start_web(host: str, port: int, env: dict[str, str]) -> subprocess.Popen:
