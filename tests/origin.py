@@ -1,12 +1,21 @@
-"""A local HTTP server standing in for replicate.delivery, for post-processing tests and the
-imaging benchmark: it serves bytes by path and misbehaves on purpose when asked to."""
+"""What post-processing tests and the imaging benchmark need from the outside world: a local
+HTTP server standing in for replicate.delivery (it serves bytes by path and misbehaves on
+purpose when asked to), images for it to serve, and the news that a prediction made them."""
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tests.conftest import new_job_id
+from tests.workload import bodies, create_job, webhook
 
 
 @dataclass
@@ -19,6 +28,42 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "image/png"
     stall: bool = False
+
+
+def picture(width: int, height: int, channels: int = 3, dtype: type = np.uint8) -> np.ndarray:
+    """A gradient with a little noise: cheap to encode, and not one flat colour."""
+    top = np.iinfo(dtype).max
+    rng = np.random.default_rng(width * 7919 + height)
+    ramp = np.linspace(0.1, 0.9, width)[None, :] * np.linspace(0.5, 1.0, height)[:, None]
+    planes = [np.clip(ramp * (0.6 + 0.2 * c) + rng.normal(0, 0.01, ramp.shape), 0, 1)
+              for c in range(channels)]
+    pixels = (np.dstack(planes) if channels > 1 else planes[0]) * top
+    return np.rint(pixels).astype(dtype)
+
+
+def png(pixels: np.ndarray, compression: int = 1) -> bytes:
+    ok, buffer = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise ValueError("cv2 could not encode these pixels as PNG")
+    return buffer.tobytes()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    """The pixels as stored: alpha, grayscale and 16-bit kept."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ValueError("cv2 could not decode the data")
+    return pixels
+
+
+def succeeded(conn, urls: list[str], aspect_ratio: str = "1:1", **fields: Any) -> tuple[str, str]:
+    """A job, and its prediction's succeeded webhook with these output URLs: (job id, prediction id)."""
+    job_id, prediction_id = new_job_id(), f"p{uuid.uuid4().hex[:20]}"
+    create_job(conn, job_id, aspect_ratio=aspect_ratio, **fields)
+    [body] = bodies(["succeeded_sdxl_polled_list_output"], prediction_id)
+    body["output"] = urls
+    webhook(conn, job_id, body, key=f"msg_{prediction_id}")
+    return job_id, prediction_id
 
 
 class Origin:

@@ -10,41 +10,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import cv2
 import numpy as np
 import pytest
 
 from service import create_app, queue
 from service.cli import clients, handlers
 from service.worker import Context, Worker, worker_name
-from tests.conftest import new_job_id
-from tests.origin import Origin, Reply
-from tests.workload import bodies, create_job, webhook
+from tests.origin import Origin, Reply, decoded, picture, png, succeeded
 
 HTML = b"<!doctype html><html><body>Access denied</body></html>"
-
-
-def picture(width: int, height: int, channels: int = 3, dtype: type = np.uint8) -> np.ndarray:
-    """A gradient with a little noise: cheap to encode, and not one flat colour."""
-    top = np.iinfo(dtype).max
-    rng = np.random.default_rng(width * 7919 + height)
-    ramp = np.linspace(0.1, 0.9, width)[None, :] * np.linspace(0.5, 1.0, height)[:, None]
-    planes = [np.clip(ramp * (0.6 + 0.2 * c) + rng.normal(0, 0.01, ramp.shape), 0, 1)
-              for c in range(channels)]
-    pixels = (np.dstack(planes) if channels > 1 else planes[0]) * top
-    return np.rint(pixels).astype(dtype)
-
-
-def png(pixels: np.ndarray) -> bytes:
-    ok, buffer = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    assert ok
-    return buffer.tobytes()
-
-
-def decoded(data: bytes) -> np.ndarray:
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert pixels is not None
-    return pixels
 
 
 class Rig:
@@ -115,16 +89,6 @@ def elsewhere() -> Iterator[Origin]:
         pytest.skip("127.0.0.2 is not available on this machine")
     yield server
     server.close()
-
-
-def succeeded(conn, urls: list[str], aspect_ratio: str = "1:1", **fields: Any) -> tuple[str, str]:
-    """A job, and its prediction's succeeded webhook with these output URLs: (job id, prediction id)."""
-    job_id, prediction_id = new_job_id(), f"p{uuid.uuid4().hex[:20]}"
-    create_job(conn, job_id, aspect_ratio=aspect_ratio, **fields)
-    [body] = bodies(["succeeded_sdxl_polled_list_output"], prediction_id)
-    body["output"] = urls
-    webhook(conn, job_id, body, key=f"msg_{prediction_id}")
-    return job_id, prediction_id
 
 
 def events_of(conn, job_id: str, kind: str) -> list[dict]:
