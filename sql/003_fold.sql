@@ -298,7 +298,9 @@ CROSS JOIN LATERAL (SELECT job_status(j.canceled_at, s1.first_step, j.next_step 
 CREATE FUNCTION refresh_jobs(p_job uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE $sql$
+    -- Static statements, not EXECUTE: PL/pgSQL keeps their plans for the session, and
+    -- planning job_derived costs many times what running it for one job does.
+    IF p_job IS NOT NULL THEN
         UPDATE jobs j
         SET (status, predictions_submitted, predictions_succeeded, predictions_failed,
              outputs_expected, outputs_processed, outputs_failed, outputs, error,
@@ -315,14 +317,32 @@ BEGIN
               (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
                d.started_at, d.completed_at)
-    $sql$ || CASE WHEN p_job IS NULL THEN '' ELSE ' AND j.id = $1' END
-    USING p_job;
+          AND j.id = p_job;
+    ELSE
+        UPDATE jobs j
+        SET (status, predictions_submitted, predictions_succeeded, predictions_failed,
+             outputs_expected, outputs_processed, outputs_failed, outputs, error,
+             started_at, completed_at)
+          = (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
+             d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
+             d.started_at, d.completed_at)
+        FROM job_derived d
+        WHERE d.id = j.id
+          AND (j.status, j.predictions_submitted, j.predictions_succeeded, j.predictions_failed,
+               j.outputs_expected, j.outputs_processed, j.outputs_failed, j.outputs, j.error,
+               j.started_at, j.completed_at)
+              IS DISTINCT FROM
+              (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
+               d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
+               d.started_at, d.completed_at);
+    END IF;
 END $$;
 
 -- Fold one prediction event into predictions: each field group keeps the value whose
 -- fold key is greater (see the top of this file); counts add up.
 CREATE FUNCTION apply_prediction_event(e events) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
     INSERT INTO predictions AS p
     SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
     ON CONFLICT (id) DO UPDATE SET
@@ -346,8 +366,8 @@ LANGUAGE sql AS $$
         started_at    = least(p.started_at, excluded.started_at),
         first_seen_at = least(p.first_seen_at, excluded.first_seen_at),
         updated_at    = greatest(p.updated_at, excluded.updated_at),
-        event_count   = p.event_count + 1
-$$;
+        event_count   = p.event_count + 1;
+END $$;
 
 CREATE FUNCTION apply_output_event(e events) RETURNS void
 LANGUAGE sql AS $$
