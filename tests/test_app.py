@@ -39,3 +39,13 @@ def test_the_dashboard_lists_jobs_from_the_projection(client, conn):
 def test_bad_settings_stop_startup_with_a_message_naming_them(env, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_env_example_names_every_setting():
+    from dataclasses import fields
+    from pathlib import Path
+
+    listed = {line.split("=", 1)[0] for line in
+              (Path(__file__).resolve().parent.parent / ".env.example").read_text().splitlines()
+              if line and not line.startswith("#")}
+    assert {f.name for f in fields(Settings)} <= listed
