@@ -193,3 +193,21 @@ def test_without_a_secret_or_token_webhooks_are_503(db_url, conn):
     assert response.status_code == 503
     assert "REPLICATE_WEBHOOK_SECRET" in response.get_json()["message"]
     assert stored(conn) == 0
+
+
+def test_the_pooled_connection_goes_back_in_its_usual_transactional_mode(app, client):
+    body, headers = signed(payload("processing_sdxl_partial_logs"))
+    assert post(client, body, headers).status_code == 200
+    pool = app.extensions["db_pool"]
+    for _ in range(pool.get_stats()["pool_size"]):
+        with pool.connection() as conn:
+            assert conn.autocommit is False
+
+
+@pytest.mark.parametrize("wrap", [lambda raw: b"\xef\xbb\xbf" + raw, lambda raw: b" \n" + raw + b"\n"],
+                         ids=["utf8_bom", "surrounding_whitespace"])
+def test_a_body_that_does_not_open_with_a_brace_is_stored_as_parsed(client, conn, wrap):
+    raw, _ = signed(payload("succeeded_sdxl_polled_list_output"))
+    body, headers = signed(wrap(raw))
+    assert post(client, body, headers).status_code == 200
+    assert conn.execute("SELECT data FROM events").fetchone()["data"] == json.loads(raw)
