@@ -13,14 +13,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from service import unrecorded
 from service.config import secret_problem
 from service.db import queries, translated_errors
-from service.errors import ServiceError
+from service.errors import InvalidEvent, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +214,21 @@ def check_secret(secret: str) -> None:
     problem = secret_problem(secret)
     if problem:
         raise SecretUnavailable(f"the webhook secret fetched from Replicate {problem}")
+
+
+# Deliveries that do not become events are counted for the dashboard (service/unrecorded.py),
+# off the recording path: refusals here, duplicates after the answer is made.
+@bp.errorhandler(BadSignature)
+@bp.errorhandler(BadWebhook)
+@bp.errorhandler(BodyTooLarge)
+@bp.errorhandler(InvalidEvent)
+def _refused(exc: ServiceError) -> tuple[dict, int]:
+    unrecorded.note(exc.code, exc.status, exc.message)
+    return {"error": exc.code, "message": exc.message}, exc.status
+
+
+@bp.after_request
+def _count_duplicate(response: Response) -> Response:
+    if response.status_code == 200 and b'"duplicate"' in response.get_data():
+        unrecorded.note("duplicate", 200)
+    return response

@@ -143,3 +143,130 @@ SELECT data FROM events
 WHERE stream = %(stream)s AND type = 'replicate.webhook'
   AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
 ORDER BY position LIMIT 1;
+
+-- record_unrecorded_webhook --
+-- Count one webhook delivery answered without an event: refused (401/400/413) or a duplicate.
+INSERT INTO unrecorded_webhooks (outcome, http_status, webhook_id, remote_addr, detail)
+VALUES (%(outcome)s, %(http_status)s, %(webhook_id)s, %(remote_addr)s, %(detail)s);
+
+-- dashboard_webhook_health --
+-- Webhooks in the last %(minutes)s minutes: how many were recorded, the acknowledgement time
+-- proxy recorded_at − metadata.received_at (ms, p50 and p95), and deliveries not recorded by outcome.
+WITH recorded AS (
+    SELECT CASE WHEN e.metadata ->> 'received_at' ~ '^\d{4}-\d\d-\d\dT'
+                THEN greatest(0, 1000 * extract(epoch FROM
+                         e.recorded_at - (e.metadata ->> 'received_at')::timestamptz)) END AS ack_ms
+    FROM events e
+    WHERE e.type = 'replicate.webhook'
+      AND e.recorded_at >= now() - make_interval(mins => %(minutes)s)
+), unrecorded AS (
+    SELECT outcome, count(*) AS n FROM unrecorded_webhooks
+    WHERE received_at >= now() - make_interval(mins => %(minutes)s)
+    GROUP BY outcome
+)
+SELECT (SELECT count(*) FROM recorded) AS recorded,
+       (SELECT count(ack_ms) FROM recorded) AS ack_samples,
+       (SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ack_ms)::numeric, 1) FROM recorded)
+           AS ack_ms_p50,
+       (SELECT round(percentile_cont(0.95) WITHIN GROUP (ORDER BY ack_ms)::numeric, 1) FROM recorded)
+           AS ack_ms_p95,
+       (SELECT coalesce(jsonb_object_agg(outcome, n), '{}'::jsonb) FROM unrecorded) AS unrecorded,
+       now() AS at;
+
+-- dashboard_webhook_series --
+-- Webhooks recorded and deliveries not recorded per bucket of %(bucket_seconds)s seconds, the
+-- last %(buckets)s buckets up to now, oldest first (empty buckets included).
+WITH bins AS (
+    SELECT date_bin(make_interval(secs => %(bucket_seconds)s), now(), timestamptz '2000-01-01')
+               - make_interval(secs => %(bucket_seconds)s * (%(buckets)s - 1)) AS first,
+           make_interval(secs => %(bucket_seconds)s) AS width
+), recorded AS (
+    SELECT date_bin(make_interval(secs => %(bucket_seconds)s), recorded_at, timestamptz '2000-01-01') AS start,
+           count(*) AS n
+    FROM events
+    WHERE type = 'replicate.webhook'
+      AND recorded_at >= date_bin(make_interval(secs => %(bucket_seconds)s), now(), timestamptz '2000-01-01')
+                         - make_interval(secs => %(bucket_seconds)s * (%(buckets)s - 1))
+    GROUP BY 1
+), unrecorded AS (
+    SELECT date_bin(make_interval(secs => %(bucket_seconds)s), received_at, timestamptz '2000-01-01') AS start,
+           count(*) AS n
+    FROM unrecorded_webhooks, bins
+    WHERE received_at >= bins.first
+    GROUP BY 1
+)
+SELECT s.start, coalesce(r.n, 0) AS recorded, coalesce(u.n, 0) AS unrecorded
+FROM bins, generate_series(bins.first, bins.first + bins.width * (%(buckets)s - 1), bins.width) AS s(start)
+LEFT JOIN recorded r ON r.start = s.start
+LEFT JOIN unrecorded u ON u.start = s.start
+ORDER BY s.start;
+
+-- dashboard_stuck_jobs --
+-- Unfinished jobs with no event for longer than the reconciler waits, quietest first, and how many.
+SELECT id, status, model, updated_at, count(*) OVER () AS total
+FROM jobs
+WHERE status IN ('pending', 'queued', 'running', 'processing')
+  AND updated_at < now() - make_interval(secs => %(stuck_after)s)
+ORDER BY updated_at
+LIMIT %(limit)s;
+
+-- dashboard_models --
+-- The distinct models of all jobs (up to 200), read from the model index one value at a time.
+WITH RECURSIVE m AS (
+    (SELECT model, 1 AS n FROM jobs WHERE model IS NOT NULL ORDER BY model LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.model FROM jobs j WHERE j.model > m.model ORDER BY j.model LIMIT 1), m.n + 1
+    FROM m WHERE m.model IS NOT NULL AND m.n < 200
+)
+SELECT model FROM m WHERE model IS NOT NULL;
+
+-- dashboard_search_jobs --
+-- Jobs whose id starts with a hex prefix: ids between the prefix padded with 0s and with fs.
+SELECT id, status, model, version, deployment, created_at
+FROM jobs WHERE id BETWEEN %(low)s::uuid AND %(high)s::uuid
+ORDER BY id LIMIT %(limit)s;
+
+-- dashboard_search_predictions --
+-- A prediction by its exact id, with the job it belongs to (none for an orphan).
+SELECT id, job_id, step, status, model, version, first_seen_at
+FROM predictions WHERE id = %(id)s;
+
+-- dashboard_timeline --
+-- A job's events in order as job_timeline tells them (without their bodies), and how many
+-- times each recorded webhook was delivered again under its webhook-id (answered, not stored).
+SELECT t.seq, t.position, t.recorded_at, round(extract(epoch FROM t.elapsed)::numeric, 3) AS elapsed_seconds,
+       t.type, t.event_key, t.prediction_id, t.prediction_status, t.summary, t.is_repeat, t.repeat_of,
+       t.metadata ->> 'source' AS source, t.metadata ->> 'received_at' AS received_at,
+       CASE WHEN t.type = 'replicate.webhook'
+            THEN (SELECT count(*) FROM unrecorded_webhooks u
+                  WHERE u.outcome = 'duplicate' AND u.webhook_id = t.event_key)
+            ELSE 0 END AS redeliveries,
+       count(*) OVER () AS total
+FROM job_timeline t
+WHERE t.stream = %(stream)s
+ORDER BY t.position
+LIMIT %(limit)s;
+
+-- dashboard_outputs --
+-- A job's outputs, processed and failed, with the stored original and the processing plan.
+SELECT o.prediction_id, o.index, coalesce(p.step, 1) AS step, o.status, o.source_url, o.url,
+       o.original_url, o.width, o.height, o.bytes, o.error, o.detail ->> 'format' AS format,
+       o.detail -> 'plan' AS plan, o.recorded_at,
+       CASE WHEN o.detail ->> 'original_bytes' ~ '^[0-9]{1,15}$'
+            THEN (o.detail ->> 'original_bytes')::bigint END AS original_bytes
+FROM outputs o
+LEFT JOIN predictions p ON p.id = o.prediction_id
+WHERE o.job_id = %(job_id)s::uuid
+ORDER BY coalesce(p.step, 1), o.prediction_id, o.index;
+
+-- dashboard_event --
+-- One event, whole: the raw JSON behind a timeline entry.
+SELECT position, stream, type, event_key, recorded_at, data, metadata
+FROM events WHERE position = %(position)s;
+
+-- jobs_changed_since --
+-- Jobs whose projection changed after a moment: the change feed where LISTEN is unavailable.
+SELECT id::text AS id, updated_at FROM jobs
+WHERE updated_at > %(since)s
+ORDER BY updated_at
+LIMIT %(limit)s;
