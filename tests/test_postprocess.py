@@ -29,7 +29,8 @@ class Rig:
         self.storage = storage
         self.app = create_app({"TESTING": True, "DATABASE_URL": db_url, "OUTPUT_ALLOWED_HOSTS": "127.0.0.1",
                                "STORAGE_DIR": str(storage), "REPLICATE_API_BASE_URL": "http://127.0.0.1:9/v1",
-                               "REPLICATE_API_TOKEN": "test-token", **config})
+                               "REPLICATE_API_TOKEN": "test-token", "SUPABASE_URL": None,
+                               "SUPABASE_SERVICE_ROLE_KEY": None, **config})
         self.ctx = self.context()
         self.worker = Worker(self.ctx, handlers(), lease_seconds=30, poll_seconds=0.1)
 

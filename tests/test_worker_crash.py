@@ -26,7 +26,9 @@ class Workers:
         self.env = {**os.environ, "DATABASE_URL": db_url, "WORKER_LEASE_SECONDS": "3",
                     "WORKER_POLL_SECONDS": "1", "OUTPUT_ALLOWED_HOSTS": "127.0.0.1",
                     "STORAGE_DIR": str(tmp / "files"), "REPLICATE_API_BASE_URL": "http://127.0.0.1:9/v1",
-                    "REPLICATE_API_TOKEN": "x", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+                    "REPLICATE_API_TOKEN": "x", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+                    # never a developer's .env or Supabase: files stay in the temp dir
+                    "FLASK_SKIP_DOTENV": "1", "SUPABASE_URL": "", "SUPABASE_SERVICE_ROLE_KEY": ""}
 
     def start(self) -> subprocess.Popen:
         log = (self.tmp / f"worker-{len(self.procs)}.log").open("wb")
