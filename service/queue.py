@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,6 +12,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from service.db import queries
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("submit_prediction", "cancel_prediction", "process_output")
 
@@ -80,6 +83,10 @@ def backoff(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
 
 def _finish(conn: psycopg.Connection, task: Task, worker: str, status: str, error: str | None,
             delay: float) -> bool:
-    return conn.execute(queries["finish_task"], {
+    ok = conn.execute(queries["finish_task"], {
         "id": task.id, "worker": worker, "status": status, "error": error, "delay": delay,
     }).fetchone()["ok"]
+    if not ok:  # its lease ran out and another worker took it over; that one finishes it
+        logger.warning("task lease lost before finishing", extra={
+            "action": "task_lease_lost", "task_id": task.id, "task_kind": task.kind, "worker": worker})
+    return ok
