@@ -316,7 +316,9 @@ CREATE FUNCTION refresh_jobs(p_job uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     -- Static statements, not EXECUTE: PL/pgSQL keeps their plans for the session, and
-    -- planning job_derived costs many times what running it for one job does.
+    -- planning job_derived costs many times what running it for one job does. For one
+    -- job, OFFSET 0 has the row computed once: flattened into this UPDATE, each use of a
+    -- derived column (in SET and in the comparison) repeats its whole expression.
     IF p_job IS NOT NULL THEN
         UPDATE jobs j
         SET (status, predictions_submitted, predictions_succeeded, predictions_failed,
@@ -325,7 +327,7 @@ BEGIN
           = (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
              d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
              d.started_at, d.completed_at)
-        FROM job_derived d
+        FROM (SELECT * FROM job_derived WHERE id = p_job OFFSET 0) d
         WHERE d.id = j.id
           AND (j.status, j.predictions_submitted, j.predictions_succeeded, j.predictions_failed,
                j.outputs_expected, j.outputs_processed, j.outputs_failed, j.outputs, j.error,
