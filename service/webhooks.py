@@ -172,12 +172,20 @@ def _job_param(value: str | None) -> str | None:
         return None
 
 
+# Where each kept header is in the WSGI environ (as werkzeug's EnvironHeaders looks it up;
+# read there directly: a missing header costs request.headers a raised exception).
+_KEPT_ENVIRON = tuple(
+    (name, key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}")
+    for name, key in ((name, name.upper().replace("-", "_")) for name in KEPT_HEADERS))
+
+
 def _metadata(job: str | None) -> dict[str, Any]:
+    environ, args = request.environ, request.args
     return {
         "source": "replicate",
         "received_at": datetime.now(UTC).isoformat(),
-        "headers": {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers},
-        "query": {"job": job, "step": request.args.get("step"), "index": request.args.get("index")},
+        "headers": {name: environ[key] for name, key in _KEPT_ENVIRON if key in environ},
+        "query": {"job": job, "step": args.get("step"), "index": args.get("index")},
         "remote_addr": request.remote_addr,
     }
 
