@@ -30,6 +30,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
 from service.errors import ConfigError, ServiceError
+from service.imaging import NotAnImage, media_type
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ class DownloadTooLarge(ServiceError):
 
     code = "download_too_large"
     status = 413
-    transient = False
-
-
-class NotAnImage(ServiceError):
-    """The downloaded content is not a PNG, JPEG, WebP or GIF image."""
-
-    code = "not_an_image"
-    status = 415
     transient = False
 
 
@@ -150,17 +143,8 @@ def parse_allowed_hosts(raw: str | Iterable[str] | None) -> frozenset[str]:
     return frozenset(hosts)
 
 
-def sniff_image(head: bytes) -> str | None:
-    """The image type the magic bytes announce, or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return None
+# One table of image signatures for the whole service (imaging decodes what this lets in).
+sniff_image = media_type
 
 
 def fetch(url: str, policy: DownloadPolicy) -> Downloaded:

@@ -39,6 +39,7 @@ import numpy as np
 from service.errors import ConfigError, ServiceError
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_FORMATS = {media: fmt for fmt, media in MEDIA_TYPES.items()}
 # Output sizes for the ratios pages use most; any other ratio gets ImagingSettings.resize_long_side.
 PRESETS: dict[tuple[int, int], tuple[int, int]] = {
     (3, 4): (1080, 1440), (9, 16): (1080, 1920), (16, 9): (1920, 1080)}
@@ -185,15 +186,26 @@ def parse_aspect_ratio(text: object) -> tuple[int, int]:
     return width // divisor, height // divisor
 
 
+def media_type(head: bytes) -> str | None:
+    """The image type the magic bytes announce (PNG, JPEG, WebP or GIF), or None."""
+    if head.startswith(_PNG_MAGIC):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
 def sniff(data: bytes) -> str:
-    """The format named by the content's magic bytes, whatever the file is called."""
-    if data.startswith(_PNG_MAGIC):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise NotAnImage()
+    """The format named by the content's magic bytes, whatever the file is called; only
+    the formats this module decodes."""
+    fmt = _FORMATS.get(media_type(data) or "")
+    if fmt is None:
+        raise NotAnImage()
+    return fmt
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
