@@ -94,6 +94,7 @@ RETURN nullif(value, '')::timestamptz;
 -- flattened into its uses (flattened, every use repeats the work): the body, which
 -- '{}' || detoasts once (the jsonb operators would otherwise decompress a large stored
 -- body again for every field they read), then its logs and output, then the log length.
+-- A tail of logs that are short already is the logs: right() would count characters.
 CREATE FUNCTION prediction_facts(
     stream text, type text, data jsonb, metadata jsonb, pos bigint, recorded_at timestamptz
 ) RETURNS SETOF predictions
@@ -104,7 +105,7 @@ AS $$
            prediction_step(type, data, metadata),
            x.status,
            x.b ->> 'error',
-           right(x.logs, 4000),
+           CASE WHEN octet_length(x.logs) <= 4000 THEN x.logs ELSE right(x.logs, 4000) END,
            coalesce(x.logs_length, 0),
            CASE WHEN jsonb_typeof(x.b -> 'metrics') = 'object' THEN x.b -> 'metrics' ELSE '{}'::jsonb END,
            x.output,
@@ -510,59 +511,71 @@ BEGIN
                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
         PERFORM set_config('default_toast_compression', 'lz4', true);
     END IF;
-    -- Each prediction's winning keys come from one pass over its events (f is computed in
-    -- a fenced subquery so the aggregation sees narrow rows). Then the facts of each
-    -- winning event are read again, once per distinct event: usually one event holds the
-    -- greatest state, logs and output keys at once, and a NULL position looks up nothing.
+    -- First each prediction's winning keys, from one pass over its events (f is computed
+    -- in a fenced subquery so the aggregation sees narrow rows). Kept in a table so that
+    -- the planner knows how many there are when it joins them to their events.
+    DROP TABLE IF EXISTS rebuild_prediction_groups;
     EXECUTE format($sql$
-        INSERT INTO predictions
-        SELECT g.id, g.job_id, g.step, s.status, s.error,
-               CASE WHEN g.logs_at = g.state_at THEN s.logs_tail ELSE l.logs_tail END,
-               coalesce(CASE WHEN g.logs_at = g.state_at THEN s.logs_length ELSE l.logs_length END, 0),
-               s.metrics,
-               CASE WHEN g.output_at = g.state_at THEN s.output ELSE o.output END,
-               coalesce(CASE WHEN g.output_at = g.state_at THEN s.output_urls ELSE o.output_urls END,
-                        '[]'::jsonb),
-               g.model, g.version, g.data_removed, g.created_at, g.started_at, s.completed_at,
-               g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key
-        FROM (
-            SELECT f.id,
-                   max(f.job_id::text COLLATE "C")::uuid AS job_id,
-                   min(f.step) AS step,
-                   max(f.state_key) AS state_key,
-                   max(f.logs_key) AS logs_key,
-                   max(f.output_key) AS output_key,
-                   fold_key_position(max(f.state_key)) AS state_at,
-                   fold_key_position(max(f.logs_key)) AS logs_at,
-                   fold_key_position(max(f.output_key)) AS output_at,
-                   max(f.model) AS model,
-                   max(f.version) AS version,
-                   bool_or(f.data_removed) AS data_removed,
-                   min(f.created_at) AS created_at,
-                   min(f.started_at) AS started_at,
-                   min(f.first_seen_at) AS first_seen_at,
-                   max(f.updated_at) AS updated_at,
-                   count(*)::integer AS event_count
-            FROM events e
-            CROSS JOIN LATERAL (SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata,
-                                                               e.position, e.recorded_at)
-                                OFFSET 0) f
-            WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
-                             'prediction.submit_failed')
-              AND %s
-            GROUP BY f.id
-        ) g
-        JOIN events se ON se.position = g.state_at
-        CROSS JOIN LATERAL prediction_facts(se.stream, se.type, se.data, se.metadata,
-                                            se.position, se.recorded_at) s
-        LEFT JOIN events le ON le.position = CASE WHEN g.logs_at <> g.state_at THEN g.logs_at END
-        LEFT JOIN LATERAL prediction_facts(le.stream, le.type, le.data, le.metadata,
-                                           le.position, le.recorded_at) l ON true
-        LEFT JOIN events oe ON oe.position = CASE WHEN g.output_at <> g.state_at THEN g.output_at END
-        LEFT JOIN LATERAL prediction_facts(oe.stream, oe.type, oe.data, oe.metadata,
-                                           oe.position, oe.recorded_at) o ON true
+        CREATE TEMP TABLE rebuild_prediction_groups ON COMMIT DROP AS
+        SELECT f.id,
+               max(f.job_id::text COLLATE "C")::uuid AS job_id,
+               min(f.step) AS step,
+               max(f.state_key) AS state_key,
+               max(f.logs_key) AS logs_key,
+               max(f.output_key) AS output_key,
+               fold_key_position(max(f.state_key)) AS state_at,
+               fold_key_position(max(f.logs_key)) AS logs_at,
+               fold_key_position(max(f.output_key)) AS output_at,
+               max(f.model) AS model,
+               max(f.version) AS version,
+               bool_or(f.data_removed) AS data_removed,
+               min(f.created_at) AS created_at,
+               min(f.started_at) AS started_at,
+               min(f.first_seen_at) AS first_seen_at,
+               max(f.updated_at) AS updated_at,
+               count(*)::integer AS event_count
+        FROM events e
+        CROSS JOIN LATERAL (SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata,
+                                                           e.position, e.recorded_at)
+                            OFFSET 0) f
+        WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
+                         'prediction.submit_failed')
+          AND %s
+        GROUP BY f.id
     $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    -- Then the facts of each winning event. One event usually holds the greatest state,
+    -- logs and output keys at once: it is read once (joined by hash, in one scan), and the
+    -- logs' or output's own winner is looked up only when it is another event.
+    INSERT INTO predictions
+    SELECT g.id, g.job_id, g.step, s.status, s.error,
+           CASE WHEN g.logs_at = g.state_at THEN s.logs_tail ELSE l.logs_tail END,
+           coalesce(CASE WHEN g.logs_at = g.state_at THEN s.logs_length ELSE l.logs_length END, 0),
+           s.metrics,
+           CASE WHEN g.output_at = g.state_at THEN s.output ELSE o.output END,
+           coalesce(CASE WHEN g.output_at = g.state_at THEN s.output_urls ELSE o.output_urls END,
+                    '[]'::jsonb),
+           g.model, g.version, g.data_removed, g.created_at, g.started_at, s.completed_at,
+           g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key
+    FROM rebuild_prediction_groups g
+    JOIN events se ON se.position = g.state_at
+    CROSS JOIN LATERAL prediction_facts(se.stream, se.type, se.data, se.metadata,
+                                        se.position, se.recorded_at) s
+    LEFT JOIN LATERAL (
+        SELECT f.logs_tail, f.logs_length
+        FROM events le
+        CROSS JOIN LATERAL prediction_facts(le.stream, le.type, le.data, le.metadata,
+                                            le.position, le.recorded_at) f
+        WHERE le.position = g.logs_at AND g.logs_at <> g.state_at
+        OFFSET 0) l ON true
+    LEFT JOIN LATERAL (
+        SELECT f.output, f.output_urls
+        FROM events oe
+        CROSS JOIN LATERAL prediction_facts(oe.stream, oe.type, oe.data, oe.metadata,
+                                            oe.position, oe.recorded_at) f
+        WHERE oe.position = g.output_at AND g.output_at <> g.state_at
+        OFFSET 0) o ON true;
     GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE rebuild_prediction_groups;
     PERFORM set_config('default_toast_compression', v_compression, true);
     RETURN n;
 END $$;
