@@ -611,12 +611,13 @@ BEGIN
     EXECUTE format($sql$
         INSERT INTO jobs
         SELECT j.*
-        FROM job_stream_stats s
+        -- OFFSET 0: ask which streams are jobs once per stream, not once per event
+        FROM (SELECT * FROM job_stream_stats s WHERE %s OFFSET 0) s
         JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
         CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.event_count,
                                      s.last_position, s.updated_at, s.canceled_at,
                                      s.submit_failures) j
-        WHERE stream_job_id(s.stream) IS NOT NULL AND %s
+        WHERE stream_job_id(s.stream) IS NOT NULL
     $sql$, stream_filter(p_stream, 's')) USING p_stream;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF p_stream IS NULL OR stream_job_id(p_stream) IS NOT NULL THEN
