@@ -6,8 +6,9 @@ Signed webhooks with unique ids, over --connections keep-alive connections for -
 first against the service (`gunicorn -c gunicorn.conf.py wsgi:app`), then against
 scripts/bench/bare_app.py (one POST route that reads the body and answers 200 JSON) under
 the same gunicorn config file and bind options. Prints requests/s, p50 and p99 of both and
-the ratios, then checks the event store: every webhook acknowledged with a 200 is in
-`events` exactly once, and the projections equal a rebuild from the events.
+the ratios, the CPU each request cost in gunicorn, PostgreSQL (the scratch database's
+backends) and wrk, then checks the event store: every webhook acknowledged with a 200 is
+in `events` exactly once, and the projections equal a rebuild from the events.
 
 The load generator is wrk (Debian: `apt-get install -y wrk`) running ingest.lua, which
 replays requests this script built and signed just before each run (Standard Webhooks,
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import random
+import resource
 import secrets
 import shutil
 import signal
@@ -50,6 +52,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -58,6 +61,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 from common import (
     PROMPTS,
     ROOT,
@@ -94,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per server")
     parser.add_argument("--warmup-max-rate", type=int, default=8000,
                         help="requests/s the warm-up's pre-generated requests would last for")
-    parser.add_argument("--headroom", type=float, default=1.6,
+    parser.add_argument("--headroom", type=float, default=2.5,
                         help="requests generated per run = warm-up rate x seconds x this")
     parser.add_argument("--quiet-logs", action="store_true",
                         help="LOG_LEVEL=WARNING and no gunicorn access log, for both servers")
@@ -235,7 +239,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(app: str, env: dict[str, str], log: Path, quiet: bool) -> Iterator[int]:
+def gunicorn(app: str, env: dict[str, str], log: Path, quiet: bool) -> Iterator[tuple[int, int]]:
     """`gunicorn -c gunicorn.conf.py APP` on a free loopback port; stopped (by pid) afterwards."""
     port = free_port()
     env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)}
@@ -247,7 +251,7 @@ def gunicorn(app: str, env: dict[str, str], log: Path, quiet: bool) -> Iterator[
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(port, proc, log)
-        yield port
+        yield port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -273,6 +277,73 @@ def wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60
     sys.exit(f"gunicorn did not answer on port {port} within {timeout:.0f} s")
 
 
+class CpuMeter:
+    """CPU seconds used during a run by the gunicorn master and its workers (workers it
+    reaped count through the master's children's time), by the PostgreSQL backends
+    connected to the scratch database (sampled every half second, so a backend that
+    exits, as a recycled worker's connections do, keeps what it had used), and by wrk."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, master: int, server_url: str | None, database: str | None) -> None:
+        self.master, self.server_url, self.database = master, server_url, database
+        self.backends: dict[int, list[float]] = {}  # pid -> [first seen, last seen]
+        self.stopping = threading.Event()
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+
+    @classmethod
+    def _stat(cls, pid: int) -> list[str]:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return []
+        return text[text.rindex(")") + 2:].split()
+
+    @classmethod
+    def _cpu(cls, pid: int, children: bool = False) -> float | None:
+        f = cls._stat(pid)
+        if not f:
+            return None
+        ticks = int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if children else 0)
+        return ticks / cls.TICK
+
+    def gunicorn(self) -> float:
+        total = self._cpu(self.master, children=True) or 0.0
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (f := self._stat(int(entry.name))) and f[1] == str(self.master):
+                total += self._cpu(int(entry.name)) or 0.0
+        return total
+
+    def _sample(self) -> None:
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            while True:
+                pids = [r[0] for r in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (self.database,))]
+                for pid in pids:
+                    if (cpu := self._cpu(pid)) is not None:
+                        self.backends.setdefault(pid, [cpu, cpu])[1] = cpu
+                if self.stopping.wait(0.5):
+                    return
+
+    def __enter__(self) -> CpuMeter:
+        self.started = self.gunicorn()
+        self.wrk_started = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if self.database:
+            self.sampler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gunicorn_seconds = self.gunicorn() - self.started
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.wrk_seconds = (used.ru_utime + used.ru_stime
+                            - self.wrk_started.ru_utime - self.wrk_started.ru_stime)
+        if self.database:
+            self.stopping.set()
+            self.sampler.join()
+        self.postgres_seconds = sum(last - first for first, last in self.backends.values())
+
+
 @dataclass
 class Load:
     seconds: float
@@ -283,6 +354,7 @@ class Load:
     bodies: list[tuple[int, str]]
     errors: dict[str, int]
     exhausted: bool
+    cpu: CpuMeter | None = None
 
     @property
     def rate(self) -> float:
@@ -333,12 +405,14 @@ class Target:
     app: str
     env: dict[str, str]
     database_url: str | None  # where to record the plan's setup events, for the real app
+    server_url: str | None = None  # and the server and database whose backends' CPU to count
+    database: str | None = None
 
 
 def measure(target: Target, workload: Workload, args: argparse.Namespace, secret: str,
             tmp: Path) -> tuple[Load, Plan, dict]:
     log = tmp / f"{target.name}.log"
-    with gunicorn(target.app, target.env, log, args.quiet_logs) as port:
+    with gunicorn(target.app, target.env, log, args.quiet_logs) as (port, master):
         warm_plan = workload.plan(math.ceil(args.warmup * args.warmup_max_rate))
         if target.database_url:
             record_setup(target.database_url, warm_plan)
@@ -354,7 +428,9 @@ def measure(target: Target, workload: Workload, args: argparse.Namespace, secret
             record_setup(target.database_url, plan)
             before = counts(target.database_url)
         requests = signed_requests(plan.webhooks, secret, port)
-        load = run_wrk(requests, port, args.seconds, args.connections, args.threads, tmp / "wrk")
+        with CpuMeter(master, target.server_url, target.database) as cpu:
+            load = run_wrk(requests, port, args.seconds, args.connections, args.threads, tmp / "wrk")
+        load.cpu = cpu
         del requests
     problems = [line for line in log.read_text(errors="replace").splitlines()
                 if "Traceback" in line or " ERROR " in line or "[ERROR]" in line or "CRITICAL" in line]
@@ -426,6 +502,14 @@ def report(app: Load, bare: Load, check: Check, args: argparse.Namespace) -> Non
     p99 = app.p99_ms / bare.p99_ms
     p50 = app.p50_ms / bare.p50_ms
     print(f"{'ratio service / bare':<26}{throughput:>11.2f}x{p50:>9.2f}x{p99:>9.2f}x")
+    print("CPU per request (us):      gunicorn  postgres       wrk     total   cores busy")
+    for name, load in (("service (wsgi:app)", app), ("bare Flask handler", bare)):
+        if load.cpu:
+            used = (load.cpu.gunicorn_seconds, load.cpu.postgres_seconds, load.cpu.wrk_seconds)
+            per = [seconds / load.requests * 1e6 for seconds in used]
+            busy = sum(used) / load.seconds
+            print(f"  {name:<24}{per[0]:>8,.0f}{per[1]:>10,.0f}{per[2]:>10,.0f}{sum(per):>10,.0f}"
+                  f"{busy:>10.2f} of {os.cpu_count()}")
     print(f"goal: throughput >= {GOAL_THROUGHPUT}x: {'met' if throughput >= GOAL_THROUGHPUT else 'NOT met'}; "
           f"p99 <= {GOAL_P99:.0f}x: {'met' if p99 <= GOAL_P99 else 'NOT met'}")
     for name, load in (("service", app), ("bare", bare)):
@@ -465,10 +549,12 @@ def main() -> None:
               f"per server after a {args.warmup:g} s warm-up; gunicorn.conf.py: {gunicorn_settings()}")
         print(f"logging: {logs}")
         print(f"workload: {LIFECYCLE_TEXT}")
-        with scratch_database(server_url, f"bench_ingest_{os.getpid()}") as url:
+        name = f"bench_ingest_{os.getpid()}"
+        with scratch_database(server_url, name) as url:
             level = {"LOG_LEVEL": "WARNING"} if args.quiet_logs else {}
             service = Target("service", "wsgi:app",
-                             {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, **level}, url)
+                             {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, **level}, url,
+                             server_url, name)
             bare = Target("bare", "bare_app:app", level, None)
             app_load, plan, before = measure(service, workload, args, secret, tmp)
             check = check_store(url, app_load, before, workload.tag, not args.no_replay_check)
