@@ -270,3 +270,7 @@ SELECT id::text AS id, updated_at FROM jobs
 WHERE updated_at > %(since)s
 ORDER BY updated_at
 LIMIT %(limit)s;
+
+-- jobs_feed_listen --
+-- A change feed listens on jobs_changed for the next %(seconds)s seconds: the trigger notifies until then.
+SELECT jobs_feed_listen(%(seconds)s);
