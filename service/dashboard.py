@@ -1,17 +1,281 @@
-"""GET /: the job list, read from the projection only, refreshed by hand."""
+"""The dashboard: its page at / and the JSON it reads under /api/dashboard.
+
+The page is static files (service/static: index.html and assets/), the same files
+netlify.toml publishes, so it works served by the app or from a CDN in front of it. It
+reads jobs through the jobs API and everything else here: webhook health, search,
+models, a job's timeline and outputs, raw events, and a stream of job changes.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, render_template
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+from flask import Blueprint, Response, abort, current_app, request, send_file, send_from_directory
+from flask.blueprints import BlueprintSetupState
+from psycopg_pool import ConnectionPool
+
+from service import changes
+from service.config import ROOT
 from service.db import queries
+from service.errors import NotFound, ServiceError
+from service.jobs import InvalidRequest, Unauthorized, key_matches
+from service.schemas import JOB_STATUSES, POSTPROCESS_MODES
 
 bp = Blueprint("dashboard", __name__)
 
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+ASSETS_DIR = STATIC_DIR / "assets"
+# supabase-js's browser build, installed by `npm ci` (scripts/setup.sh); Netlify's build copies it.
+SUPABASE_JS = ROOT / "node_modules" / "@supabase" / "supabase-js" / "dist" / "umd" / "supabase.js"
+PUBLIC_ENDPOINTS = {"dashboard.index", "dashboard.asset", "dashboard.supabase_js", "dashboard.config"}
+HEX_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+WINDOWS = (15, 60, 360, 1440)  # minutes the health panel can look back
+BUCKETS = 30
+# Each open stream holds a thread and a database connection for its lifetime; beyond this
+# many per process, browsers are told to poll instead (503).
+STREAMS_PER_PROCESS = 4
+
+
+class StreamsBusy(ServiceError):
+    """Too many live streams are open; poll instead."""
+
+    code = "streams_busy"
+    status = 503
+
+
+@bp.record_once
+def _setup(state: BlueprintSetupState) -> None:
+    limit = state.app.config.get("DASHBOARD_STREAMS", STREAMS_PER_PROCESS)
+    state.app.extensions["dashboard_streams"] = threading.BoundedSemaphore(limit)
+
+
+@bp.before_request
+def _authenticate() -> None:
+    keys = current_app.config.get("API_KEYS") or ()
+    if keys and request.endpoint not in PUBLIC_ENDPOINTS and not key_matches(request.headers, keys):
+        raise Unauthorized()
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    if request.endpoint in {"dashboard.index", "dashboard.asset"}:
+        response.headers["Content-Security-Policy"] = content_security_policy(current_app.config)
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def content_security_policy(config: dict[str, Any]) -> str:
+    """No inline script or style; images from here, stored outputs and where outputs come from."""
+    images = ["'self'", "data:", "https://replicate.delivery", "https://*.replicate.delivery"]
+    images += [f"http://{h}:* https://{h}:*" for h in _hosts(config.get("OUTPUT_ALLOWED_HOSTS"))]
+    connect = ["'self'"]
+    for name in ("PUBLIC_BASE_URL", "SUPABASE_URL"):
+        origin = _origin(config.get(name))
+        if origin:
+            images.append(origin)
+            if name == "SUPABASE_URL":
+                connect += [origin, origin.replace("https://", "wss://").replace("http://", "ws://")]
+    return "; ".join([
+        "default-src 'self'", "script-src 'self'", "style-src 'self'", f"img-src {' '.join(images)}",
+        f"connect-src {' '.join(connect)}", "object-src 'none'", "base-uri 'none'",
+        "form-action 'self'", "frame-ancestors 'none'"])
+
+
+def _hosts(raw: object) -> list[str]:
+    return [h.strip() for h in str(raw or "").split(",") if re.fullmatch(r"[A-Za-z0-9.-]+", h.strip())]
+
+
+def _origin(url: object) -> str | None:
+    parts = urlsplit(str(url or ""))
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def _pool() -> ConnectionPool:
+    return current_app.extensions["db_pool"]
+
 
 @bp.get("/")
-def index() -> str:
-    with current_app.extensions["db_pool"].connection() as conn:
-        jobs = conn.execute(queries["recent_jobs"], {"limit": 100}).fetchall()
-        counts = conn.execute(queries["status_counts"]).fetchall()
-    return render_template("dashboard.html", jobs=jobs, counts=counts)
+def index() -> Response:
+    return send_from_directory(STATIC_DIR, "index.html")
+
+
+@bp.get("/assets/<path:name>")
+def asset(name: str) -> Response:
+    return send_from_directory(ASSETS_DIR, name)
+
+
+@bp.get("/assets/vendor/supabase.js")
+def supabase_js() -> Response:
+    copied = ASSETS_DIR / "vendor" / "supabase.js"
+    path = copied if copied.is_file() else SUPABASE_JS
+    if not path.is_file():
+        abort(404, description="supabase-js is not installed: run `npm ci` (scripts/setup.sh does)")
+    return send_file(path, mimetype="text/javascript", max_age=3600)
+
+
+@bp.get("/api/dashboard/config")
+def config() -> dict:
+    """What the page needs before anything else; public, like the page itself."""
+    cfg = current_app.config
+    supabase = ({"url": cfg["SUPABASE_URL"], "anon_key": cfg["SUPABASE_ANON_KEY"]}
+                if cfg.get("SUPABASE_URL") and cfg.get("SUPABASE_ANON_KEY") else None)
+    return {"auth_required": bool(cfg.get("API_KEYS")), "supabase": supabase,
+            "stream": "/api/dashboard/stream", "reconcile_after_seconds": cfg["RECONCILE_AFTER_SECONDS"],
+            "statuses": list(JOB_STATUSES), "postprocess_modes": list(POSTPROCESS_MODES),
+            "health_windows": list(WINDOWS)}
+
+
+@bp.get("/api/dashboard/health")
+def health() -> dict:
+    minutes = _choice("minutes", WINDOWS, 60)
+    with _pool().connection() as conn:
+        return webhook_health(conn, minutes, current_app.config["RECONCILE_AFTER_SECONDS"])
+
+
+def webhook_health(conn: Any, minutes: int, stuck_after: int) -> dict[str, Any]:
+    """Webhooks per minute, refusals, duplicates, ack time, stuck jobs, jobs by status."""
+    row = conn.execute(queries["dashboard_webhook_health"], {"minutes": minutes}).fetchone()
+    bucket = minutes * 60 // BUCKETS
+    series = conn.execute(queries["dashboard_webhook_series"],
+                          {"bucket_seconds": bucket, "buckets": BUCKETS}).fetchall()
+    stuck = conn.execute(queries["dashboard_stuck_jobs"],
+                         {"stuck_after": stuck_after, "limit": 10}).fetchall()
+    counts = conn.execute(queries["status_counts"]).fetchall()
+    unrecorded = row["unrecorded"]
+    return {
+        "window_minutes": minutes, "at": row["at"].isoformat(),
+        "webhooks": {"recorded": row["recorded"], "per_minute": round(row["recorded"] / minutes, 2),
+                     "bucket_seconds": bucket,
+                     "series": [{"start": s["start"].isoformat(), "recorded": s["recorded"],
+                                 "unrecorded": s["unrecorded"]} for s in series]},
+        "signature_failures": unrecorded.get("bad_signature", 0),
+        "duplicates": unrecorded.get("duplicate", 0),
+        "unrecorded": unrecorded,
+        "ack_ms": {"p50": _number(row["ack_ms_p50"]), "p95": _number(row["ack_ms_p95"]),
+                   "samples": row["ack_samples"]},
+        "stuck": {"threshold_seconds": stuck_after, "count": stuck[0]["total"] if stuck else 0,
+                  "jobs": [{"id": str(j["id"]), "status": j["status"], "model": j["model"],
+                            "updated_at": j["updated_at"].isoformat()} for j in stuck]},
+        "status_counts": {c["status"]: c["n"] for c in counts},
+    }
+
+
+@bp.get("/api/dashboard/models")
+def models() -> dict:
+    with _pool().connection() as conn:
+        return {"models": [r["model"] for r in conn.execute(queries["dashboard_models"])]}
+
+
+@bp.get("/api/dashboard/search")
+def search() -> dict:
+    """Jobs whose id starts with q (at least 4 hex digits) and the prediction whose id is q."""
+    q = request.args.get("q", "").strip()
+    if not q or len(q) > 200:
+        raise InvalidRequest({"q": ["give a job id (or its first 4+ characters) or a prediction id"]})
+    with _pool().connection() as conn:
+        return find(conn, q)
+
+
+def find(conn: Any, q: str) -> dict[str, Any]:
+    found: dict[str, Any] = {"jobs": [], "predictions": []}
+    low_high = uuid_range(q)
+    if low_high:
+        rows = conn.execute(queries["dashboard_search_jobs"],
+                            {"low": low_high[0], "high": low_high[1], "limit": 10}).fetchall()
+        found["jobs"] = [{**r, "id": str(r["id"]), "created_at": r["created_at"].isoformat()} for r in rows]
+    rows = conn.execute(queries["dashboard_search_predictions"], {"id": q}).fetchall()
+    found["predictions"] = [{**r, "job_id": r["job_id"] and str(r["job_id"]),
+                             "first_seen_at": r["first_seen_at"].isoformat()} for r in rows]
+    return found
+
+
+def uuid_range(prefix: str) -> tuple[str, str] | None:
+    """The smallest and largest uuid starting with these hex digits (dashes ignored)."""
+    text = prefix.lower()
+    if not HEX_PREFIX.match(text):
+        return None
+    digits = text.replace("-", "")
+    if len(digits) > 32:
+        return None
+    return str(uuid.UUID(digits.ljust(32, "0"))), str(uuid.UUID(digits.ljust(32, "f")))
+
+
+@bp.get("/api/dashboard/jobs/<uuid:job_id>/timeline")
+def timeline(job_id: uuid.UUID) -> dict:
+    limit = 1000
+    with _pool().connection() as conn:
+        rows = conn.execute(queries["dashboard_timeline"], {"stream": str(job_id), "limit": limit}).fetchall()
+    if not rows:
+        raise NotFound(f"no job {job_id}")
+    return {"total": rows[0]["total"], "limit": limit,
+            "events": [{k: _json(v) for k, v in r.items() if k != "total"} for r in rows]}
+
+
+@bp.get("/api/dashboard/jobs/<uuid:job_id>/outputs")
+def outputs(job_id: uuid.UUID) -> dict:
+    with _pool().connection() as conn:
+        rows = conn.execute(queries["dashboard_outputs"], {"job_id": str(job_id)}).fetchall()
+    return {"outputs": [{k: _json(v) for k, v in r.items()} for r in rows]}
+
+
+@bp.get("/api/dashboard/events/<int:position>")
+def event(position: int) -> dict:
+    with _pool().connection() as conn:
+        row = conn.execute(queries["dashboard_event"], {"position": position}).fetchone()
+    if row is None:
+        raise NotFound(f"no event at position {position}")
+    return {k: _json(v) for k, v in row.items()}
+
+
+@bp.get("/api/dashboard/stream")
+def stream() -> Response:
+    """Server-Sent Events: which jobs changed (see service/changes.py)."""
+    slots: threading.BoundedSemaphore = current_app.extensions["dashboard_streams"]
+    if not slots.acquire(blocking=False):
+        raise StreamsBusy()
+    cfg = current_app.config
+    settings = changes.FeedSettings(**cfg.get("DASHBOARD_FEED", {}))
+    response = Response(changes.job_changes(cfg["DATABASE_URL"], settings), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    released = threading.Event()
+
+    def release() -> None:  # close may be called more than once
+        if not released.is_set():
+            released.set()
+            slots.release()
+
+    response.call_on_close(release)
+    return response
+
+
+def _choice(name: str, allowed: tuple[int, ...], default: int) -> int:
+    raw = request.args.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) not in allowed:
+        raise InvalidRequest({name: [f"must be one of {', '.join(map(str, allowed))}"]})
+    return int(raw)
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "as_integer_ratio") and not isinstance(value, int | float):  # Decimal
+        return float(value)
+    return value

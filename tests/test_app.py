@@ -23,11 +23,13 @@ def test_healthz_is_503_when_the_database_is_unreachable(app):
 
 
 def test_the_dashboard_lists_jobs_from_the_projection(client, conn):
-    assert "No jobs yet" in client.get("/").get_data(as_text=True)
+    # the page is static (service/static); its script reads the jobs API and /api/dashboard
+    assert '<main id="main"' in client.get("/").get_data(as_text=True)
     job = new_job_id()
     create_job(conn, job, count=3)
-    page = client.get("/").get_data(as_text=True)
-    assert job in page and "pending: 1" in page and "0/3" in page
+    [listed] = client.get("/api/jobs").get_json()["jobs"]
+    assert (listed["id"], listed["status"], listed["progress"]["total"]) == (job, "pending", 3)
+    assert client.get("/api/dashboard/health").get_json()["status_counts"]["pending"] == 1
 
 
 @pytest.mark.parametrize("env,message", [
