@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh requirements-dev.txt
+scripts/setup_browser.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

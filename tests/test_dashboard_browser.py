@@ -1,0 +1,376 @@
+"""The dashboard end to end in real headless Chromium (Debian's `chromium`, driven by
+Playwright) against the whole stack over HTTP: the app on the test database, the local
+Replicate simulator (delivering some webhooks twice) and a worker thread. Saves the
+screenshots in docs/ that the dashboard's documentation shows.
+
+Skips, saying why, when Playwright or Chromium is missing (./test.sh installs both)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from service import create_app, dashboard
+from tests.conftest import with_database
+from tests.stack import Stack, running_stack
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 30_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: run ./test.sh")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=(
+    f"no Chromium at {CHROMIUM}: ./test.sh installs Debian's chromium with apt-get when it can "
+    "(as root); or set CHROMIUM to a Chromium binary"))
+
+
+@pytest.fixture(scope="module")
+def stack(server_url: str, template_db: str) -> Iterator[Stack]:
+    """One stack for the module: the browser tests share its jobs."""
+    name = f"rjs_browser_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    try:
+        with running_stack(with_database(server_url, name), speed=10.0,
+                           faults={"faults": ["duplicate"], "seed": 3}) as running:
+            yield running
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, stack):
+    """A fresh page; fails the test if the page logged an error (a CSP violation included)."""
+    context = browser.new_context(viewport=DESKTOP, base_url=stack.base_url)
+    opened = context.new_page()
+    opened.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    # the browser logs every 4xx answer too; a 422 is the API refusing bad input on purpose
+    opened.on("console", lambda m: errors.append(m.text)
+              if m.type == "error" and "status of 422" not in m.text else None)
+    opened.on("pageerror", lambda e: errors.append(str(e)))
+    yield opened
+    context.close()
+    assert errors == [], errors
+
+
+def row(page, job_id: str):
+    return page.locator(f'tr[data-job="{job_id}"]')
+
+
+def expect(locator):
+    return sync_api.expect(locator)
+
+
+def wait_for_images(page) -> None:
+    """Both images of the first output loaded (auto-waiting assertions: the page's CSP
+    forbids the eval that page.wait_for_function would need)."""
+    for kind in ("Original", "Processed"):
+        image = page.locator(f'img[data-kind="{kind}"]').first
+        expect(image).to_have_js_property("complete", True)
+        expect(image).not_to_have_js_property("naturalWidth", 0)
+
+
+def natural_size(image) -> list[int]:
+    return image.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+
+
+def jobs(stack: Stack) -> list[dict]:
+    return requests.get(f"{stack.base_url}/api/jobs?limit=100", timeout=10).json()["jobs"]
+
+
+def finished_job(stack: Stack, **body) -> dict:
+    created = stack.create_job(**body)
+    return stack.wait(created["id"], {"completed"}, seconds=30)
+
+
+def test_a_job_created_from_the_form_progresses_by_refresh(page, stack):
+    page.goto("/#/new")
+    page.get_by_label("Model (owner/name)").fill("stability-ai/sdxl")
+    page.get_by_label("Prompt").fill("a lighthouse at dusk")
+    page.get_by_label("3:4").check()
+    page.get_by_label("Count (predictions to run, 1–50)").fill("1")
+    page.get_by_label("Post-processing").select_option("auto")
+    page.get_by_role("button", name="Create job").click()
+    page.wait_for_url(re.compile(r"#/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    expect(page.locator(".job-id")).to_have_text(job_id)
+
+    page.goto("/#/")
+    expect(row(page, job_id)).to_be_visible()
+    seen = [row(page, job_id).get_attribute("data-status")]
+    for _ in range(120):
+        if seen[-1] == "completed":
+            break
+        page.wait_for_timeout(250)
+        page.get_by_role("button", name="Refresh").click()
+        expect(page.locator("#refresh")).to_be_enabled()
+        seen.append(row(page, job_id).get_attribute("data-status"))
+    assert seen[0] != "completed" and seen[-1] == "completed", seen
+    expect(row(page, job_id).get_by_role("progressbar")).to_have_attribute("aria-valuenow", "1")
+    expect(row(page, job_id)).to_contain_text("3:4")
+    expect(page.locator("#updated")).to_contain_text(re.compile(r"Updated (just now|\d+ s ago)"))
+
+
+def test_live_updates_move_a_job_without_refresh(page, stack):
+    page.goto("/#/")
+    expect(page.locator("#live-status")).to_have_text("Off: press Refresh")
+    page.get_by_label("Auto-refresh").check()
+    expect(page.locator("#live-status")).to_have_text("Live: server events")
+    created = stack.create_job(model="black-forest-labs/flux-schnell", input={"prompt": "a kite"}, count=2)
+    expect(row(page, created["id"])).to_be_visible()  # no Refresh pressed: the stream said so
+    expect(row(page, created["id"])).to_have_attribute("data-status", "completed")
+    assert stack.job(created["id"])["status"] == "completed"
+    page.get_by_label("Auto-refresh").uncheck()
+    expect(page.locator("#live-status")).to_have_text("Off: press Refresh")
+
+
+def test_the_detail_shows_both_images_and_the_timeline(page, stack):
+    # the model makes 3:4 (768 × 1024) when asked in its input; the job resizes to 1080 × 1440
+    job = finished_job(stack, model="stability-ai/sdxl", input={"prompt": "a harbour", "aspect_ratio": "3:4"})
+    page.goto(f"/#/jobs/{job['id']}")
+    processed = page.locator('img[data-kind="Processed"]')
+    original = page.locator('img[data-kind="Original"]')
+    expect(processed).to_have_count(1)
+    wait_for_images(page)
+    assert natural_size(processed) == [1080, 1440]
+    assert natural_size(original) == [768, 1024]
+    expect(page.locator(".shot figcaption").nth(1)).to_contain_text("1080 × 1440 px")
+    expect(page.locator("[data-success-rate]")).to_have_text("100%")
+    expect(page.locator(".predictions tbody tr")).to_have_count(1)
+
+    webhooks = page.locator('li[data-type="replicate.webhook"]')
+    assert webhooks.count() >= 2
+    expect(page.locator('li[data-type="job.created"]')).to_have_count(1)
+    expect(page.locator('li[data-type="output.processed"]')).to_contain_text("1080x1440")
+    first = webhooks.first
+    first.get_by_role("button", name="Raw JSON").click()
+    expect(first.get_by_role("button", name="Raw JSON")).to_have_attribute("aria-expanded", "true")
+    expect(first.locator("pre")).to_contain_text('"webhook-id"')
+    page.set_viewport_size({"width": 1280, "height": 1500})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(DOCS / "dashboard-detail.png"))
+
+
+def test_redelivered_webhooks_are_marked_and_counted(page, stack):
+    job = finished_job(stack, model="black-forest-labs/flux-schnell", input={"prompt": "x"}, count=3)
+    redelivered = [d for d in stack.sim.webhook_log if d.response_code == 200]
+    assert len({d.webhook_id for d in redelivered}) < len(redelivered)  # the fault did deliver twice
+    page.goto(f"/#/jobs/{job['id']}")
+    expect(page.locator(".timeline")).to_be_visible()
+    page.goto("/#/")
+    duplicates = page.locator('[data-stat="duplicates"] .stat-value')
+    expect(duplicates).not_to_have_text("0")
+    with stack.app.extensions["db_pool"].connection() as conn:
+        counted = conn.execute("SELECT count(*) AS n FROM unrecorded_webhooks WHERE outcome = 'duplicate'"
+                               ).fetchone()["n"]
+    assert counted == len(redelivered) - len({d.webhook_id for d in redelivered})
+    expect(duplicates).to_have_text(str(counted))
+
+
+def test_field_errors_are_shown_next_to_their_fields(page, stack):
+    page.goto("/#/new")
+    unlabelled = page.evaluate("[...document.querySelectorAll('input, select, textarea')]"
+                               ".filter(e => !e.labels.length && !e.getAttribute('aria-label'))"
+                               ".map(e => e.id)")
+    assert unlabelled == []
+    page.get_by_label("Other input (JSON object)").fill("{oops")
+    page.get_by_role("button", name="Create job").click()
+    expect(page.locator("#input-error")).to_contain_text("not valid JSON")
+
+    page.get_by_label("Other input (JSON object)").fill('{"seed": 1}')
+    page.get_by_label("Model (owner/name)").fill("not a model")
+    page.get_by_label("Count (predictions to run, 1–50)").fill("0")
+    page.get_by_role("button", name="Create job").click()
+    expect(page.locator("#target-error")).to_contain_text("must be owner/name")
+    expect(page.locator("#count-error")).to_be_visible()
+    expect(page.get_by_label("Model (owner/name)")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator(".error-summary")).to_be_focused()
+    expect(page.locator("#input-error")).to_be_hidden()
+    assert not [j for j in jobs(stack) if j["model"] == "not a model"]  # nothing was recorded
+
+
+def test_a_busy_list_filters_by_status_and_model(page, stack):
+    failed = stack.create_job(model="stability-ai/sdxl", input={"prompt": "please fail"})
+    stack.create_job(model="black-forest-labs/flux-schnell", input={"prompt": "a batch"}, count=8,
+                     aspect_ratio="9:16")
+    stack.wait(failed["id"], {"failed"})
+    page.goto("/#/")
+    expect(row(page, failed["id"])).to_have_attribute("data-status", "failed")
+    page.get_by_label("Status").select_option("failed")
+    page.wait_for_url(re.compile(r"#/\?status=failed$"))
+    expect(page.locator("table.jobs tbody tr")).to_have_count(1)
+    page.get_by_label("Status").select_option("")
+    page.get_by_label("Model").select_option("black-forest-labs/flux-schnell")
+    expect(page.locator("table.jobs tbody tr").first).to_contain_text("flux-schnell")
+    assert all("flux-schnell" in t for t in page.locator("td.model").all_inner_texts())
+    page.get_by_label("Model").select_option("")
+    page.get_by_label("Find a job or prediction by id").fill(failed["id"][:8])
+    page.get_by_role("button", name="Find").click()
+    page.wait_for_url(re.compile(f"#/jobs/{failed['id']}$"))
+    expect(page.locator(".callout-error")).to_be_visible()  # the job's error
+    page.goto("/#/")
+    expect(page.locator("tr[data-job]")).not_to_have_count(0)
+    expect(page.locator('[data-stat="rate"]')).to_be_visible()
+    expect(page.locator("#refresh")).to_be_enabled()
+    page.screenshot(path=str(DOCS / "dashboard-list.png"), full_page=True)
+
+
+def test_the_dashboard_works_at_phone_width(browser, stack):
+    job = finished_job(stack, model="black-forest-labs/flux-schnell", input={"prompt": "a tram"},
+                       aspect_ratio="9:16")
+    context = browser.new_context(viewport=PHONE, base_url=stack.base_url, device_scale_factor=2,
+                                  is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto("/#/")
+        expect(row(page, job["id"])).to_be_visible()
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.screenshot(path=str(DOCS / "dashboard-phone.png"), full_page=True)
+        page.goto(f"/#/jobs/{job['id']}")
+        wait_for_images(page)
+        assert natural_size(page.locator('img[data-kind="Processed"]')) == [1080, 1920]
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        page.locator("#images-title").scroll_into_view_if_needed()
+        page.wait_for_timeout(300)  # let the images just scrolled into view paint
+        page.screenshot(path=str(DOCS / "dashboard-phone-detail.png"), full_page=False)
+    finally:
+        context.close()
+
+
+def test_keyboard_reaches_the_controls_in_order(page, stack):
+    page.goto("/#/")
+    expect(page.locator("table.jobs")).to_be_visible()
+    page.keyboard.press("Tab")
+    expect(page.locator(".skip-link")).to_be_focused()
+    names = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        names.append(page.evaluate("document.activeElement.id || document.activeElement.textContent.trim()"))
+    assert names[:6] == ["Replicate jobs", "Jobs", "New job", "refresh", "auto", "health-window"], names
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"
+
+
+# --- Supabase Realtime, with Realtime itself played by the test -------------------------
+
+class FakeRealtime:
+    """Just enough of Supabase Realtime's websocket protocol (Phoenix channels, vsn 2.0.0:
+    [join_ref, ref, topic, event, payload]) to let supabase-js subscribe to postgres_changes
+    on jobs, and to send it a change or drop the connection."""
+
+    BINDING_ID = 7
+
+    def __init__(self) -> None:
+        self.sockets: list = []
+        self.joins: list[dict] = []
+        self.topic = ""
+
+    def connect(self, ws) -> None:  # page.route_web_socket handler: no real server behind it
+        self.sockets.append(ws)
+        ws.on_message(lambda message: self.receive(ws, message))
+
+    def receive(self, ws, message: str | bytes) -> None:
+        join_ref, ref, topic, event, payload = json.loads(message)
+        response: dict = {}
+        if event == "phx_join":
+            self.topic = topic
+            self.joins.append(payload)
+            response = {"postgres_changes": [{"id": self.BINDING_ID, **binding}
+                                             for binding in payload["config"]["postgres_changes"]]}
+        ws.send(json.dumps([join_ref, ref, topic, "phx_reply", {"status": "ok", "response": response}]))
+
+    def job_changed(self, job_id: str) -> None:
+        data = {"schema": "public", "table": "jobs", "commit_timestamp": "2026-01-01T00:00:00Z",
+                "type": "UPDATE", "record": {"id": job_id, "status": "pending"}, "old_record": {"id": job_id},
+                "columns": [{"name": "id", "type": "uuid"}, {"name": "status", "type": "text"}],
+                "errors": None}
+        self.sockets[-1].send(json.dumps([None, None, self.topic, "postgres_changes",
+                                          {"ids": [self.BINDING_ID], "data": data}]))
+
+    def drop(self) -> None:
+        self.sockets[-1].close(code=1006, reason="network gone")
+
+
+@pytest.fixture(scope="module")
+def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
+    """The app alone (no worker: its jobs stay pending) configured for Supabase Realtime."""
+    name = f"rjs_browser_rt_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    app = create_app({"TESTING": True, "DATABASE_URL": with_database(server_url, name),
+                      "SUPABASE_URL": "https://realtime-test.supabase.co",
+                      "SUPABASE_ANON_KEY": "anon-test-key"})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        app.extensions["db_pool"].close()
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_supabase_realtime_changes_refetch_and_a_reconnect_catches_up(browser, supabase_app):
+    if not dashboard.SUPABASE_JS.is_file():
+        pytest.skip("supabase-js is not installed (npm ci); the page works without it")
+    context = browser.new_context(viewport=DESKTOP, base_url=supabase_app)
+    realtime = FakeRealtime()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.route_web_socket(re.compile(r"^wss://realtime-test\.supabase\.co/realtime/v1/websocket"),
+                              realtime.connect)
+        page.goto("/#/")
+        expect(page.locator("tbody td.empty")).to_be_visible()
+        with page.expect_response(lambda r: "/api/jobs?" in r.url):  # subscribed: refetch once
+            page.get_by_label("Auto-refresh").check()
+        expect(page.locator("#live-status")).to_have_text("Live: Supabase Realtime")
+        assert realtime.joins[0]["config"]["postgres_changes"] == [
+            {"event": "*", "schema": "public", "table": "jobs"}]
+        assert "apikey=anon-test-key" in realtime.sockets[0].url
+
+        first = create(supabase_app)
+        page.wait_for_timeout(700)
+        expect(row(page, first)).to_have_count(0)  # nothing pushed, nothing fetched
+        realtime.job_changed(first)
+        expect(row(page, first)).to_be_visible()
+
+        second = create(supabase_app)
+        realtime.drop()  # the change to the second job is lost with the connection...
+        expect(row(page, second)).to_be_visible()  # ...and the rejoin refetched it
+        assert len(realtime.joins) == 2
+        expect(page.locator("#live-status")).to_have_text("Live: Supabase Realtime")
+    finally:
+        context.close()
+
+
+def create(base_url: str) -> str:
+    response = requests.post(f"{base_url}/api/jobs", json={"model": "a/b", "input": {"prompt": "x"}},
+                             timeout=10)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
