@@ -1,6 +1,6 @@
 """Benchmark the live write path (service.events.append) against bare inserts of the same rows.
 
-    .venv/bin/python scripts/bench/append.py [--seconds 20 | --count N] [--threads 8]
+    .venv/bin/python scripts/bench/append.py [--seconds 20 | --count N] [--threads 8] [--rounds 4]
 
 Creates a scratch database (on DATABASE_URL's server if set, else on an embedded
 pgserver in a temp dir). Phase 1: THREADS connections, autocommit, each append its own
@@ -9,8 +9,8 @@ are jobs as the service sees them (job.created, prediction.submitted, Replicate'
 webhooks with bodies made from the real payloads, output.processed), interleaved as
 concurrent jobs are, with ~10% of keys delivered twice. Phase 2: the same rows as bare
 INSERTs into a plain table with the events table's columns (no indexes, no fold), one row
-per transaction, on as many connections. Prints both rates and their ratio, then drops
-the database.
+per transaction, on as many connections. The phases alternate in rounds over the same
+rows. Prints both rates and their ratio, then drops the database.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="how long the append phase runs (default 20)")
     parser.add_argument("--count", type=int, help="append exactly this many rows instead")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternate append and bare phases this many times (default 4)")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--database-url", default=default_database_url(),
@@ -215,6 +217,39 @@ def check_projection(url: str) -> None:
           f"{row['predictions']:,} predictions, {row['outputs']:,} outputs")
 
 
+def recorded(rows: Iterator[Row], into: list[Row]) -> Iterator[Row]:
+    """The rows, each also kept in `into` as it is taken, so the bare phase gets the same ones."""
+    for row in rows:
+        into.append(row)
+        yield row
+
+
+def merge(total: Run, part: Run) -> None:
+    total.rows += part.rows
+    total.duplicates += part.duplicates
+    total.errors += part.errors
+    total.latencies += part.latencies
+    total.seconds += part.seconds
+
+
+def rounds(url: str, args: argparse.Namespace) -> tuple[Run, Run]:
+    """Alternate append and bare phases over the same rows, so that a shared, noisy
+    machine slows both alike; return the totals."""
+    source, appended, bare = workload(args.seed), Run(), Run()
+    for n in range(1, args.rounds + 1):
+        taken: list[Row] = []
+        limit = args.count // args.rounds if args.count else None
+        deadline = None if limit else time.perf_counter() + args.seconds / args.rounds
+        part = drive(url, args.threads, recorded(itertools.islice(source, limit), taken),
+                     deadline, append_row)
+        same = drive(url, args.threads, iter(taken[: part.rows + len(part.errors)]), None, bare_row)
+        print(f"  round {n}: append {part.rate:,.0f} /s, bare {same.rate:,.0f} /s, "
+              f"ratio {part.rate / same.rate if same.rate else 0:.2f}", flush=True)
+        merge(appended, part)
+        merge(bare, same)
+    return appended, bare
+
+
 def main() -> None:
     args = parse_args()
     with server(args.database_url) as (server_url, where):
@@ -222,14 +257,9 @@ def main() -> None:
         with scratch_database(server_url, f"bench_append_{os.getpid()}") as url:
             with db.connect(url, autocommit=True) as conn:
                 conn.execute(BARE_TABLE)
-            limit = args.count
-            deadline = None if limit else time.perf_counter() + args.seconds
-            rows = itertools.islice(workload(args.seed), limit)
-            appended = drive(url, args.threads, rows, deadline, append_row)
+            appended, bare = rounds(url, args)
             describe("append (append_event, fold included)", appended)
             check_projection(url)
-            same = itertools.islice(workload(args.seed), appended.rows + len(appended.errors))
-            bare = drive(url, args.threads, same, None, bare_row)
             describe("bare INSERT (plain table, no fold)  ", bare)
             ratio = appended.rate / bare.rate if bare.rate else 0.0
             print(f"ratio: append / bare = {ratio:.2f} "
