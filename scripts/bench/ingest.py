@@ -510,6 +510,13 @@ def report(app: Load, bare: Load, check: Check, args: argparse.Namespace) -> Non
             busy = sum(used) / load.seconds
             print(f"  {name:<24}{per[0]:>8,.0f}{per[1]:>10,.0f}{per[2]:>10,.0f}{sum(per):>10,.0f}"
                   f"{busy:>10.2f} of {os.cpu_count()}")
+    if app.cpu and bare.cpu:
+        def total(load: Load) -> float:
+            return load.cpu.gunicorn_seconds + load.cpu.postgres_seconds + load.cpu.wrk_seconds
+
+        cpu_ratio = (total(bare) / bare.requests) / (total(app) / app.requests)
+        print(f"CPU ratio (bare's CPU per request / the service's): {cpu_ratio:.2f}x, what the throughput "
+              "ratio tends to when both are CPU-bound; other load on the machine moves it less")
     print(f"goal: throughput >= {GOAL_THROUGHPUT}x: {'met' if throughput >= GOAL_THROUGHPUT else 'NOT met'}; "
           f"p99 <= {GOAL_P99:.0f}x: {'met' if p99 <= GOAL_P99 else 'NOT met'}")
     for name, load in (("service", app), ("bare", bare)):
