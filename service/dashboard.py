@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 from flask import Blueprint, Response, abort, current_app, request, send_file, send_from_directory
 from flask.blueprints import BlueprintSetupState
 from psycopg_pool import ConnectionPool
@@ -142,7 +145,7 @@ def health() -> dict:
         return webhook_health(conn, minutes, current_app.config["RECONCILE_AFTER_SECONDS"])
 
 
-def webhook_health(conn: Any, minutes: int, stuck_after: int) -> dict[str, Any]:
+def webhook_health(conn: psycopg.Connection, minutes: int, stuck_after: int) -> dict[str, Any]:
     """Webhooks per minute, refusals, duplicates, ack time, stuck jobs, jobs by status."""
     row = conn.execute(queries["dashboard_webhook_health"], {"minutes": minutes}).fetchone()
     bucket = minutes * 60 // BUCKETS
@@ -186,7 +189,7 @@ def search() -> dict:
         return find(conn, q)
 
 
-def find(conn: Any, q: str) -> dict[str, Any]:
+def find(conn: psycopg.Connection, q: str) -> dict[str, Any]:
     found: dict[str, Any] = {"jobs": [], "predictions": []}
     low_high = uuid_range(q)
     if low_high:
@@ -272,10 +275,11 @@ def _number(value: Any) -> float | None:
 
 
 def _json(value: Any) -> Any:
+    """A column value as JSON: uuids as text, timestamps as ISO 8601, numerics as numbers."""
     if isinstance(value, uuid.UUID):
         return str(value)
-    if hasattr(value, "isoformat"):
+    if isinstance(value, datetime):
         return value.isoformat()
-    if hasattr(value, "as_integer_ratio") and not isinstance(value, int | float):  # Decimal
+    if isinstance(value, Decimal):
         return float(value)
     return value
