@@ -514,7 +514,6 @@ BEGIN
     -- First each prediction's winning keys, from one pass over its events (f is computed
     -- in a fenced subquery so the aggregation sees narrow rows). Kept in a table so that
     -- the planner knows how many there are when it joins them to their events.
-    DROP TABLE IF EXISTS rebuild_prediction_groups;
     EXECUTE format($sql$
         CREATE TEMP TABLE rebuild_prediction_groups ON COMMIT DROP AS
         SELECT f.id,
