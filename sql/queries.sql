@@ -27,12 +27,6 @@ FROM events WHERE stream = %(stream)s ORDER BY position;
 -- Health check: the database answers and the schema is there.
 SELECT (SELECT count(*) FROM schema_migrations) AS migrations;
 
--- recent_jobs --
--- The newest jobs for the dashboard list.
-SELECT id, model, version, aspect_ratio, status, predictions_expected, predictions_succeeded,
-       predictions_failed, outputs_expected, outputs_processed, created_at, updated_at, error
-FROM jobs ORDER BY created_at DESC, id DESC LIMIT %(limit)s;
-
 -- status_counts --
 -- How many jobs are in each status, and how many webhooks are orphans.
 SELECT status, count(*) AS n FROM jobs GROUP BY status
