@@ -41,7 +41,7 @@ class FeedSettings:
     heartbeat: float = 15.0      # seconds between comments that keep proxies from timing out
     poll_every: float = 2.0      # seconds between polls when LISTEN is unavailable
     listen: bool = True          # False: always poll (tests, or a pooler known to drop NOTIFY)
-    probe_timeout: float = 2.0   # seconds to wait for our own probe notification
+    probe_timeout: float = 5.0   # seconds to wait for our own probe notification
 
 
 def sse(event: str, data: object) -> str:

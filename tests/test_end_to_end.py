@@ -51,8 +51,9 @@ def test_a_single_job_runs_end_to_end(db_url):
         assert fetch_image(output["url"]) == ("png", 1080, 1440)
         assert fetch_image(output["source_url"]) == ("png", 768, 1024)  # what the model made
         kinds = [e["type"] for e in stack_events(stack, job["id"])]
-        assert kinds[:2] == ["job.created", "prediction.submitted"]
-        assert "replicate.webhook" in kinds
+        # Replicate's start webhook may be recorded before our record of its create answer
+        assert kinds[0] == "job.created"
+        assert {"prediction.submitted", "replicate.webhook", "output.processed"} <= set(kinds)
 
 
 def test_a_batch_job_runs_every_prediction(db_url):
