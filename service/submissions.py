@@ -87,9 +87,19 @@ class SubmitPrediction:
                           type="prediction.submitted",
                           data={"step": step, "index": index, "prediction": prediction},
                           metadata={"source": "worker", "task_id": task.id, "attempt": task.attempts})
+            self._cancel_if_job_canceled(conn, job_id, prediction["id"])
             queue.complete(conn, task, ctx.worker)
         logger.info("prediction submitted", extra={"action": "submit", "job_id": job_id,
                                                    "prediction_id": prediction.get("id"), "step": step})
+
+    def _cancel_if_job_canceled(self, conn, job_id: str, prediction_id: str) -> None:
+        """A cancel that came while this submission was in flight could not know of this
+        prediction. append took the job's stream lock, so the job status read now includes
+        any cancel committed before; a cancel committing after sees this prediction itself."""
+        job = conn.execute(queries["job_by_id"], {"id": job_id}).fetchone()
+        if job["status"] == "canceled":
+            queue.enqueue(conn, "cancel_prediction", f"cancel:{prediction_id}", job_id,
+                          {"prediction_id": prediction_id})
 
     def _started_earlier(self, ctx: Context, task: Task) -> dict[str, Any] | None:
         """On a retry: the prediction an earlier attempt started, if Replicate has told us
