@@ -73,12 +73,12 @@ def _summarise(result: replays.ReplayResult, check: bool) -> None:
         click.echo("rebuilt: the projection already matched the events; nothing written")
 
 
-def _worker_context():
+def worker_context(app: Flask, worker: str | None = None):
+    """Everything a worker's handlers use, for this app: its pool, settings and clients."""
     from service.worker import Context, worker_name
 
-    config = current_app.config
-    return Context(pool=current_app.extensions["db_pool"], worker=worker_name(), config=config,
-                   clients=clients(config))
+    return Context(pool=app.extensions["db_pool"], worker=worker or worker_name(), config=app.config,
+                   clients=clients(app.config))
 
 
 def clients(config) -> dict:
@@ -108,7 +108,7 @@ def worker_command(once: bool) -> None:
     from service.reconciler import reconcile
     from service.worker import Worker
 
-    ctx = _worker_context()
+    ctx = worker_context(current_app._get_current_object())
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
                     periodic=lambda: reconcile(ctx))
@@ -128,5 +128,5 @@ def reconcile_command() -> None:
     """Poll Replicate once about quiet jobs and retry failed submissions."""
     from service.reconciler import reconcile
 
-    done = reconcile(_worker_context())
+    done = reconcile(worker_context(current_app._get_current_object()))
     click.echo(", ".join(f"{k}: {v}" for k, v in sorted(done.items())) or "nothing to do")

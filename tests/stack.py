@@ -14,9 +14,9 @@ from werkzeug.serving import make_server
 
 from scripts.replicate_sim import start_simulator
 from service import create_app
-from service.cli import clients, handlers
+from service.cli import handlers, worker_context
 from service.reconciler import reconcile
-from service.worker import Context, Worker, worker_name
+from service.worker import Context, Worker
 
 TERMINAL = {"completed", "failed", "canceled"}
 
@@ -58,8 +58,7 @@ def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
     app.config["PUBLIC_BASE_URL"] = base_url
     served = threading.Thread(target=server.serve_forever, daemon=True)
     served.start()
-    ctx = Context(pool=app.extensions["db_pool"], worker=worker_name(), config=app.config,
-                  clients=clients(app.config))
+    ctx = worker_context(app)
     worker = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
                     periodic_every=0.5)
     stop = threading.Event()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service import create_app, queue
-from service.cli import clients, handlers
+from service.cli import handlers, worker_context
 from service.worker import Context, Worker, worker_name
 from tests.origin import Origin, Reply, decoded, picture, png, succeeded
 
@@ -36,8 +36,7 @@ class Rig:
 
     def context(self) -> Context:
         """A worker's context; each call names another worker."""
-        return Context(pool=self.app.extensions["db_pool"], worker=f"{worker_name()}:{uuid.uuid4().hex[:6]}",
-                       config=self.app.config, clients=clients(self.app.config))
+        return worker_context(self.app, f"{worker_name()}:{uuid.uuid4().hex[:6]}")
 
     def drain(self) -> int:
         """Run every task that is ready; how many ran."""

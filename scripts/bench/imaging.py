@@ -36,8 +36,8 @@ import numpy as np
 from common import ROOT, default_database_url, scratch_database, server, server_version
 
 from service import create_app, db, imaging
-from service.cli import clients, handlers
-from service.worker import Context, Worker, worker_name
+from service.cli import handlers, worker_context
+from service.worker import Worker
 from tests.origin import Origin, succeeded
 
 GOAL_RATIO = 1.3
@@ -141,7 +141,7 @@ def service_config(url: str, storage: Path) -> dict[str, str]:
 def latency(url: str, storage: Path, origin: Origin, repeats: int) -> list[str]:
     """Per case: median end-to-end worker time vs bare OpenCV, the ratio, and the worker's breakdown."""
     app = create_app(service_config(url, storage) | {"LOG_LEVEL": "WARNING"})
-    ctx = Context(app.extensions["db_pool"], worker_name(), app.config, clients(app.config))
+    ctx = worker_context(app)
     worker = Worker(ctx, handlers())
     verdicts = []
     try:
