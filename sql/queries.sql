@@ -260,8 +260,10 @@ FROM events WHERE position = %(position)s;
 
 -- jobs_changed_since --
 -- Jobs whose projection changed after a moment: the change feed where LISTEN is unavailable.
-SELECT id::text AS id, updated_at FROM jobs
-WHERE updated_at > %(since)s
+-- Asked of the events (BRIN on recorded_at): a job's updated_at is its latest event's time.
+SELECT stream AS id, max(recorded_at) AS updated_at FROM events
+WHERE recorded_at > %(since)s AND stream_job_id(stream) IS NOT NULL
+GROUP BY stream
 ORDER BY updated_at
 LIMIT %(limit)s;
 
