@@ -13,7 +13,7 @@ roles). The project's migrations are then applied unchanged, by that owner.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -117,8 +117,10 @@ def bootstrap_roles(server_url: str) -> None:
             admin.execute("SELECT pg_advisory_unlock(%s)", (_LOCK,))
 
 
-def create_project(server_url: str, database_url: str, name: str) -> None:
-    """A new database `name` laid out like a Supabase project, migrated by its owner."""
+def create_project(server_url: str, database_url: str, name: str,
+                   apply: Callable[[psycopg.Connection], object] = migrations.migrate) -> None:
+    """A new database `name` laid out like a Supabase project, migrated by its owner
+    (with the service's migrate command unless `apply` says otherwise)."""
     bootstrap_roles(server_url)
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" OWNER {OWNER}')
@@ -126,7 +128,7 @@ def create_project(server_url: str, database_url: str, name: str) -> None:
         conn.execute(_DATABASE)
     with db.connect(database_url, autocommit=True) as conn:
         conn.execute(f"SET ROLE {OWNER}")
-        migrations.migrate(conn)
+        apply(conn)
 
 
 @contextmanager
