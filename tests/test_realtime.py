@@ -11,88 +11,28 @@ installs the plugin as root); the shared server is never reconfigured for it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from service import commands, db
+from tests import pg15 as pg15_cluster
 from tests.supabase import create_project
 from tests.workload import LIFECYCLE, bodies, submit, webhook
 
-PG15 = Path("/usr/lib/postgresql/15")
 ALICE = "6f1c3a0e-1d2b-4c5d-8e9f-0a1b2c3d4e5f"
 SPEC = {"model": "stability-ai/sdxl", "input": {"prompt": "a lighthouse"}, "count": 1}
 
 
-def missing() -> str | None:
-    """Why this machine cannot run the test, or None."""
-    if not (PG15 / "bin" / "initdb").exists():
-        return "PostgreSQL 15 is not installed (/usr/lib/postgresql/15)"
-    if not (PG15 / "lib" / "wal2json.so").exists():
-        return "wal2json is not installed: run scripts/setup_wal2json.sh as root (postgresql-15-wal2json)"
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: initdb refuses to run as root"
-    return None
-
-
-def as_server_user(argv: list[str]) -> list[str]:
-    """initdb and postgres refuse to run as root: run them as the postgres system user."""
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def allow_wal2json(bin_dir: Path) -> str:
-    """This machine's PostgreSQL build lists the output plugins a slot may use
-    (output_plugin_libraries, not a stock setting); where it exists, add wal2json."""
-    described = subprocess.run([str(bin_dir / "postgres"), "--describe-config"],
-                               capture_output=True, text=True, timeout=60).stdout
-    for line in described.splitlines():
-        name, *rest = line.split("\t")
-        if name == "output_plugin_libraries":
-            return f" -c output_plugin_libraries={rest[3].replace(' ', '')},wal2json"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def pg15() -> Iterator[str]:
-    """A private PostgreSQL 15 with wal_level = logical, on a loopback port of its own."""
-    reason = missing()
+    """A private PostgreSQL 15 with wal_level = logical (tests/pg15.py)."""
+    reason = pg15_cluster.missing(wal2json=True)
     if reason:
         pytest.skip(f"Realtime test skipped: {reason}")
-    home = Path(tempfile.mkdtemp(prefix="rjs-pg15-logical-"))
-    data, port = home / "data", free_port()
-    if os.geteuid() == 0:
-        shutil.chown(home, "postgres", "postgres")
-    bin_dir = PG15 / "bin"
-    options = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={home} "
-               "-c wal_level=logical -c max_replication_slots=4 -c max_wal_senders=4 -c fsync=off"
-               + allow_wal2json(bin_dir))
-    ctl = [str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60"]
-    try:
-        subprocess.run(as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
-                                       "--auth=trust", "-E", "UTF8", "--no-sync"]),
-                       check=True, capture_output=True, timeout=120)
-        started = subprocess.run(as_server_user([*ctl, "-o", options, "-l", str(home / "log"), "start"]),
-                                 capture_output=True, text=True, timeout=90)
-        if started.returncode != 0:
-            log = (home / "log").read_text() if (home / "log").exists() else started.stderr
-            raise RuntimeError(f"the private PostgreSQL 15 did not start: {log[-2000:]}")
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(as_server_user([*ctl, "-m", "fast", "stop"]), capture_output=True, timeout=90)
-        shutil.rmtree(home, ignore_errors=True)
+    with pg15_cluster.cluster(logical=True) as private:
+        yield private.url()
 
 
 @pytest.fixture(scope="module")
