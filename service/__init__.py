@@ -6,7 +6,20 @@ import atexit
 
 from flask import Flask
 
-from service import cli, dashboard, downloads, errors, files, health, imaging, jobs, logs, storage, webhooks
+from service import (
+    auth,
+    cli,
+    dashboard,
+    downloads,
+    errors,
+    files,
+    health,
+    imaging,
+    jobs,
+    logs,
+    storage,
+    webhooks,
+)
 from service.config import Settings
 from service.db import open_pool, resolve_database_url
 
@@ -23,6 +36,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     pool = open_pool(url, app.config["DB_POOL_MIN"], app.config["DB_POOL_MAX"],
                      app.config["DB_STATEMENT_TIMEOUT_MS"])
     app.extensions["db_pool"] = pool
+    app.extensions["user_tokens"] = auth.UserTokens.from_config(app.config)
     atexit.register(pool.close)
 
     errors.register_handlers(app)

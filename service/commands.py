@@ -29,13 +29,12 @@ class JobFinished(ServiceError):
 
 
 def create_job(conn: psycopg.Connection, spec: dict[str, Any],
-               idempotency_key: str | None = None) -> tuple[str, bool]:
+               idempotency_key: str | None = None, owner_id: str | None = None) -> tuple[str, bool]:
     """Record job.created and enqueue one submission per prediction; returns
-    (job id, created) — created is False when the idempotency key was seen before."""
-    job_id = str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, idempotency_key) if idempotency_key
-                 else uuid.uuid4())
-    data = {k: spec[k] for k in JOB_FIELDS if spec.get(k) is not None}
-    data.setdefault("count", 1)
+    (job id, created) — created is False when the idempotency key was seen before.
+    owner_id is the Supabase user creating the job (None for an API key)."""
+    job_id = job_id_for(idempotency_key, owner_id)
+    data = job_data(spec, owner_id)
     appended = events.append(conn, key=f"created:{job_id}", stream=job_id, type="job.created",
                              data=data, metadata={"source": "api", "idempotency_key": idempotency_key})
     if not appended.duplicate:
@@ -45,6 +44,24 @@ def create_job(conn: psycopg.Connection, spec: dict[str, Any],
     logger.info("job created" if not appended.duplicate else "job create repeated",
                 extra={"action": "create_job", "job_id": job_id, "count": data["count"]})
     return job_id, not appended.duplicate
+
+
+def job_id_for(idempotency_key: str | None, owner_id: str | None) -> str:
+    """A new job id, or the one an Idempotency-Key names: per user, so two users' equal
+    keys name two jobs (an API key's jobs keep the ids they always had)."""
+    if not idempotency_key:
+        return str(uuid.uuid4())
+    scoped = f"user:{owner_id}:{idempotency_key}" if owner_id else idempotency_key
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, scoped))
+
+
+def job_data(spec: dict[str, Any], owner_id: str | None) -> dict[str, Any]:
+    """The job.created data for a request: its fields, the count, and the owner if any."""
+    data = {k: spec[k] for k in JOB_FIELDS if spec.get(k) is not None}
+    data.setdefault("count", 1)
+    if owner_id:
+        data["owner_id"] = owner_id
+    return data
 
 
 def cancel_job(conn: psycopg.Connection, job_id: str, reason: str = "requested") -> list[str]:

@@ -30,7 +30,7 @@ _PASSED_THROUGH = (
     "DOWNLOAD_MAX_BYTES", "DOWNLOAD_CONNECT_TIMEOUT", "DOWNLOAD_READ_TIMEOUT", "DOWNLOAD_TOTAL_TIMEOUT",
     "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
     "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
-    "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_ANON_KEY",
+    "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_ANON_KEY", "SUPABASE_JWT_SECRET",
 )
 
 
@@ -107,6 +107,10 @@ class Settings:
     SUPABASE_SERVICE_ROLE_KEY: str | None = field(default=None, repr=False)
     # The public anon key: with SUPABASE_URL, the dashboard's live updates use Supabase Realtime
     SUPABASE_ANON_KEY: str | None = field(default=None, repr=False)
+    # Supabase user access tokens for the jobs API (service/auth.py): the project's JWT
+    # secret (HS256) and/or its JWKS URL (asymmetric signing keys)
+    SUPABASE_JWT_SECRET: str | None = field(default=None, repr=False)
+    SUPABASE_JWKS_URL: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -139,6 +143,7 @@ class Settings:
             OUTPUT_ALLOWED_HOSTS=env.get("OUTPUT_ALLOWED_HOSTS", "").strip(),
             STORAGE_BUCKET=env.get("STORAGE_BUCKET", "").strip() or "outputs",
             SUPABASE_URL=_url(env, "SUPABASE_URL", None),
+            SUPABASE_JWKS_URL=_url(env, "SUPABASE_JWKS_URL", None),
         )
 
     def as_dict(self) -> dict[str, object]:

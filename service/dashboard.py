@@ -23,10 +23,11 @@ from flask.blueprints import BlueprintSetupState
 from psycopg_pool import ConnectionPool
 
 from service import changes
+from service.auth import Unauthorized, key_matches
 from service.config import ROOT
 from service.db import queries
 from service.errors import NotFound, ServiceError
-from service.jobs import InvalidRequest, Unauthorized, key_matches
+from service.jobs import InvalidRequest
 from service.schemas import JOB_STATUSES, POSTPROCESS_MODES
 
 bp = Blueprint("dashboard", __name__)
@@ -60,8 +61,14 @@ def _setup(state: BlueprintSetupState) -> None:
 @bp.before_request
 def _authenticate() -> None:
     keys = current_app.config.get("API_KEYS") or ()
-    if keys and request.endpoint not in PUBLIC_ENDPOINTS and not key_matches(request.headers, keys):
+    if _locked() and request.endpoint not in PUBLIC_ENDPOINTS and not key_matches(request.headers, keys):
         raise Unauthorized()
+
+
+def _locked() -> bool:
+    """The dashboard is the operators' (every job): with any credential configured it needs
+    an API key; Supabase user tokens alone open only the jobs API, each to its own jobs."""
+    return bool(current_app.config.get("API_KEYS")) or current_app.extensions.get("user_tokens") is not None
 
 
 @bp.after_request
@@ -132,7 +139,7 @@ def config() -> dict:
     cfg = current_app.config
     supabase = ({"url": cfg["SUPABASE_URL"], "anon_key": cfg["SUPABASE_ANON_KEY"]}
                 if cfg.get("SUPABASE_URL") and cfg.get("SUPABASE_ANON_KEY") else None)
-    return {"auth_required": bool(cfg.get("API_KEYS")), "supabase": supabase,
+    return {"auth_required": _locked(), "supabase": supabase,
             "stream": "/api/dashboard/stream", "reconcile_after_seconds": cfg["RECONCILE_AFTER_SECONDS"],
             "statuses": list(JOB_STATUSES), "postprocess_modes": list(POSTPROCESS_MODES),
             "health_windows": list(WINDOWS)}

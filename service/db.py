@@ -77,11 +77,33 @@ def open_pool(url: str, min_size: int, max_size: int, statement_timeout_ms: int)
         min_size=min_size,
         max_size=max_size,
         kwargs={"prepare_threshold": None, "row_factory": dict_row, "options": options},
+        configure=TimeoutCheck(statement_timeout_ms),
         open=False,
         name="service",
     )
     pool.open(wait=False)
     return pool
+
+
+class TimeoutCheck:
+    """Checks each new pooled connection's statement timeout. A pooler (Supavisor, PgBouncer)
+    may not pass the startup option on, and then the timeout silently is whatever the role
+    has: say so, once per pool, with the remedy (set it on the role; docs/deploy.md)."""
+
+    def __init__(self, expected_ms: int) -> None:
+        self.expected_ms = expected_ms
+        self.warned = False
+
+    def __call__(self, conn: psycopg.Connection) -> None:
+        row = conn.execute("SELECT setting::integer AS ms FROM pg_settings "
+                           "WHERE name = 'statement_timeout'").fetchone()
+        conn.rollback()  # the pool expects the connection back idle
+        if row["ms"] != self.expected_ms and not self.warned:
+            self.warned = True
+            logger.warning("statement timeout is %s ms, not DB_STATEMENT_TIMEOUT_MS=%s: a pooler "
+                           "dropped the startup option? set it on the role (ALTER ROLE ... SET "
+                           "statement_timeout)", row["ms"], self.expected_ms,
+                           extra={"action": "db_statement_timeout"})
 
 
 @contextmanager

@@ -6,7 +6,6 @@ and enqueue the work for the worker (service/commands.py), in one transaction.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -17,11 +16,12 @@ from typing import Any
 import psycopg
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema, ValidationError
 from psycopg_pool import ConnectionPool
 
 from service import commands, schemas
+from service.auth import Caller, Unauthorized, authenticate
 from service.db import queries
 from service.errors import NotFound, ServiceError
 
@@ -48,13 +48,6 @@ class InvalidRequest(ServiceError):
         super().__init__(message or f"invalid: {', '.join(sorted(fields))}")
 
 
-class Unauthorized(ServiceError):
-    """Send Authorization: Bearer <API key>."""
-
-    code = "unauthorized"
-    status = 401
-
-
 @bp.errorhandler(InvalidRequest)
 def _invalid_request(exc: InvalidRequest) -> tuple[dict, int]:
     return {"error": exc.code, "message": exc.message, "fields": exc.fields}, exc.status
@@ -63,11 +56,21 @@ def _invalid_request(exc: InvalidRequest) -> tuple[dict, int]:
 @bp.before_request
 def _authenticate() -> None:
     request.max_content_length = schemas.MAX_BODY_BYTES
-    keys = current_app.config.get("API_KEYS") or ()
-    if keys and request.endpoint != "jobs.openapi_json" and not key_matches(request.headers, keys):
-        logger.info("request refused: no valid API key", extra={"action": "authenticate",
-                                                                "path": request.path})
-        raise Unauthorized()
+    if request.endpoint == "jobs.openapi_json":
+        return
+    try:
+        g.caller = authenticate(request.headers, current_app.config.get("API_KEYS") or (),
+                                current_app.extensions.get("user_tokens"))
+    except Unauthorized as exc:
+        logger.info("request refused: %s", exc.message, extra={"action": "authenticate",
+                                                               "path": request.path})
+        raise
+
+
+def _owner() -> str | None:
+    """The user whose jobs this request may see; None for an API key (every job)."""
+    caller: Caller = g.caller
+    return caller.user_id
 
 
 @bp.after_request
@@ -75,16 +78,6 @@ def _challenge(response: Response) -> Response:
     if response.status_code == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="api"'
     return response
-
-
-def key_matches(headers: Any, keys: tuple[str, ...]) -> bool:
-    """Whether the bearer token is one of the keys, comparing with every key in constant time."""
-    scheme, _, token = headers.get("Authorization", "").partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    return matched and bool(given)
 
 
 def _pool() -> ConnectionPool:
@@ -135,38 +128,38 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
         "failed": row["predictions_failed"], "processed": row["outputs_processed"]}}
 
 
-def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str) -> dict[str, Any]:
-    """A job as the API shows it, from the projections; NotFound when there is none."""
-    row = conn.execute(queries["job_view"], {"id": str(job_id)}).fetchone()
+def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str, owner: str | None = None) -> dict[str, Any]:
+    """A job as the API shows it, from the projections; NotFound when there is none (or,
+    with an owner, when it is another user's: their jobs do not exist for this one)."""
+    row = conn.execute(queries["job_view"], {"id": str(job_id), "owner": owner}).fetchone()
     if row is None:
         raise NotFound(f"no job {job_id}")
     predictions = conn.execute(queries["job_predictions_view"], {"job_id": str(job_id)}).fetchall()
     return schemas.JobSchema().dump({**_shown(row), "predictions": predictions})
 
 
-def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None) -> tuple[dict[str, Any], bool]:
+def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None,
+           owner: str | None = None) -> tuple[dict[str, Any], bool]:
     """Record the job (or find the one this Idempotency-Key made) and show it."""
-    job_id, created = commands.create_job(conn, spec, key)
+    job_id, created = commands.create_job(conn, spec, key, owner_id=owner)
     if not created:
         recorded = conn.execute(queries["job_created_data"], {"stream": job_id}).fetchone()
-        if recorded is None or recorded["data"] != recorded_spec(spec):
+        if recorded is None or recorded["data"] != recorded_spec(spec, owner):
             raise InvalidRequest({"Idempotency-Key": ["was used before for a different request"]},
                                  "the Idempotency-Key was used before for a different request")
-    return job_view(conn, job_id), created
+    return job_view(conn, job_id, owner), created
 
 
-def recorded_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def recorded_spec(spec: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
     """The job.created data commands.create_job records for this spec."""
-    data = {k: spec[k] for k in commands.JOB_FIELDS if spec.get(k) is not None}
-    data.setdefault("count", 1)
-    return json.loads(json.dumps(data))
+    return json.loads(json.dumps(commands.job_data(spec, owner)))
 
 
-def job_page(conn: psycopg.Connection, args: dict[str, Any]) -> dict[str, Any]:
-    """One page of jobs, newest first, and the cursor for the next one."""
+def job_page(conn: psycopg.Connection, args: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+    """One page of jobs (the owner's, when given), newest first, and the next page's cursor."""
     after = args["cursor"] or (None, None)
     rows = conn.execute(queries["list_jobs"], {
-        "status": args["status"], "model": args["model"], "limit": args["limit"] + 1,
+        "status": args["status"], "model": args["model"], "limit": args["limit"] + 1, "owner": owner,
         "after_created_at": after[0], "after_id": after[1] and str(after[1]),
     }).fetchall()
     more, rows = len(rows) > args["limit"], rows[:args["limit"]]
@@ -174,14 +167,24 @@ def job_page(conn: psycopg.Connection, args: dict[str, Any]) -> dict[str, Any]:
     return schemas.JobListSchema().dump({"jobs": [_shown(r) for r in rows], "next_cursor": cursor})
 
 
-def job_events(conn: psycopg.Connection, job_id: uuid.UUID) -> dict[str, Any]:
+def job_events(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None = None) -> dict[str, Any]:
+    if owner:
+        visible(conn, job_id, owner)
     rows = conn.execute(queries["job_events"], {"stream": str(job_id)}).fetchall()
     if not rows:
         raise NotFound(f"no job {job_id}")
     return schemas.EventListSchema().dump({"events": rows})
 
 
-def cancel(conn: psycopg.Connection, job_id: uuid.UUID) -> dict[str, Any]:
+def visible(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None) -> None:
+    """NotFound unless the job exists and, with an owner, is theirs."""
+    if conn.execute(queries["job_visible"], {"id": str(job_id), "owner": owner}).fetchone() is None:
+        raise NotFound(f"no job {job_id}")
+
+
+def cancel(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None = None) -> dict[str, Any]:
+    if owner:
+        visible(conn, job_id, owner)
     commands.cancel_job(conn, str(job_id))
     return job_view(conn, job_id)
 
@@ -191,7 +194,7 @@ def create_job() -> tuple[dict, int, dict]:
     spec = load(schemas.JobRequestSchema(), json_object())
     key = idempotency_key()
     with _pool().connection() as conn:
-        job, created = create(conn, spec, key)
+        job, created = create(conn, spec, key, _owner())
     return job, 201 if created else 200, {"Location": f"{bp.url_prefix}/jobs/{job['id']}"}
 
 
@@ -199,25 +202,25 @@ def create_job() -> tuple[dict, int, dict]:
 def list_jobs() -> dict:
     args = load(schemas.JobListQuerySchema(), {k: v for k, v in request.args.items() if v != ""})
     with _pool().connection() as conn:
-        return job_page(conn, args)
+        return job_page(conn, args, _owner())
 
 
 @bp.get("/jobs/<uuid:job_id>")
 def get_job(job_id: uuid.UUID) -> dict:
     with _pool().connection() as conn:
-        return job_view(conn, job_id)
+        return job_view(conn, job_id, _owner())
 
 
 @bp.get("/jobs/<uuid:job_id>/events")
 def get_job_events(job_id: uuid.UUID) -> dict:
     with _pool().connection() as conn:
-        return job_events(conn, job_id)
+        return job_events(conn, job_id, _owner())
 
 
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel_job(job_id: uuid.UUID) -> tuple[dict, int]:
     with _pool().connection() as conn:
-        return cancel(conn, job_id), 202
+        return cancel(conn, job_id, _owner()), 202
 
 
 @bp.get("/openapi.json")
@@ -260,8 +263,9 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3 document of /api, /webhooks/replicate and /healthz, from the schemas."""
     spec = APISpec("Replicate jobs service", "1.0.0", "3.0.3", plugins=[MarshmallowPlugin()],
                    security=[{"bearer": []}])
-    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer",
-                                               "description": "one of API_KEYS, when it is set"})
+    spec.components.security_scheme("bearer", {
+        "type": "http", "scheme": "bearer",
+        "description": "one of API_KEYS (every job), or a Supabase user access token (the user's jobs)"})
     for name in ("JobRequest", "Job", "JobSummary", "JobList", "EventList", "Error"):
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
     spec.path("/api/jobs", operations={

@@ -98,11 +98,17 @@ WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
 LIMIT %(limit)s;
 
 -- job_view --
--- One job as the jobs API shows it, from the projection only.
+-- One job as the jobs API shows it, from the projection only; with an owner, only theirs.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
        outputs, error, created_at, started_at, completed_at, updated_at
-FROM jobs WHERE id = %(id)s::uuid;
+FROM jobs WHERE id = %(id)s::uuid
+  AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
+
+-- job_visible --
+-- Whether a job exists and, with an owner, is theirs (a user's request sees only their jobs).
+SELECT 1 AS visible FROM jobs WHERE id = %(id)s::uuid
+  AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
 
 -- job_predictions_view --
 -- A job's predictions as the jobs API shows them, by step then creation.
@@ -112,14 +118,16 @@ ORDER BY step NULLS LAST, created_at NULLS LAST, id;
 
 -- list_jobs --
 -- A page of jobs newest first (created_at, id descending), by status and model when given,
--- after the keyset cursor when given. The plain created_at bound lets the status and model
--- indexes (x, created_at DESC) range-scan; the row comparison breaks ties on id.
+-- after the keyset cursor when given, and only the owner's when given (a user's request).
+-- The plain created_at bound lets the status, model and owner indexes (x, created_at DESC)
+-- range-scan; the row comparison breaks ties on id.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
        outputs, error, created_at, started_at, completed_at, updated_at
 FROM jobs
 WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(model)s::text IS NULL OR model = %(model)s::text)
+  AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid)
   AND (%(after_created_at)s::timestamptz IS NULL
        OR (created_at <= %(after_created_at)s::timestamptz
            AND (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid)))

@@ -98,3 +98,29 @@ def payload(name: str) -> dict:
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+@pytest.fixture(scope="session")
+def supabase_template(server_url: str) -> Iterator[str]:
+    """A database laid out like a Supabase project (tests/supabase.py), migrated by its
+    non-superuser owner."""
+    from tests import supabase
+
+    name = f"rjs_supabase_template_{os.getpid()}"
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    supabase.create_project(server_url, with_database(server_url, name), name)
+    yield name
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def supabase_url(server_url: str, supabase_template: str) -> Iterator[str]:
+    """A fresh clone of the Supabase-like project for one test."""
+    name = f"rjs_supabase_{os.getpid()}_{next(_counter)}"
+    with _admin(server_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{supabase_template}"')
+    yield with_database(server_url, name)
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
