@@ -22,6 +22,7 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "jobs": (("id",), "id = stream_job_id({0})"),
     "predictions": (("id",), "job_id = stream_job_id({0}) OR (job_id IS NULL AND id = {0})"),
     "outputs": (("prediction_id", "index"), "job_id = stream_job_id({0})"),
+    "job_activity": (("job_id",), "job_id = stream_job_id({0})"),
 }
 PHASES = ("predictions", "outputs", "jobs")
 SAMPLE = 20

@@ -1,28 +1,151 @@
--- A faster fold, same rules. 003_fold.sql's rules (facts, fold keys, how a job's status
--- follows from its steps) are unchanged; what changes is how much work the live path and
--- the rebuild do to apply them.
+-- A faster fold, same rules, and a jobs row that changes only when what it shows does.
+-- 003_fold.sql's rules (facts, fold keys, how a job's status follows from its steps) are
+-- unchanged; what changes is where a job's per-event bookkeeping lives and how much work
+-- the live path and the rebuild do.
+--
+-- job_activity. Every event of a job used to rewrite its jobs row (event_count,
+-- last_position, updated_at), so each of Replicate's log webhooks (one every 500 ms per
+-- running prediction) was an UPDATE of jobs streamed to every Supabase Realtime
+-- subscriber, and cost a new row version with an entry in each of the six indexes of jobs.
+-- Those three columns move to job_activity: one narrow row per job stream, updated by
+-- every event, in no publication, with only its primary key indexed (so its updates are
+-- HOT). jobs is now updated only when a derived column changes.
 --
 -- Live path (append_event -> apply_event), per event:
---   * the job row was updated twice (its event counters, then refresh_jobs' derived
---     columns): two row versions, and since updated_at is indexed, neither was a HOT
---     update, so every index of jobs got two new entries. Now one UPDATE does both.
---   * the derived columns (a job's status, counts and outputs, from the rollups of its
---     predictions and outputs) were recomputed for every event; a prediction event that
---     changes nothing those rollups read (most of Replicate's webhooks: more logs) now
---     skips that.
+--   * job_activity is upserted; the jobs row is updated once (it was updated twice: the
+--     counters, then refresh_jobs' derived columns), and only when what it shows changes;
+--   * a job's derived columns (status, counts, outputs, from the rollups of its predictions
+--     and outputs) were recomputed for every event; a prediction event that changes nothing
+--     those rollups read (most of Replicate's webhooks: more logs) now skips that.
 --
 -- Rebuild:
 --   * rebuild_jobs wrote every job twice: job_facts rows first, then refresh_jobs(NULL)
 --     rewrote each of them with its derived columns (a second row version, and every index
 --     updated again). Now each job is inserted once, its derived columns computed on the
 --     way in by job_derived_values, the one definition that job_derived (and so the live
---     refresh_jobs) uses as well.
+--     path) uses as well.
 --   * rebuild_predictions joined the winning events back by hashing every event (the whole
 --     table, bodies included, to find a fifth of them); now it looks each winner up by
 --     position, in position order.
 --   * JIT is off for the rebuild's statements: its compile time (0.3-0.5 s a statement,
 --     measured on PostgreSQL 15) exceeds what it saves on these expression-heavy plans.
 
+
+-- 1. job_activity -------------------------------------------------------------------------
+CREATE TABLE job_activity (
+    job_id        uuid        PRIMARY KEY,
+    event_count   integer     NOT NULL,
+    last_position bigint      NOT NULL,
+    updated_at    timestamptz NOT NULL   -- recorded_at of the job's latest event
+) WITH (fillfactor = 70);  -- room on each page for the next versions of its rows (HOT)
+
+COMMENT ON TABLE job_activity IS
+    'Per job stream: how many events, the latest position and its time. A projection like '
+    'jobs (rebuilt by replay), kept apart so that a log webhook does not rewrite jobs.';
+
+-- Privileges and row-level security as 009 set them for every table: nothing for anon and
+-- authenticated, read for service_role, RLS on (the service owns the table).
+ALTER TABLE job_activity ENABLE ROW LEVEL SECURITY;
+DO $$
+DECLARE
+    v_role text;
+BEGIN
+    FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated'] LOOP
+        IF EXISTS (SELECT FROM pg_roles WHERE rolname = v_role) THEN
+            EXECUTE format('REVOKE ALL ON job_activity FROM %I', v_role);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
+        GRANT SELECT ON job_activity TO service_role;
+    END IF;
+END $$;
+
+-- What it holds, for the events already recorded: exactly what a rebuild would write.
+INSERT INTO job_activity (job_id, event_count, last_position, updated_at)
+SELECT stream_job_id(stream), event_count, last_position, updated_at
+FROM job_stream_stats
+WHERE stream_job_id(stream) IS NOT NULL;
+
+-- job_history keeps its columns, now read from job_activity.
+CREATE OR REPLACE VIEW job_history WITH (security_invoker = true) AS
+SELECT j.id,
+       coalesce(j.model, j.deployment, j.version) AS model,
+       j.aspect_ratio,
+       j.status,
+       j.created_at,
+       j.started_at,
+       j.completed_at,
+       d.queued_duration,
+       d.run_duration,
+       d.total_duration,
+       history_seconds(d.queued_duration) AS queued_seconds,
+       history_seconds(d.run_duration) AS run_seconds,
+       history_seconds(d.total_duration) AS total_seconds,
+       p.predict_seconds * interval '1 second' AS predict_time,
+       p.predict_seconds AS predict_time_seconds,
+       coalesce(p.anomalies, 0)::integer AS predict_time_anomalies,
+       j.predictions_expected,
+       j.predictions_submitted,
+       j.predictions_succeeded,
+       j.predictions_failed,
+       j.outputs_expected,
+       j.outputs_processed AS outputs,
+       j.outputs_failed,
+       j.error,
+       a.updated_at AS last_event_at,
+       a.event_count
+FROM jobs j
+LEFT JOIN job_activity a ON a.job_id = j.id
+CROSS JOIN LATERAL (SELECT
+    history_duration(j.created_at, j.started_at) AS queued_duration,
+    history_duration(j.started_at, j.completed_at) AS run_duration,
+    history_duration(j.created_at, j.completed_at) AS total_duration) d
+LEFT JOIN LATERAL (
+    SELECT sum(history_predict_seconds(pr.metrics)) AS predict_seconds,
+           count(*) FILTER (WHERE jsonb_typeof(pr.metrics -> 'predict_time') = 'number'
+                              AND history_predict_seconds(pr.metrics) IS NULL) AS anomalies
+    FROM predictions pr
+    WHERE pr.job_id = j.id
+) p ON true;
+
+-- updated_at was indexed twice; its indexes go with it. The reconciler and the dashboard's
+-- stuck-job panel ask for unfinished jobs, which are few: an index on them keyed by what
+-- never changes finds them, and their job_activity row says how quiet each is. The change
+-- feed's polling fallback (jobs_changed_since) asks the events, by their BRIN index on
+-- recorded_at.
+DROP INDEX jobs_updated_at;
+DROP INDEX jobs_unfinished_updated_at;
+CREATE INDEX jobs_unfinished ON jobs (created_at)
+    WHERE status IN ('pending', 'queued', 'running', 'processing');
+
+DROP FUNCTION job_facts(text, jsonb, timestamptz, integer, bigint, timestamptz, timestamptz, integer);
+ALTER TABLE jobs DROP COLUMN event_count, DROP COLUMN last_position, DROP COLUMN updated_at;
+
+-- A job as job.created describes it (003's, with 009's owner_id; without the columns that
+-- moved to job_activity).
+CREATE FUNCTION job_facts(
+    stream text, data jsonb, created_at timestamptz, canceled_at timestamptz, submit_failures integer
+) RETURNS SETOF jobs
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT stream_job_id(stream),
+           data ->> 'model',
+           data ->> 'version',
+           data ->> 'deployment',
+           coalesce(data ->> 'aspect_ratio', '1:1'),
+           coalesce(data -> 'postprocess', '{"mode": "auto"}'::jsonb),
+           coalesce(data -> 'input', '{}'::jsonb),
+           data -> 'then',
+           coalesce(data -> 'metadata', '{}'::jsonb),
+           'pending', coalesce(small_int(data ->> 'count'), 1),
+           0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
+           canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
+           stream_job_id(data ->> 'owner_id')
+    WHERE stream_job_id(stream) IS NOT NULL
+$$;
+
+
+-- 2. The fold -------------------------------------------------------------------------------
 -- Every derived column of a job from its base row and the rollups of its two steps.
 -- Shared by job_derived (the live path, one job at a time) and rebuild_jobs (every job
 -- at once). An inlinable SQL function: its body becomes part of the calling query.
@@ -92,32 +215,35 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    -- b: each job as job.created describes it, with its stream's statistics (the inner
-    -- OFFSET 0: ask which streams are jobs once per stream, not once per event; the outer:
-    -- hand job_derived_values plain columns, since an argument that is an expression used
-    -- more than once keeps the functions it calls from being inlined, and a call per job
-    -- costs more than all the rest). When one stream is rebuilt, the rollups are filtered
-    -- to its job, so they group only its rows.
+    -- s: each job stream's statistics, once (OFFSET 0: ask which streams are jobs once per
+    -- stream, not once per event), for job_activity and for the jobs rows alike.
+    -- b: each job as job.created describes it (OFFSET 0: hand job_derived_values plain
+    -- columns, since an argument that is an expression used more than once keeps the
+    -- functions it calls from being inlined, and a call per job costs more than the rest).
+    -- When one stream is rebuilt, the rollups are filtered to its job, so they group only
+    -- its rows.
     EXECUTE format($sql$
+        WITH s AS MATERIALIZED (
+            SELECT * FROM (SELECT * FROM job_stream_stats s WHERE %1$s OFFSET 0) s
+            WHERE stream_job_id(s.stream) IS NOT NULL),
+        activity AS (
+            INSERT INTO job_activity (job_id, event_count, last_position, updated_at)
+            SELECT stream_job_id(s.stream), s.event_count, s.last_position, s.updated_at FROM s)
         INSERT INTO jobs (id, model, version, deployment, aspect_ratio, postprocess, input,
                           next_step, metadata, status, predictions_expected, predictions_submitted,
                           predictions_succeeded, predictions_failed, submit_failures,
                           outputs_expected, outputs_processed, outputs_failed, outputs, error,
-                          canceled_at, created_at, started_at, completed_at, updated_at,
-                          last_position, event_count)
+                          canceled_at, created_at, started_at, completed_at, owner_id)
         SELECT b.id, b.model, b.version, b.deployment, b.aspect_ratio, b.postprocess, b.input,
                b.next_step, b.metadata, d.status, b.predictions_expected, d.predictions_submitted,
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.updated_at,
-               b.last_position, b.event_count
+               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id
         FROM (SELECT j.*
-              FROM (SELECT * FROM job_stream_stats s WHERE %1$s OFFSET 0) s
+              FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
-              CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.event_count,
-                                           s.last_position, s.updated_at, s.canceled_at,
+              CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
                                            s.submit_failures) j
-              WHERE stream_job_id(s.stream) IS NOT NULL
               OFFSET 0) b
         LEFT JOIN job_step_rollups r1 ON r1.job_id = b.id AND r1.step = 1 AND %2$s
         LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %3$s
@@ -129,6 +255,23 @@ BEGIN
        job_filter(p_stream, 'r2'), job_filter(p_stream, 'o2')) USING p_stream;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION clear_projections(p_stream text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_stream IS NULL THEN
+        DELETE FROM outputs;
+        DELETE FROM predictions;
+        DELETE FROM jobs;
+        DELETE FROM job_activity;
+    ELSE
+        DELETE FROM outputs WHERE job_id = stream_job_id(p_stream);
+        DELETE FROM predictions WHERE job_id = stream_job_id(p_stream)
+            OR (job_id IS NULL AND id = p_stream);
+        DELETE FROM jobs WHERE id = stream_job_id(p_stream);
+        DELETE FROM job_activity WHERE job_id = stream_job_id(p_stream);
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION rebuild_predictions(p_stream text) RETURNS bigint
@@ -269,48 +412,53 @@ BEGIN
     RETURN v_before IS DISTINCT FROM v_after;
 END $$;
 
--- One event's mark on its job, in one UPDATE: the event counters always, and with
--- p_derive the derived columns too, computed from the rollups as job_derived does (with
--- the canceled_at this event leaves, which job_derived would read from the row).
+-- One event's mark on its job. job_activity always; the jobs row only with p_derive, and
+-- then only when a column changes: its derived columns, computed from the rollups as
+-- job_derived does (with the canceled_at this event leaves, which job_derived would read
+-- from the row), its canceled_at and its count of submissions that failed for good.
 CREATE FUNCTION touch_job(p_job uuid, e events, p_derive boolean) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Two static statements rather than one dynamic one: PL/pgSQL keeps their plans.
-    IF p_derive THEN
-        UPDATE jobs j SET
-            event_count     = j.event_count + 1,
-            last_position   = greatest(j.last_position, e.position),
-            updated_at      = greatest(j.updated_at, e.recorded_at),
-            canceled_at     = d.canceled_at,
-            submit_failures = j.submit_failures + is_final_submit_failure(e.type, e.data)::integer,
-            (status, predictions_submitted, predictions_succeeded, predictions_failed,
-             outputs_expected, outputs_processed, outputs_failed, outputs, error,
-             started_at, completed_at)
-          = (d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
-             d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-             d.started_at, d.completed_at)
-        FROM (SELECT c.canceled_at, v.*
-              FROM (SELECT CASE WHEN e.type = 'job.canceled'
-                                THEN least(jc.canceled_at, e.recorded_at)
-                                ELSE jc.canceled_at END AS canceled_at,
-                           jc.predictions_expected, jc.next_step IS NOT NULL AS has_next
-                    FROM jobs jc WHERE jc.id = p_job) c
-              LEFT JOIN job_step_rollups r1 ON r1.job_id = p_job AND r1.step = 1
-              LEFT JOIN job_step_output_rollups o1 ON o1.job_id = p_job AND o1.step = 1
-              LEFT JOIN job_step_rollups r2 ON r2.job_id = p_job AND r2.step = 2
-              LEFT JOIN job_step_output_rollups o2 ON o2.job_id = p_job AND o2.step = 2
-              CROSS JOIN LATERAL job_derived_values(c.canceled_at, c.predictions_expected,
-                                                    c.has_next, r1, o1, r2, o2) v
-              OFFSET 0) d
-        WHERE j.id = p_job;
-    ELSE
-        UPDATE jobs j SET
-            event_count     = j.event_count + 1,
-            last_position   = greatest(j.last_position, e.position),
-            updated_at      = greatest(j.updated_at, e.recorded_at),
-            submit_failures = j.submit_failures + is_final_submit_failure(e.type, e.data)::integer
-        WHERE j.id = p_job;
+    INSERT INTO job_activity AS a (job_id, event_count, last_position, updated_at)
+    VALUES (p_job, 1, e.position, e.recorded_at)
+    ON CONFLICT (job_id) DO UPDATE SET
+        event_count   = a.event_count + 1,
+        last_position = greatest(a.last_position, excluded.last_position),
+        updated_at    = greatest(a.updated_at, excluded.updated_at);
+    IF NOT p_derive THEN
+        RETURN;
     END IF;
+    -- OFFSET 0: the new row is computed once, not once for each use in SET and WHERE.
+    UPDATE jobs j
+    SET (canceled_at, submit_failures, status, predictions_submitted, predictions_succeeded,
+         predictions_failed, outputs_expected, outputs_processed, outputs_failed, outputs, error,
+         started_at, completed_at)
+      = (d.canceled_at, d.submit_failures, d.status, d.predictions_submitted,
+         d.predictions_succeeded, d.predictions_failed, d.outputs_expected, d.outputs_processed,
+         d.outputs_failed, d.outputs, d.error, d.started_at, d.completed_at)
+    FROM (SELECT c.canceled_at, c.submit_failures, v.*
+          FROM (SELECT CASE WHEN e.type = 'job.canceled'
+                            THEN least(jc.canceled_at, e.recorded_at)
+                            ELSE jc.canceled_at END AS canceled_at,
+                       jc.submit_failures + is_final_submit_failure(e.type, e.data)::integer
+                           AS submit_failures,
+                       jc.predictions_expected, jc.next_step IS NOT NULL AS has_next
+                FROM jobs jc WHERE jc.id = p_job) c
+          LEFT JOIN job_step_rollups r1 ON r1.job_id = p_job AND r1.step = 1
+          LEFT JOIN job_step_output_rollups o1 ON o1.job_id = p_job AND o1.step = 1
+          LEFT JOIN job_step_rollups r2 ON r2.job_id = p_job AND r2.step = 2
+          LEFT JOIN job_step_output_rollups o2 ON o2.job_id = p_job AND o2.step = 2
+          CROSS JOIN LATERAL job_derived_values(c.canceled_at, c.predictions_expected,
+                                                c.has_next, r1, o1, r2, o2) v
+          OFFSET 0) d
+    WHERE j.id = p_job
+      AND (j.canceled_at, j.submit_failures, j.status, j.predictions_submitted,
+           j.predictions_succeeded, j.predictions_failed, j.outputs_expected, j.outputs_processed,
+           j.outputs_failed, j.outputs, j.error, j.started_at, j.completed_at)
+          IS DISTINCT FROM
+          (d.canceled_at, d.submit_failures, d.status, d.predictions_submitted,
+           d.predictions_succeeded, d.predictions_failed, d.outputs_expected, d.outputs_processed,
+           d.outputs_failed, d.outputs, d.error, d.started_at, d.completed_at);
 END $$;
 
 -- Fold one recorded event into every projection. Called by append_event in the
@@ -322,17 +470,19 @@ DECLARE
     v_derive boolean := true;
 BEGIN
     IF e.type = 'job.created' THEN
+        -- Events recorded before job.created count as they would in a rebuild.
         INSERT INTO jobs
         SELECT j.* FROM job_stream_stats s
-        CROSS JOIN LATERAL job_facts(e.stream, e.data, e.recorded_at, s.event_count, s.last_position,
-                                     s.updated_at, s.canceled_at, s.submit_failures) j
+        CROSS JOIN LATERAL job_facts(e.stream, e.data, e.recorded_at, s.canceled_at,
+                                     s.submit_failures) j
         WHERE s.stream = e.stream
-        ON CONFLICT (id) DO NOTHING
-        RETURNING event_count > 1 OR predictions_expected < 1 INTO v_derive;
-        -- Events recorded before job.created may have made predictions or outputs of this
-        -- job: derive its columns from them. With none, job_facts' row is already what
-        -- job_derived would say (pending, nothing counted), and the refresh is skipped.
-        IF v_derive IS NOT FALSE THEN
+        ON CONFLICT (id) DO NOTHING;
+        PERFORM touch_job(v_job, e, false);
+        -- Those earlier events may have made predictions or outputs of this job: derive its
+        -- columns from them. With none (the usual case), job_facts' row is already what
+        -- job_derived says (pending, nothing counted) and that is skipped.
+        IF (SELECT a.event_count > 1 FROM job_activity a WHERE a.job_id = v_job)
+           OR (SELECT jc.predictions_expected < 1 FROM jobs jc WHERE jc.id = v_job) THEN
             PERFORM refresh_jobs(v_job);
         END IF;
         PERFORM on_event_applied(e);
@@ -372,20 +522,3 @@ LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN coalesce((SELECT listening_until > now() FROM jobs_feed_listeners), false);
 END $$;
-
--- Most updates of a job change only its event counters and updated_at. Those can be HOT
--- updates (a new row version on the same page, no new index entries) when no indexed
--- column changes and the page has room. updated_at was indexed twice, so every event
--- inserted into all six indexes of jobs; now it is in none:
---   * the reconciler and the dashboard's stuck-job panel ask for unfinished jobs, which
---     are few: an index on them keyed by what never changes (created_at) finds them, and
---     their updated_at is filtered as it is read;
---   * the change feed's polling fallback (jobs_changed_since) asks the events instead,
---     through their BRIN index on recorded_at (a job's updated_at is its latest event's
---     recorded_at).
--- A fill factor leaves room on each page for the new versions.
-DROP INDEX jobs_updated_at;
-DROP INDEX jobs_unfinished_updated_at;
-CREATE INDEX jobs_unfinished ON jobs (created_at)
-    WHERE status IN ('pending', 'queued', 'running', 'processing');
-ALTER TABLE jobs SET (fillfactor = 80);

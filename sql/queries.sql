@@ -76,11 +76,13 @@ SELECT * FROM jobs WHERE id = %(id)s::uuid;
 -- quiet_predictions --
 -- Unfinished predictions of unfinished jobs that have had no event for a while.
 SELECT p.id, p.job_id::text AS job_id, p.step
-FROM jobs j JOIN predictions p ON p.job_id = j.id
+FROM jobs j
+JOIN job_activity a ON a.job_id = j.id
+JOIN predictions p ON p.job_id = j.id
 WHERE j.status IN ('queued', 'running', 'processing')
-  AND j.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
+  AND a.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
   AND p.status IN ('starting', 'processing')
-ORDER BY j.updated_at
+ORDER BY a.updated_at
 LIMIT %(limit)s;
 
 -- failed_submissions --
@@ -101,7 +103,8 @@ LIMIT %(limit)s;
 -- One job as the jobs API shows it, from the projection only; with an owner, only theirs.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
-       outputs, error, created_at, started_at, completed_at, updated_at
+       outputs, error, created_at, started_at, completed_at,
+       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at
 FROM jobs WHERE id = %(id)s::uuid
   AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
 
@@ -123,7 +126,8 @@ ORDER BY step NULLS LAST, created_at NULLS LAST, id;
 -- range-scan; the row comparison breaks ties on id.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
-       outputs, error, created_at, started_at, completed_at, updated_at
+       outputs, error, created_at, started_at, completed_at,
+       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at
 FROM jobs
 WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(model)s::text IS NULL OR model = %(model)s::text)
@@ -205,11 +209,11 @@ ORDER BY s.start;
 
 -- dashboard_stuck_jobs --
 -- Unfinished jobs with no event for longer than the reconciler waits, quietest first, and how many.
-SELECT id, status, model, updated_at, count(*) OVER () AS total
-FROM jobs
-WHERE status IN ('pending', 'queued', 'running', 'processing')
-  AND updated_at < now() - make_interval(secs => %(stuck_after)s)
-ORDER BY updated_at
+SELECT j.id, j.status, j.model, a.updated_at, count(*) OVER () AS total
+FROM jobs j JOIN job_activity a ON a.job_id = j.id
+WHERE j.status IN ('pending', 'queued', 'running', 'processing')
+  AND a.updated_at < now() - make_interval(secs => %(stuck_after)s)
+ORDER BY a.updated_at
 LIMIT %(limit)s;
 
 -- dashboard_models --

@@ -80,7 +80,7 @@ def test_sixteen_connections_appending_one_key_record_exactly_one_event(db_url, 
     assert sum(not r.duplicate for r in results) == 1
     assert conn.execute("SELECT count(*) AS n FROM events WHERE event_key = 'msg_race'").fetchone()["n"] == 1
     assert conn.execute("SELECT event_count FROM predictions").fetchone()["event_count"] == 1
-    assert conn.execute("SELECT event_count FROM jobs").fetchone()["event_count"] == 2
+    assert conn.execute("SELECT event_count FROM job_activity").fetchone()["event_count"] == 2
 
 
 def test_an_unknown_event_type_is_refused_and_nothing_is_stored(conn):
@@ -179,7 +179,9 @@ def test_a_job_moves_through_its_statuses(conn):
     assert row["outputs_processed"] == len(done["output"])
     assert row["outputs"][0]["width"] == 2048
     assert row["completed_at"] is not None and row["started_at"] is not None
-    assert row["event_count"] == 2 + 2 + len(done["output"])
+    activity = conn.execute("SELECT * FROM job_activity").fetchone()
+    assert activity["event_count"] == 2 + 2 + len(done["output"])
+    assert activity["last_position"] == conn.execute("SELECT max(position) AS p FROM events").fetchone()["p"]
 
 
 def test_a_failed_and_a_canceled_job(conn):
