@@ -63,6 +63,10 @@ def test_anon_has_no_privilege_on_anything_of_ours(sb):
         WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'S'
           AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege('anon', c.oid, 'USAGE') END""").fetchall()
     assert granted == []
+    untouched = sb.execute("SELECT has_table_privilege('anon', 'other_app_table', 'SELECT') AS s, "
+                           "has_table_privilege('authenticated', 'other_app_table', 'DELETE') AS d"
+                           ).fetchone()
+    assert untouched == {"s": True, "d": True}, "another table of the project keeps its grants"
     tables = sb.execute("""SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace
                            AND relkind = 'r' AND NOT relrowsecurity AND relname <> 'other_app_table'
                         """).fetchall()
