@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh requirements-dev.txt
 scripts/setup_browser.sh
-scripts/setup_wal2json.sh
+scripts/setup_pg_tools.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 ASYMMETRIC = ("RS256", "ES256")
 LEEWAY_SECONDS = 30
+JWKS_REFRESH_SECONDS = 60
 MAX_TOKEN_BYTES = 8192
 
 
@@ -69,6 +72,7 @@ class UserTokens:
         self.secret = secret
         self.issuer = issuer
         self.jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=600, timeout=5) if jwks_url else None
+        self.refreshed_at = -math.inf
 
     @classmethod
     def from_config(cls, config: dict) -> UserTokens | None:
@@ -109,11 +113,24 @@ class UserTokens:
         raise Unauthorized(f"access tokens signed with {alg!r} are not accepted here")
 
     def _key(self, token: str) -> Any:
-        if _header(token).get("alg") == "HS256":
+        header = _header(token)
+        if header.get("alg") == "HS256":
             return self.secret
         if self.jwks is None:
             raise Unauthorized("asymmetric access tokens are not accepted here")
-        return self.jwks.get_signing_key_from_jwt(token).key
+        return self._signing_key(str(header.get("kid")))
+
+    def _signing_key(self, kid: str) -> Any:
+        """The key for kid from the cached JWKS. An unknown kid refetches the set (the project
+        may have rotated its keys), but at most once a minute: a stream of made-up kids must
+        not turn into a stream of requests to Supabase."""
+        keys = {k.key_id: k for k in self.jwks.get_signing_keys()}
+        if kid not in keys and time.monotonic() - self.refreshed_at > JWKS_REFRESH_SECONDS:
+            self.refreshed_at = time.monotonic()
+            keys = {k.key_id: k for k in self.jwks.get_signing_keys(refresh=True)}
+        if kid not in keys:
+            raise Unauthorized(f"the access token's signing key is unknown: {kid}")
+        return keys[kid].key
 
 
 def _header(token: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ The feed LISTENs on `jobs_changed` (NOTIFY from the trigger in sql/008_dashboard
 connection of its own, never one of the pool's: a listening connection stays busy for the
 whole stream. Where LISTEN does not work (a transaction-mode pooler hands each statement
 to whichever server connection is free, so a notification may never reach us), it polls
-the events recorded since its last look instead. Whether LISTEN works is not guessed from the URL: the feed sends
-itself a probe notification and listens only if the probe comes back.
+for the events recorded since its last look instead. Whether LISTEN works is not guessed
+from the URL: the feed sends itself a probe notification and listens only if the probe
+comes back.
 """
 
 from __future__ import annotations

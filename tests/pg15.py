@@ -46,7 +46,7 @@ def missing(wal2json: bool = False) -> str | None:
     if not (BIN / "initdb").exists():
         return "PostgreSQL 15 is not installed (/usr/lib/postgresql/15)"
     if wal2json and not (PG15 / "lib" / "wal2json.so").exists():
-        return "wal2json is not installed: run scripts/setup_wal2json.sh as root (postgresql-15-wal2json)"
+        return "wal2json is not installed: run scripts/setup_pg_tools.sh as root (postgresql-15-wal2json)"
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         return "running as root without runuser: initdb refuses to run as root"
     return None

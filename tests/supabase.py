@@ -64,6 +64,7 @@ GRANT USAGE ON SCHEMA auth TO {OWNER}, anon, authenticated, service_role;
 
 CREATE TABLE public.other_app_table (id integer PRIMARY KEY);  -- someone else's realtime table
 ALTER TABLE public.other_app_table OWNER TO {OWNER};
+GRANT ALL ON public.other_app_table TO anon, authenticated, service_role;  -- as its project wants
 CREATE PUBLICATION supabase_realtime FOR TABLE public.other_app_table;
 ALTER PUBLICATION supabase_realtime OWNER TO {OWNER};
 

@@ -232,6 +232,11 @@ def test_a_jwks_token_is_refused_for_an_unknown_key_a_forged_signature_or_anothe
         response = jwks_api.get("/api/jobs", headers=bearer(token))
         assert response.status_code == 401, token
         assert message in response.get_json()["message"]
+    assert auth_server.requests == 2  # the first fetch, and one refresh for the unknown kid
+    for n in range(5):
+        made_up = jwt.encode(claims(), EC_KEY, algorithm="ES256", headers={"kid": f"made-up-{n}"})
+        assert jwks_api.get("/api/jobs", headers=bearer(made_up)).status_code == 401
+    assert auth_server.requests == 2  # made-up kids do not each fetch the keys again
 
 
 def test_when_the_jwks_cannot_be_fetched_the_answer_is_503(db_url):
@@ -249,3 +254,12 @@ def test_when_the_jwks_cannot_be_fetched_the_answer_is_503(db_url):
 def test_a_user_id_is_never_taken_from_an_unverified_token(api):
     unsigned = jwt.encode(claims(str(uuid.uuid4())), "x" * 40, algorithm="HS256")
     assert api.get("/api/jobs", headers=bearer(unsigned)).status_code == 401
+
+
+def test_a_key_added_at_supabase_after_the_first_fetch_is_picked_up(jwks_api, auth_server):
+    rsa_jwk = auth_server.keys.pop()
+    assert create(jwks_api, signed(EC_KEY, "ES256", "ec-1", auth_server.url))
+    auth_server.keys.append(rsa_jwk)  # the project rotates in a new signing key
+    created = jwks_api.post("/api/jobs", json=BODY,
+                            headers=bearer(signed(RSA_KEY, "RS256", "rsa-1", auth_server.url)))
+    assert created.status_code == 201 and auth_server.requests == 2

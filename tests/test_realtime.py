@@ -4,7 +4,7 @@ and stops, laid out like a Supabase project (tests/supabase.py) and migrated unc
 
 Realtime reads a logical replication slot with wal2json, passing the tables of the
 supabase_realtime publication as `add-tables`; the test reads the slot the same way. It
-skips, saying why, where PostgreSQL 15 or wal2json is missing (scripts/setup_wal2json.sh
+skips, saying why, where PostgreSQL 15 or wal2json is missing (scripts/setup_pg_tools.sh
 installs the plugin as root); the shared server is never reconfigured for it.
 """
 

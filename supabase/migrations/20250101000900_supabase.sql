@@ -55,17 +55,35 @@ $$;
 -- The service itself connects as the owner of the tables (postgres on Supabase); an
 -- owner is not subject to row-level security. Functions are all SECURITY INVOKER, so
 -- these table privileges also decide what calling them through the API can do.
--- A migration after this one that adds a table must grant it the same way (a test lists
--- every table and checks that anon can do nothing with any of them).
+-- A migration after this one that adds a table must revoke and grant it the same way (a
+-- test lists every table and checks that anon can do nothing with any of them).
 DO $$
 DECLARE
-    v_schema text := current_schema();
+    -- Ours only: a Supabase project's public schema also holds its other tables, whose
+    -- privileges are not this migration's business.
+    v_relations text[] := ARRAY[
+        'events', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
+        'jobs_feed_listeners', 'schema_migrations', 'job_stream_stats', 'job_step_rollups',
+        'job_step_output_rollups', 'job_derived', 'job_history', 'job_timeline',
+        'model_daily_summary', 'orphan_predictions'];
+    v_sequences text[] := ARRAY[
+        pg_get_serial_sequence('events', 'position'), pg_get_serial_sequence('tasks', 'id'),
+        pg_get_serial_sequence('unrecorded_webhooks', 'id')];
     v_role text;
+    v_name text;
 BEGIN
     FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated', 'service_role'] LOOP
         CONTINUE WHEN NOT EXISTS (SELECT FROM pg_roles WHERE rolname = v_role);
-        EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM %I', v_schema, v_role);
-        EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM %I', v_schema, v_role);
+        FOREACH v_name IN ARRAY v_relations LOOP
+            CONTINUE WHEN to_regclass(v_name) IS NULL;  -- schema_migrations, when applied by hand
+            EXECUTE format('REVOKE ALL ON %s FROM %I', to_regclass(v_name), v_role);
+            IF v_role = 'service_role' THEN
+                EXECUTE format('GRANT SELECT ON %s TO service_role', to_regclass(v_name));
+            END IF;
+        END LOOP;
+        FOREACH v_name IN ARRAY v_sequences LOOP
+            EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM %I', v_name, v_role);
+        END LOOP;
     END LOOP;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
         GRANT SELECT (id, owner_id, model, version, deployment, aspect_ratio, status,
@@ -81,7 +99,6 @@ BEGIN
             ON outputs TO authenticated;
     END IF;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
-        EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO service_role', v_schema);
         GRANT INSERT ON events TO service_role;
     END IF;
 END $$;
@@ -235,5 +252,5 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 INSERT INTO schema_migrations (version, checksum)
-VALUES ('009_supabase', 'b60bf8f6dd84ec947e6869f5007f0c91da4e3bf9e5dfc91452ce6620e1c5280c')
+VALUES ('009_supabase', '343fdfb12a6ce2ad5f0c2b4b16fa51700f4a1e0064eb2eb36a9c1ffee3dca2f4')
 ON CONFLICT (version) DO NOTHING;
