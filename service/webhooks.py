@@ -123,6 +123,8 @@ def parse_prediction(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError:
         raise BadWebhook("the body is not JSON") from None
+    except RecursionError:  # a signed body can still be hostile: no 500, and no retrying it
+        raise BadWebhook("the body is nested too deeply to be a prediction") from None
     if not isinstance(body, dict):
         raise BadWebhook("the body is not a JSON object")
     problems = list(_problems(body))
@@ -136,7 +138,8 @@ def _problems(body: dict[str, Any]) -> list[str]:
     pid = body.get("id")
     if not isinstance(pid, str) or not pid.strip() or len(pid) > 200:
         found.append("`id` must be a non-empty string")
-    if body.get("status") not in STATUSES:
+    status = body.get("status")
+    if not isinstance(status, str) or status not in STATUSES:  # a dict is not hashable
         found.append(f"`status` must be one of {', '.join(sorted(STATUSES))}")
     for name in TIMESTAMPS:
         value = body.get(name)
