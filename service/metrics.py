@@ -95,15 +95,15 @@ def _queue(conn: psycopg.Connection) -> Iterator[Metric]:
 def _replay(conn: psycopg.Connection) -> Iterator[Metric]:
     """A replay names its phase in application_name (service/replay.py), so any scrape sees it."""
     running = GaugeMetricFamily("rjs_replay_running", "Replays running now.")
-    phase = GaugeMetricFamily("rjs_replay_phase", "Phase of a running replay (1..phases), by scope.",
-                              labels=["scope", "name", "phases"])
+    phase = GaugeMetricFamily("rjs_replay_phase", "Stage of a running replay (1..stages), by scope.",
+                              labels=["scope", "stage", "stages"])
     seconds = GaugeMetricFamily("rjs_replay_seconds", "How long the running replay has taken so far.",
                                 labels=["scope"])
     rows = conn.execute(queries["metrics_replay"]).fetchall()
     running.add_metric([], len(rows))
     for row in rows:
-        _, scope, number, phases, name = (row["application_name"].split(":") + [""] * 5)[:5]
-        phase.add_metric([scope, name, phases], float(number or 0))
+        _, scope, number, stages, stage = (row["application_name"].split(":") + [""] * 5)[:5]
+        phase.add_metric([scope, stage, stages], float(number or 0))
         seconds.add_metric([scope], float(row["seconds"] or 0))
     yield from (running, phase, seconds)
 
