@@ -7,6 +7,7 @@ projection, so a few threaded workers per core serve a lot; slow work is in the 
 
 import multiprocessing
 import os
+import shutil
 import signal
 import tempfile
 
@@ -30,8 +31,14 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # /metrics adds up the counters of every worker process (prometheus_client's multiprocess
 # mode): they write them to files in this directory, which must exist, and be empty,
 # before the workers import the app. ./run.sh passes one it shares with its worker process.
+_own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rjs-metrics-")
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rjs-metrics-")
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
 
 
 def child_exit(server, worker):

@@ -167,3 +167,25 @@ def test_readyz_and_metrics_without_a_database(tmp_path):
     assert value(samples, "rjs_database_up") == 0
     assert json.loads(client.get("/healthz").get_data())["status"] == "unavailable"
     app.extensions["db_pool"].close()
+
+
+def test_sigterm_to_a_gunicorn_worker_makes_readyz_say_so(app, client, monkeypatch, tmp_path):
+    """gunicorn.conf.py's post_worker_init hook, with a stand-in for gunicorn's own handler."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # so reading the file changes no env
+    import runpy
+    import signal
+    from types import SimpleNamespace
+
+    from service.config import ROOT
+
+    conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
+    stopped: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+    try:
+        conf["post_worker_init"](SimpleNamespace(wsgi=app))
+        assert client.get("/readyz").status_code == 200
+        signal.raise_signal(signal.SIGTERM)
+        assert stopped == [signal.SIGTERM]  # gunicorn's graceful stop still runs
+        assert client.get("/readyz").get_json() == {"status": "unavailable", "reason": "shutting down"}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
