@@ -189,3 +189,18 @@ def test_sigterm_to_a_gunicorn_worker_makes_readyz_say_so(app, client, monkeypat
         assert client.get("/readyz").get_json() == {"status": "unavailable", "reason": "shutting down"}
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_reconciler_actions_are_counted(db_url):
+    from tests.stack import running_stack
+
+    with running_stack(db_url, faults={"faults": ["drop"], "drop_rate": 1.0}, reconcile_after=1) as stack:
+        client = stack.app.test_client()
+        before = scrape(client)
+        created = stack.create_job(model="stability-ai/sdxl", input={"prompt": "a lighthouse"})
+        assert stack.wait(created["id"], {"completed", "failed"})["status"] == "completed"
+        after = scrape(client)
+    # every webhook was lost: only the reconciler's polls could tell the service the outcome
+    assert value(after, "rjs_reconciler_actions_total", action="polled") \
+        - value(before, "rjs_reconciler_actions_total", action="polled") >= 1
+    assert value(after, "rjs_webhooks_received_total") == value(before, "rjs_webhooks_received_total")
