@@ -201,7 +201,10 @@ class Fuzzer:
     def run_signed_body(self, raw: bytes, query: str = "") -> Outcome:
         """Any body, correctly signed: 200 (a prediction), 400 or 413; never a 5xx."""
         raw, headers = sign(raw)
-        return self.post_webhook("webhook signed body", raw, headers, query)
+        outcome = self.post_webhook("webhook signed body", raw, headers, query)
+        if outcome.status == 401 and verifies(raw, headers):
+            outcome.problems.append("a correctly signed delivery was refused 401")
+        return outcome
 
     def run_headers(self, raw: bytes, changes: dict[str, str | None]) -> Outcome:
         """A signed body with its signature headers dropped or replaced."""
