@@ -7,6 +7,9 @@ projection, so a few threaded workers per core serve a lot; slow work is in the 
 
 import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", max(2, multiprocessing.cpu_count())))
@@ -24,3 +27,36 @@ errorlog = "-"
 # Behind a proxy (Netlify, a load balancer) trust its forwarded headers only from loopback
 # by default; set FORWARDED_ALLOW_IPS to the proxy's addresses in production.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+# /metrics adds up the counters of every worker process (prometheus_client's multiprocess
+# mode): they write them to files in this directory, which must exist, and be empty,
+# before the workers import the app. ./run.sh passes one it shares with its worker process.
+_own_metrics_dir = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rjs-metrics-")
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges stop counting; its counters stay in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """On SIGTERM a worker finishes its requests and stops: /readyz says so at once, so a
+    load balancer stops sending it new ones while it drains."""
+    stop = signal.getsignal(signal.SIGTERM)
+
+    def stopping(signum, frame):
+        from service.health import shutting_down
+
+        shutting_down(worker.wsgi).set()
+        stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, stopping)

@@ -53,6 +53,16 @@ def wait_healthy(url: str, seconds: float) -> bool:
     return False
 
 
+def metrics_dir(data_dir: str) -> str:
+    """The directory the web processes and the worker share their metrics through, without
+    the files of an earlier run (prometheus_client's *.db; nothing else is touched)."""
+    path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(data_dir) / "metrics")
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    return str(path)
+
+
 def start_simulator(host: str, port: int) -> subprocess.Popen:
     command = [sys.executable, str(ROOT / "scripts" / "replicate_sim.py"), "--host", host,
                "--port", str(port)]
@@ -112,9 +122,11 @@ def main() -> int:
                         help="port of the local Replicate simulator (used without REPLICATE_API_TOKEN)")
     args = parser.parse_args()
     load_dotenv(ROOT / ".env")
+    # A terminal is read by a person: text lines unless LOG_FORMAT says otherwise.
+    os.environ.setdefault("LOG_FORMAT", "text")
     try:
         settings = Settings.from_env()
-        logs.configure(settings.LOG_LEVEL)
+        logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
         url = resolve_database_url(settings.DATABASE_URL, settings.DATA_DIR)
         with connect(url, autocommit=True) as conn:
             applied = migrations.migrate(conn)
@@ -123,7 +135,8 @@ def main() -> int:
         return 2
     logger.info("migrations: %s", ", ".join(applied) if applied else "up to date",
                 extra={"action": "migrate"})
-    env, simulated = replicate_env(args, dict(os.environ, DATABASE_URL=url))
+    env, simulated = replicate_env(args, dict(os.environ, DATABASE_URL=url,
+                                              PROMETHEUS_MULTIPROC_DIR=metrics_dir(settings.DATA_DIR)))
     for port, flag in [(args.port, "--port")] + ([(args.sim_port, "--sim-port")] if simulated else []):
         if not port_free(args.host, port):
             print(f"error: port {port} on {args.host} is in use; stop what uses it or run "

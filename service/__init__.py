@@ -17,6 +17,8 @@ from service import (
     imaging,
     jobs,
     logs,
+    metrics,
+    ratelimit,
     storage,
     webhooks,
 )
@@ -28,7 +30,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(Settings.from_env().as_dict())
     app.config.update(overrides or {})
-    logs.configure(app.config["LOG_LEVEL"])
+    logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     check_settings(app.config)
 
     url = resolve_database_url(app.config["DATABASE_URL"], app.config["DATA_DIR"])
@@ -45,6 +47,9 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(files.bp)
+    app.register_blueprint(metrics.bp)
+    ratelimit.limit_blueprints(app, (webhooks.bp, jobs.bp))
+    health.shutting_down(app)
     cli.register(app)
     return app
 

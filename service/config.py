@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,19 @@ def _secret(env: dict[str, str]) -> str | None:
     return raw or None
 
 
+def _addresses(env: dict[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated IP addresses; unset means the default, empty means none."""
+    if name not in env:
+        return default
+    found = tuple(a.strip() for a in env[name].split(",") if a.strip())
+    for address in found:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"{name} must list IP addresses, got {address!r}") from None
+    return found
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -73,6 +87,12 @@ class Settings:
     DB_POOL_MAX: int = 10
     DB_STATEMENT_TIMEOUT_MS: int = 30_000
     LOG_LEVEL: str = "INFO"
+    # json: one JSON object per line (for log pipelines); text: for people (the dev runner's)
+    LOG_FORMAT: str = "json"
+    # Public endpoints (webhooks, /api): token bucket per client address, 0 = off
+    RATE_LIMIT_PER_MINUTE: int = 12_000
+    RATE_LIMIT_BURST: int = 2_000
+    RATE_LIMIT_EXEMPT: tuple[str, ...] = ("127.0.0.1", "::1")
     # Replicate
     REPLICATE_API_BASE_URL: str = "https://api.replicate.com/v1"
     REPLICATE_API_TOKEN: str | None = field(default=None, repr=False)
@@ -121,6 +141,9 @@ class Settings:
         level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        log_format = env.get("LOG_FORMAT", "").strip().lower() or "json"
+        if log_format not in {"json", "text"}:
+            raise ConfigError(f"LOG_FORMAT must be json or text, got {log_format!r}")
         pool_max = _int(env, "DB_POOL_MAX", 10, 1, 200)
         return cls(
             DATABASE_URL=url,
@@ -129,6 +152,10 @@ class Settings:
             DB_POOL_MAX=pool_max,
             DB_STATEMENT_TIMEOUT_MS=_int(env, "DB_STATEMENT_TIMEOUT_MS", 30_000, 0, 3_600_000),
             LOG_LEVEL=level,
+            LOG_FORMAT=log_format,
+            RATE_LIMIT_PER_MINUTE=_int(env, "RATE_LIMIT_PER_MINUTE", 12_000, 0, 10_000_000),
+            RATE_LIMIT_BURST=_int(env, "RATE_LIMIT_BURST", 2_000, 1, 10_000_000),
+            RATE_LIMIT_EXEMPT=_addresses(env, "RATE_LIMIT_EXEMPT", ("127.0.0.1", "::1")),
             REPLICATE_API_BASE_URL=_url(env, "REPLICATE_API_BASE_URL", "https://api.replicate.com/v1"),
             REPLICATE_API_TOKEN=env.get("REPLICATE_API_TOKEN", "").strip() or None,
             REPLICATE_WEBHOOK_SECRET=_secret(env),

@@ -118,5 +118,8 @@ def translated_errors() -> Iterator[None]:
         raise InvalidEvent(f"a timestamp in the event is not valid: {exc.diag.message_primary}") from exc
     except psycopg.errors.InvalidTextRepresentation as exc:
         raise InvalidEvent(f"a value in the event is not valid: {exc.diag.message_primary}") from exc
+    except psycopg.DataError as exc:  # e.g. \u0000 in JSON text, a number jsonb cannot hold
+        detail = f" ({exc.diag.message_detail})" if exc.diag.message_detail else ""
+        raise InvalidEvent(f"the event cannot be stored: {exc.diag.message_primary}{detail}") from exc
     except psycopg.OperationalError as exc:
         raise ServiceError(f"database unavailable: {exc}") from exc

@@ -42,7 +42,7 @@ def append(
         }).fetchone()
     result = Appended(position=row["position"], duplicate=row["duplicate"])
     logger.info("event %s", "duplicate" if result.duplicate else "appended", extra={
-        "action": "append_event", "event_key": key, "stream": stream, "event_type": type,
+        "action": "append_event", "event_key": key, "stream": stream, "job_id": stream, "event_type": type,
         "position": result.position, "duplicate": result.duplicate,
     })
     return result

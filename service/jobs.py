@@ -24,6 +24,7 @@ from service import commands, schemas
 from service.auth import Caller, Unauthorized, authenticate
 from service.db import queries
 from service.errors import NotFound, ServiceError
+from service.webhooks import read_body
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ def _invalid_request(exc: InvalidRequest) -> tuple[dict, int]:
 
 @bp.before_request
 def _authenticate() -> None:
-    request.max_content_length = schemas.MAX_BODY_BYTES
     if request.endpoint == "jobs.openapi_json":
         return
     try:
@@ -87,7 +87,9 @@ def _pool() -> ConnectionPool:
 def json_object() -> dict[str, Any]:
     """The request body as a JSON object, or InvalidJson."""
     try:
-        body = json.loads(request.get_data(), parse_constant=_no_constant, parse_float=_finite)
+        # read_body: 413 on a declared length over the limit before reading, and a chunked
+        # body is cut off just past it (request.max_content_length would silently truncate it)
+        body = json.loads(read_body(schemas.MAX_BODY_BYTES), parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise InvalidJson(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

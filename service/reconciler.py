@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from service import queue
+from service import metrics, queue
 from service.db import queries
 from service.errors import ServiceError
 from service.submissions import ROUNDS, record_polled
@@ -32,6 +32,8 @@ def reconcile(ctx: Context, limit: int = 200) -> Counter:
     for row in stale:
         done[_poll(ctx, row)] += 1
     done["resubmitted"] = _resubmit(ctx, quiet, limit)
+    for action, n in done.items():
+        metrics.RECONCILER_ACTIONS.labels(action).inc(n)
     if sum(done.values()):
         logger.info("reconciled", extra={"action": "reconcile", **done})
     return done

@@ -25,6 +25,8 @@ TABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "job_activity": (("job_id",), "job_id = stream_job_id({0})"),
 }
 PHASES = ("predictions", "outputs", "jobs")
+# What a running replay reports in application_name, for /metrics (service/metrics.py).
+STAGES = ("snapshot", *PHASES, "compare")
 SAMPLE = 20
 
 
@@ -71,14 +73,17 @@ def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool =
         with _timed(timings, "lock"):
             events = _lock_and_count(conn, stream)
         with _timed(timings, "snapshot"):
+            _announce(conn, stream, "snapshot")
             _snapshot(conn, stream)
         with _timed(timings, "clear"):
             conn.execute("SELECT clear_projections(%s)", (stream,))
         for phase in PHASES:
             with _timed(timings, phase):
+                _announce(conn, stream, phase)
                 counts[phase] = conn.execute(f"SELECT rebuild_{phase}(%s) AS n", (stream,)).fetchone()["n"]
             report(phase, counts[phase])
         with _timed(timings, "diff"):
+            _announce(conn, stream, "compare")
             total, samples = _differences(conn, stream)
         committed = bool(total) and not check
         if not committed:
@@ -86,6 +91,13 @@ def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool =
     timings["commit"] -= sum(v for k, v in timings.items() if k != "commit")
     return ReplayResult(events, counts["jobs"], counts["predictions"],
                         time.perf_counter() - started, total, samples, committed, timings)
+
+
+def _announce(conn: psycopg.Connection, stream: str | None, stage: str) -> None:
+    """Name the stage in this session's application_name until the transaction ends, so a
+    scrape of /metrics from any process sees how far the replay is."""
+    name = f"rjs-replay:{'job' if stream else 'all'}:{STAGES.index(stage) + 1}:{len(STAGES)}:{stage}"
+    conn.execute("SELECT set_config('application_name', %s, true)", (name,))
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service import unrecorded
+from service import metrics, unrecorded
 from service.config import secret_problem
 from service.db import queries, translated_errors
 from service.errors import InvalidEvent, ServiceError
@@ -63,6 +63,7 @@ class SecretUnavailable(ServiceError):
 @bp.post("/replicate")
 def replicate() -> tuple[dict, int]:
     started = time.perf_counter()
+    metrics.WEBHOOKS_RECEIVED.inc()
     raw = read_body(current_app.config["WEBHOOK_MAX_BYTES"])
     verify_signature(signing_secret(), request.headers, raw)
     body = parse_prediction(raw)
@@ -80,10 +81,13 @@ def replicate() -> tuple[dict, int]:
             if conn.info.transaction_status == TransactionStatus.IDLE:  # else the pool drops it
                 conn.autocommit = False
     status = "duplicate" if row["duplicate"] else "recorded"
+    elapsed = time.perf_counter() - started
+    (metrics.WEBHOOKS_DUPLICATE if row["duplicate"] else metrics.WEBHOOKS_RECORDED).inc()
+    metrics.WEBHOOK_ACK_SECONDS.observe(elapsed)
     logger.info("webhook %s", status, extra={
         "action": "webhook", "webhook_id": request.headers["webhook-id"], "prediction_id": body["id"],
         "prediction_status": body["status"], "job_id": row["stream"] if job else None,
-        "position": row["position"], "ms": round((time.perf_counter() - started) * 1000, 1)})
+        "position": row["position"], "ms": round(elapsed * 1000, 1)})
     return {"status": status, "position": row["position"]}, 200
 
 
@@ -119,6 +123,8 @@ def parse_prediction(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError:
         raise BadWebhook("the body is not JSON") from None
+    except RecursionError:  # a signed body can still be hostile: no 500, and no retrying it
+        raise BadWebhook("the body is nested too deeply to be a prediction") from None
     if not isinstance(body, dict):
         raise BadWebhook("the body is not a JSON object")
     problems = list(_problems(body))
@@ -132,7 +138,8 @@ def _problems(body: dict[str, Any]) -> list[str]:
     pid = body.get("id")
     if not isinstance(pid, str) or not pid.strip() or len(pid) > 200:
         found.append("`id` must be a non-empty string")
-    if body.get("status") not in STATUSES:
+    status = body.get("status")
+    if not isinstance(status, str) or status not in STATUSES:  # a dict is not hashable
         found.append(f"`status` must be one of {', '.join(sorted(STATUSES))}")
     for name in TIMESTAMPS:
         value = body.get(name)
@@ -231,6 +238,11 @@ def check_secret(secret: str) -> None:
 @bp.errorhandler(BodyTooLarge)
 @bp.errorhandler(InvalidEvent)
 def _refused(exc: ServiceError) -> tuple[dict, int]:
+    metrics.WEBHOOKS_REJECTED.labels(exc.code).inc()
+    logger.info("webhook refused: %s", exc.message, extra={
+        "action": "webhook_refused", "reason": exc.code, "status": exc.status,
+        "webhook_id": (request.headers.get("webhook-id") or "")[:256] or None,
+        "job_id": _job_param(request.args.get("job")), "remote_addr": request.remote_addr})
     unrecorded.note(exc.code, exc.status, exc.message)
     return {"error": exc.code, "message": exc.message}, exc.status
 

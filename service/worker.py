@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from service import queue
+from service import logs, metrics, queue
 from service.queue import Task
 
 logger = logging.getLogger(__name__)
@@ -87,14 +87,22 @@ class Worker:
         extra = {"action": "task", "task_id": task.id, "task_kind": task.kind, "job_id": task.job_id,
                  "attempt": task.attempts}
         started = time.perf_counter()
-        try:
-            handler.run(self.ctx, task)
-        except Exception as exc:  # every failure is either retried or given up on, and logged
-            self._failed(handler, task, exc, extra)
-            return
-        logger.info("task done", extra=extra | {"ms": round((time.perf_counter() - started) * 1000)})
+        # Every line logged while the task runs (downloads, storage, events) names its job
+        # and prediction, whichever module logs it.
+        with logs.bound(job_id=task.job_id, prediction_id=task.payload.get("prediction_id"),
+                        task_id=task.id, task_kind=task.kind):
+            try:
+                handler.run(self.ctx, task)
+            except Exception as exc:  # every failure is either retried or given up on, and logged
+                outcome = self._failed(handler, task, exc, extra)
+            else:
+                outcome = "done"
+                logger.info("task done", extra=extra | {"ms": round((time.perf_counter() - started) * 1000)})
+        metrics.TASKS.labels(task.kind, outcome).inc()
+        metrics.TASK_SECONDS.labels(task.kind).observe(time.perf_counter() - started)
 
-    def _failed(self, handler: Handler, task: Task, exc: Exception, extra: dict) -> None:
+    def _failed(self, handler: Handler, task: Task, exc: Exception, extra: dict) -> str:
+        """Retry the task later or give up on it; which one it was."""
         transient = getattr(exc, "transient", True)
         reason = f"{type(exc).__name__}: {exc}"
         if transient and not task.last_attempt:
@@ -103,9 +111,10 @@ class Worker:
                            exc_info=not hasattr(exc, "transient"))
             with self.ctx.pool.connection() as conn:
                 queue.retry(conn, task, self.ctx.worker, reason, delay)
-            return
+            return "retried"
         logger.error("task given up: %s", reason, extra=extra | {"final": not transient})
         handler.give_up(self.ctx, task, reason, final=not transient)
+        return "given_up"
 
     def _lease_kept(self, task: Task) -> _LeaseKeeper:
         return _LeaseKeeper(self.ctx, task, self.lease_seconds)

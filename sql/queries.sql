@@ -282,3 +282,23 @@ LIMIT %(limit)s;
 -- jobs_feed_listen --
 -- A change feed listens on jobs_changed for the next %(seconds)s seconds: the trigger notifies until then.
 SELECT jobs_feed_listen(%(seconds)s);
+
+-- metrics_queue --
+-- Tasks queued or running by kind, and how long the oldest ready one (run_after passed) has waited.
+SELECT kind, status, count(*) AS n,
+       extract(epoch FROM now() - min(run_after) FILTER (WHERE status = 'queued' AND run_after <= now()))
+           AS oldest_ready_seconds
+FROM tasks WHERE status IN ('queued', 'running') GROUP BY kind, status ORDER BY kind, status;
+
+-- metrics_replay --
+-- Replays running now: each names its phase in application_name (rjs-replay:scope:n:phases:name).
+SELECT application_name, extract(epoch FROM now() - xact_start) AS seconds
+FROM pg_stat_activity WHERE application_name LIKE 'rjs-replay:%%';
+
+-- metrics_events --
+-- The newest event's position (0 when there is none).
+SELECT coalesce(max(position), 0) AS position FROM events;
+
+-- readiness --
+-- Readiness: the migrations recorded as applied.
+SELECT version FROM schema_migrations;

@@ -365,6 +365,12 @@ class Load:
         return sum(n for status, n in self.statuses.items() if status != 200)
 
 
+def _is_error(line: str) -> bool:
+    """An error line of the server's log, in the text or the JSON log format."""
+    return any(mark in line for mark in ("Traceback", " ERROR ", "[ERROR]", "CRITICAL",
+                                         '"level": "ERROR"', '"level":"ERROR"'))
+
+
 def run_wrk(requests: list[bytes], port: int, seconds: int, connections: int, threads: int,
             workdir: Path) -> Load:
     if workdir.exists():
@@ -432,8 +438,7 @@ def measure(target: Target, workload: Workload, args: argparse.Namespace, secret
             load = run_wrk(requests, port, args.seconds, args.connections, args.threads, tmp / "wrk")
         load.cpu = cpu
         del requests
-    problems = [line for line in log.read_text(errors="replace").splitlines()
-                if "Traceback" in line or " ERROR " in line or "[ERROR]" in line or "CRITICAL" in line]
+    problems = [line for line in log.read_text(errors="replace").splitlines() if _is_error(line)]
     if problems:
         print(f"  {target.name}: {len(problems)} error lines in the server log, e.g. {problems[0][:200]}")
     return load, plan, before
