@@ -6,6 +6,7 @@ and the projections must equal a replay. About a minute."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -14,7 +15,9 @@ import psycopg
 from scripts.faults.postgres import private_postgres
 from scripts.faults.run import report, run_suite
 from scripts.faults.stack import StackOptions
-from service import create_app, db, migrations
+from service import create_app, db, migrations, queue
+from service.cli import handlers, worker_context
+from service.worker import Worker
 
 
 def test_kills_and_a_database_crash_under_load_lose_nothing(tmp_path):
@@ -69,3 +72,50 @@ def test_requests_after_a_database_restart_get_fresh_connections(tmp_path):
             assert pool.get_stats()["connections_lost"] >= 4  # the check found them dead
         finally:
             pool.close()
+
+
+def test_a_worker_listens_again_after_a_database_restart(tmp_path):
+    """A task enqueued after a restart wakes an idle worker at once (NOTIFY), not a poll later."""
+    with private_postgres() as pg:
+        url = pg.url.replace("/postgres?", "/relisten?", 1)
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("CREATE DATABASE relisten")
+        with db.connect(url, autocommit=True) as conn:
+            migrations.migrate(conn)
+        app = create_app({"TESTING": True, "DATABASE_URL": url, "STORAGE_DIR": str(tmp_path),
+                          "REPLICATE_API_TOKEN": "unused"})
+        worker = Worker(worker_context(app), handlers(), poll_seconds=60)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+        try:
+            thread.start()
+            assert wait_until(lambda: listening(url), 10)
+            pg.restart("immediate")
+            assert wait_until(lambda: listening(url), 10)  # long before the 60 s poll
+            with db.connect(url, autocommit=True) as conn:
+                # a job nobody knows: the worker finishes the task at once
+                queue.enqueue(conn, "process_output", "process:p1:0", None, {
+                    "prediction_id": "p1", "index": 0, "source_url": "https://replicate.delivery/p1.png"})
+                assert wait_until(lambda: conn.execute("SELECT status FROM tasks WHERE task_key = %s",
+                                                       ("process:p1:0",)).fetchone()["status"] == "done", 5)
+        finally:
+            stop.set()
+            with db.connect(url, autocommit=True) as conn:
+                conn.execute("NOTIFY tasks")  # wake it to see the stop
+            thread.join(10)
+            app.extensions["db_pool"].close()
+
+
+def listening(url: str) -> bool:
+    with db.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query = 'LISTEN tasks'"
+                            ).fetchone()["n"] > 0
+
+
+def wait_until(check, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
