@@ -16,6 +16,7 @@ class Sent:
     answers: list[tuple[int, bytes]]             # per request, in request order: (status, body)
     latencies_ms: list[float] = field(default_factory=list)
     reconnects: int = 0
+    client_cpu_seconds: float = 0.0                # this process's CPU while sending
 
     def percentile(self, p: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -64,12 +65,13 @@ def send_all(requests: list[bytes], port: int, connections: int, timeout: float 
             sock.close()
 
     threads = [threading.Thread(target=work, daemon=True) for _ in range(connections)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return Sent(time.perf_counter() - started, answers, latencies, state["reconnects"])
+    return Sent(time.perf_counter() - started, answers, latencies, state["reconnects"],
+                time.process_time() - cpu)
 
 
 def _exchange(sock: socket.socket, raw: bytes) -> tuple[int, bytes, bool]:

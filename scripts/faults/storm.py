@@ -31,6 +31,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 for path in (ROOT, ROOT / "scripts" / "bench"):
@@ -38,7 +39,7 @@ for path in (ROOT, ROOT / "scripts" / "bench"):
         sys.path.insert(0, str(path))
 
 import ingest  # noqa: E402  (scripts/bench/ingest.py)
-from common import default_database_url, scratch_database, server  # noqa: E402
+from common import default_database_url, scratch_database, server, with_database  # noqa: E402
 
 from scripts.faults.compare import differences, projection  # noqa: E402
 from scripts.faults.sender import Sent, send_all  # noqa: E402
@@ -134,6 +135,8 @@ class Outcome:
     missing: int
     replay_differences: int
     in_order_differences: list[str]
+    cpu_seconds: tuple[float, float, float]   # gunicorn, PostgreSQL backends, this sender
+    load_before: float                        # the machine's 1-minute load average at the start
 
     @property
     def ok(self) -> bool:
@@ -143,12 +146,15 @@ class Outcome:
 
 def run_storm(storm: Storm, url: str, reference_url: str, connections: int, tmp: Path,
               quiet_logs: bool = False) -> Outcome:
+    load_before = os.getloadavg()[0]
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     ingest.record_setup(url, storm.plan)
     env = {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, "REPLICATE_API_TOKEN": "storm",
            **({"LOG_LEVEL": "WARNING"} if quiet_logs else {})}
-    with ingest.gunicorn("wsgi:app", env, tmp / "gunicorn.log", quiet_logs) as (port, _):
-        sent = send_all(ingest.signed_requests(storm.deliveries, secret, port), port, connections)
+    with ingest.gunicorn("wsgi:app", env, tmp / "gunicorn.log", quiet_logs) as (port, master):
+        requests = ingest.signed_requests(storm.deliveries, secret, port)
+        with ingest.CpuMeter(master, with_database(url, "postgres"), urlsplit(url).path.lstrip("/")) as cpu:
+            sent = send_all(requests, port, connections)
     answers = Counter(_answer(status, body) for status, body in sent.answers)
     unique = {w.webhook_id for w in storm.in_order}
     with db.connect(url) as conn:
@@ -157,7 +163,8 @@ def run_storm(storm: Storm, url: str, reference_url: str, connections: int, tmp:
         replayed = replay(conn, check=True).differences
     record_in_order(reference_url, storm)
     return Outcome(sent, answers, len(keys), len(unique), len(unique - set(keys)), replayed,
-                   differences(projection(url), projection(reference_url)))
+                   differences(projection(url), projection(reference_url)),
+                   (cpu.gunicorn_seconds, cpu.postgres_seconds, sent.client_cpu_seconds), load_before)
 
 
 def _answer(status: int, body: bytes) -> str:
@@ -177,6 +184,10 @@ def report(storm: Storm, outcome: Outcome, connections: int) -> str:
         f"sent: {connections} connections to gunicorn ({ingest.gunicorn_settings()}): {s.seconds:.1f} s, "
         f"{total / s.seconds:,.0f} webhooks/s, p50 {s.percentile(50):.1f} ms, p99 {s.percentile(99):.1f} ms, "
         f"reconnects {s.reconnects}",
+        "CPU per webhook: " + ", ".join(f"{name} {seconds / total * 1e6:,.0f} us" for name, seconds in zip(
+            ("gunicorn", "PostgreSQL", "sender"), outcome.cpu_seconds, strict=True))
+        + f" ({sum(outcome.cpu_seconds) / s.seconds:.2f} of {os.cpu_count()} cores busy; load average before "
+        f"the run {outcome.load_before:.1f})",
         "answers: " + ", ".join(f"{k}: {v:,}" for k, v in sorted(outcome.answers.items())),
         f"events: {outcome.events:,} replicate.webhook events for {outcome.unique_ids:,} unique ids; "
         f"missing {outcome.missing}",
