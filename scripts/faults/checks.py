@@ -109,6 +109,14 @@ def _outputs(conn, storage: Path, c: Counts) -> None:
     c.processed_twice = sum(n - 1 for n in per_output.values())
     c.outputs_failed = conn.execute("SELECT count(*) AS n FROM events WHERE type = 'output.failed'"
                                     ).fetchone()["n"]
+    if c.processed_twice:
+        c.problems.append(f"{c.processed_twice} outputs recorded as processed more than once")
+    _files(rows, storage, c)
+
+
+def _files(rows: list[dict], storage: Path, c: Counts) -> None:
+    """One processed file and one original per output.processed, of the recorded sizes; no
+    other files, no temporary ones left behind."""
     expected = {}
     for r in rows:
         d = r["data"]
@@ -119,8 +127,6 @@ def _outputs(conn, storage: Path, c: Counts) -> None:
     c.tmp_files = sum(1 for p in storage.rglob(".*.tmp"))
     c.file_problems = sum(1 for p, size in expected.items() if on_disk.get(p) != size) + \
         sum(1 for p in on_disk if p not in expected)
-    if c.processed_twice:
-        c.problems.append(f"{c.processed_twice} outputs recorded as processed more than once")
     if c.file_problems or c.files != c.outputs_processed:
         c.problems.append(f"stored files do not match output.processed: {c.files} processed files for "
                           f"{c.outputs_processed} events, {c.file_problems} missing, wrong size or "

@@ -24,60 +24,63 @@ class Sent:
 
 
 def send_all(requests: list[bytes], port: int, connections: int, timeout: float = 30.0) -> Sent:
-    """Each thread owns one connection and takes the next unsent request. A request whose
-    connection broke before any answer came is sent again on a new connection (the webhook
-    endpoint is idempotent by webhook-id); that is counted in reconnects."""
-    answers: list[tuple[int, bytes]] = [(0, b"")] * len(requests)
-    latencies: list[float] = []
-    state = {"next": 0, "reconnects": 0}
-    lock = threading.Lock()
-
-    def take() -> int | None:
-        with lock:
-            i = state["next"]
-            if i >= len(requests):
-                return None
-            state["next"] = i + 1
-            return i
-
-    def work() -> None:
-        sock = None
-        while (i := take()) is not None:
-            for _attempt in range(3):
-                sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
-                started = time.perf_counter()
-                try:
-                    status, body, reusable = _exchange(sock, requests[i])
-                except (OSError, http.client.HTTPException):
-                    sock.close()
-                    sock = None
-                    with lock:
-                        state["reconnects"] += 1
-                    continue
-                answers[i] = (status, body)
-                with lock:
-                    latencies.append((time.perf_counter() - started) * 1000)
-                if not reusable:
-                    sock.close()
-                    sock = None
-                break
-        if sock:
-            sock.close()
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(connections)]
+    """Each of `connections` threads owns one connection and takes the next unsent request."""
+    sender = _Sender(requests, port, timeout)
+    threads = [threading.Thread(target=sender.work, daemon=True) for _ in range(connections)]
     started, cpu = time.perf_counter(), time.process_time()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return Sent(time.perf_counter() - started, answers, latencies, state["reconnects"],
+    return Sent(time.perf_counter() - started, sender.answers, sender.latencies, sender.reconnects,
                 time.process_time() - cpu)
 
 
-def _exchange(sock: socket.socket, raw: bytes) -> tuple[int, bytes, bool]:
-    """Send one request, read its answer: (status, body, whether the connection stays open)."""
-    sock.sendall(raw)
-    response = http.client.HTTPResponse(sock)
-    response.begin()
-    body = response.read()
-    return response.status, body, not response.will_close
+class _Sender:
+    """A request whose connection broke before any answer came is sent again on a new
+    connection (the webhook endpoint is idempotent by webhook-id); counted in reconnects."""
+
+    def __init__(self, requests: list[bytes], port: int, timeout: float) -> None:
+        self.requests, self.port, self.timeout = requests, port, timeout
+        self.answers: list[tuple[int, bytes]] = [(0, b"")] * len(requests)
+        self.latencies: list[float] = []
+        self.reconnects = 0
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._next >= len(self.requests):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def work(self) -> None:
+        sock = None
+        while (i := self.take()) is not None:
+            for _attempt in range(3):
+                sock = sock or socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
+                try:
+                    sock = self._one(sock, i)
+                    break
+                except (OSError, http.client.HTTPException):
+                    sock.close()
+                    sock = None
+                    with self._lock:
+                        self.reconnects += 1
+        if sock:
+            sock.close()
+
+    def _one(self, sock: socket.socket, i: int) -> socket.socket | None:
+        """Send request i and keep its answer; the socket if it stays open, else None."""
+        started = time.perf_counter()
+        sock.sendall(self.requests[i])
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.answers[i] = (response.status, response.read())
+        with self._lock:
+            self.latencies.append((time.perf_counter() - started) * 1000)
+        if response.will_close:
+            sock.close()
+            return None
+        return sock
