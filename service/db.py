@@ -93,7 +93,9 @@ def check_idle(pool: ConnectionPool, conn: psycopg.Connection) -> None:
     end of file); only then does this ask the server (an empty query), and when that fails
     it has the pool replace all its dead connections at once, not one failed request each.
     The pool then hands this request a new connection after a pause (about a second)."""
-    if not select.select([conn.fileno()], [], [], 0)[0]:
+    readable = select.poll()  # not select.select: it fails on descriptors above 1023
+    readable.register(conn.fileno(), select.POLLIN)
+    if not readable.poll(0):
         return  # nothing from the server: a poll costs microseconds, a round trip ~50 us
     try:
         ConnectionPool.check_connection(conn)
