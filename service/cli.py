@@ -111,7 +111,8 @@ def worker_command(once: bool) -> None:
     ctx = worker_context(current_app._get_current_object())
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
-                    periodic=lambda: reconcile(ctx))
+                    periodic=lambda: reconcile(ctx),
+                    periodic_every=current_app.config["RECONCILE_INTERVAL_SECONDS"])
     if once:
         while worker.run_once():
             pass

@@ -104,6 +104,7 @@ class Settings:
     API_KEYS: tuple[str, ...] = field(default=(), repr=False)
     # Worker and reconciler
     RECONCILE_AFTER_SECONDS: int = 300
+    RECONCILE_INTERVAL_SECONDS: int = 60
     WORKER_POLL_SECONDS: int = 5
     WORKER_LEASE_SECONDS: int = 300
     # Downloads, imaging and storage: kept as text here, parsed and range-checked at startup
@@ -164,6 +165,7 @@ class Settings:
             WEBHOOK_MAX_BYTES=_int(env, "WEBHOOK_MAX_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
             API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
+            RECONCILE_INTERVAL_SECONDS=_int(env, "RECONCILE_INTERVAL_SECONDS", 60, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
             WORKER_LEASE_SECONDS=_int(env, "WORKER_LEASE_SECONDS", 300, 3, 24 * 3600),
             **{name: env.get(name, "").strip() or None for name in _PASSED_THROUGH},

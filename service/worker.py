@@ -56,6 +56,7 @@ class Worker:
         self.lease_seconds, self.poll_seconds = lease_seconds, poll_seconds
         self.periodic, self.periodic_every = periodic, periodic_every
         self._next_periodic = 0.0
+        self._can_listen = False
 
     def run_once(self) -> bool:
         """Claim and run one task; False when there was none ready."""
@@ -71,6 +72,7 @@ class Worker:
         logger.info("worker started", extra={"action": "worker_start", "worker": self.ctx.worker,
                                              "kinds": ",".join(self.handlers)})
         listener = self._listen()
+        self._can_listen = listener is not None
         while not stop.is_set():
             self._maybe_periodic()
             try:
@@ -78,7 +80,8 @@ class Worker:
                     continue
             except psycopg.OperationalError as exc:  # the database restarted: wait and go on
                 logger.warning("database unavailable: %s", exc, extra={"action": "worker_db_error"})
-                listener = None
+            if self._can_listen and (listener is None or listener.closed):
+                listener = self._listen()  # a restart closed it: without it, every task waits a poll
             self._wait(listener, stop)
         logger.info("worker stopped", extra={"action": "worker_stop", "worker": self.ctx.worker})
 
@@ -142,13 +145,14 @@ class Worker:
 
     def _wait(self, listener: psycopg.Connection | None, stop: threading.Event) -> None:
         if listener is None or listener.closed:
-            stop.wait(self.poll_seconds)
+            # poll where LISTEN is impossible; where a restart broke it, listen again soon
+            stop.wait(min(self.poll_seconds, 1.0) if self._can_listen else self.poll_seconds)
             return
         try:
             for _ in listener.notifies(timeout=self.poll_seconds, stop_after=1):
                 pass
-        except psycopg.Error:
-            stop.wait(self.poll_seconds)
+        except psycopg.Error:  # the connection broke: back to the loop, which listens again
+            listener.close()
 
 
 class _LeaseKeeper:
