@@ -286,7 +286,7 @@ def test_keyboard_reaches_the_controls_in_order(page, stack):
 @pytest.fixture(scope="module")
 def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
     """The app alone (no worker: its jobs stay pending), started with SUPABASE_URL and
-    SUPABASE_ANON_KEY in its environment, as docs/deploy.md has operators set them."""
+    SUPABASE_ANON_KEY in its environment, as docs/deploy.md used to have operators set them."""
     name = f"rjs_browser_sb_{os.getpid()}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')

@@ -56,8 +56,10 @@ async function stream(config, feed, changed, status) {
     if (!response.ok || !response.body) {
       // 503: the service has as many streams open as it allows; poll for a while, then try again
       status(`Live stream busy; polling every ${POLL_MS / 1000} s`);
-      changed(EVERYTHING);
-      await sleep(6 * POLL_MS);
+      for (let i = 0; i < 6 && !feed.stopped; i++) {
+        changed(EVERYTHING);
+        await sleep(POLL_MS);
+      }
       continue;
     }
     try {
