@@ -12,6 +12,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -283,17 +284,12 @@ def test_keyboard_reaches_the_controls_in_order(page, stack):
 
 # --- SUPABASE_URL and SUPABASE_ANON_KEY set: still the service's own stream -------------
 
-@pytest.fixture(scope="module")
-def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
-    """The app alone (no worker: its jobs stay pending), started with SUPABASE_URL and
-    SUPABASE_ANON_KEY in its environment, as docs/deploy.md used to have operators set them."""
-    name = f"rjs_browser_sb_{os.getpid()}"
+@contextmanager
+def app_alone(server_url: str, template_db: str, name: str, config: dict) -> Iterator[str]:
+    """The app alone (no worker: its jobs stay pending) on a database of its own, over HTTP."""
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SUPABASE_URL", "https://realtime-test.supabase.co")
-        env.setenv("SUPABASE_ANON_KEY", "anon-test-key")
-        app = create_app({"TESTING": True, "DATABASE_URL": with_database(server_url, name)})
+    app = create_app({"TESTING": True, "DATABASE_URL": with_database(server_url, name), **config})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -303,6 +299,17 @@ def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
         app.extensions["db_pool"].close()
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
+    """Started with SUPABASE_URL and SUPABASE_ANON_KEY in its environment, as
+    docs/deploy.md used to have operators set them."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SUPABASE_URL", "https://realtime-test.supabase.co")
+        env.setenv("SUPABASE_ANON_KEY", "anon-test-key")
+        with app_alone(server_url, template_db, f"rjs_browser_sb_{os.getpid()}", {}) as url:
+            yield url
 
 
 def test_with_supabase_keys_set_live_updates_come_from_the_event_stream(browser, supabase_app):
@@ -333,6 +340,25 @@ def test_with_supabase_keys_set_live_updates_come_from_the_event_stream(browser,
     finally:
         context.close()
     assert elsewhere == [] and errors == [], (elsewhere, errors)
+
+
+def test_a_busy_stream_polls_every_10_s_meanwhile(browser, server_url, template_db):
+    """Every stream slot taken (503): the page polls, so a new job still shows up."""
+    with app_alone(server_url, template_db, f"rjs_browser_busy_{os.getpid()}",
+                   {"DASHBOARD_STREAMS": 0}) as base_url:
+        context = browser.new_context(viewport=DESKTOP, base_url=base_url)
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto("/#/")
+            expect(page.locator("tbody td.empty")).to_be_visible()
+            page.get_by_label("Auto-refresh").check()
+            expect(page.locator("#live-status")).to_have_text("Live stream busy; polling every 10 s")
+            page.wait_for_timeout(500)  # past the first refetch
+            created = create(base_url)
+            expect(row(page, created)).to_be_visible(timeout=15000)  # the next poll, no Refresh
+        finally:
+            context.close()
 
 
 def create(base_url: str) -> str:
