@@ -31,23 +31,3 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$wanted" ]]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements" >&2
   echo "$wanted" > "$stamp"
 fi
-
-# The dashboard's one browser dependency, supabase-js (for live updates through Supabase
-# Realtime), comes from the npm registry and is served by the app from node_modules. The
-# page works without it: live updates then come from the service's own event stream.
-if [[ -f package.json ]]; then
-  if ! command -v npm >/dev/null 2>&1; then
-    echo "setup: npm not found; skipping supabase-js (the dashboard still works: only Supabase Realtime needs it)" >&2
-  else
-    npm_stamp="node_modules/.installed-package-lock"
-    npm_wanted=$(sha256sum package-lock.json | cut -d' ' -f1)
-    if [[ ! -f $npm_stamp || $(cat "$npm_stamp") != "$npm_wanted" ]]; then
-      echo "setup: npm ci (supabase-js for the dashboard)" >&2
-      if npm ci --no-audit --no-fund --loglevel=error >&2; then
-        echo "$npm_wanted" > "$npm_stamp"
-      else
-        echo "setup: npm ci failed; the dashboard still works, without Supabase Realtime" >&2
-      fi
-    fi
-  fi
-fi

@@ -31,7 +31,7 @@ _PASSED_THROUGH = (
     "DOWNLOAD_MAX_BYTES", "DOWNLOAD_CONNECT_TIMEOUT", "DOWNLOAD_READ_TIMEOUT", "DOWNLOAD_TOTAL_TIMEOUT",
     "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
     "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
-    "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_ANON_KEY", "SUPABASE_JWT_SECRET",
+    "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
 )
 
 
@@ -126,8 +126,6 @@ class Settings:
     STORAGE_BUCKET: str = "outputs"
     SUPABASE_URL: str | None = None
     SUPABASE_SERVICE_ROLE_KEY: str | None = field(default=None, repr=False)
-    # The public anon key: with SUPABASE_URL, the dashboard's live updates use Supabase Realtime
-    SUPABASE_ANON_KEY: str | None = field(default=None, repr=False)
     # Supabase user access tokens for the jobs API (service/auth.py): the project's JWT
     # secret (HS256) and/or its JWKS URL (asymmetric signing keys)
     SUPABASE_JWT_SECRET: str | None = field(default=None, repr=False)

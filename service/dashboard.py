@@ -18,13 +18,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
-from flask import Blueprint, Response, abort, current_app, request, send_file, send_from_directory
+from flask import Blueprint, Response, current_app, request, send_from_directory
 from flask.blueprints import BlueprintSetupState
 from psycopg_pool import ConnectionPool
 
 from service import changes
 from service.auth import Unauthorized, key_matches
-from service.config import ROOT
 from service.db import queries
 from service.errors import NotFound, ServiceError
 from service.jobs import InvalidRequest
@@ -34,9 +33,7 @@ bp = Blueprint("dashboard", __name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS_DIR = STATIC_DIR / "assets"
-# supabase-js's browser build, installed by `npm ci` (scripts/setup.sh); Netlify's build copies it.
-SUPABASE_JS = ROOT / "node_modules" / "@supabase" / "supabase-js" / "dist" / "umd" / "supabase.js"
-PUBLIC_ENDPOINTS = {"dashboard.index", "dashboard.asset", "dashboard.supabase_js", "dashboard.config"}
+PUBLIC_ENDPOINTS = {"dashboard.index", "dashboard.asset", "dashboard.config"}
 HEX_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
 WINDOWS = (15, 60, 360, 1440)  # minutes the health panel can look back
 BUCKETS = 30
@@ -85,19 +82,15 @@ def _headers(response: Response) -> Response:
 
 
 def content_security_policy(config: dict[str, Any]) -> str:
-    """No inline script or style; images from here, stored outputs and where outputs come from."""
+    """No inline script or style; images from here, stored outputs (PUBLIC_BASE_URL's /files,
+    Supabase Storage) and where outputs come from; connections to this origin only (the API
+    and its event stream)."""
     images = ["'self'", "data:", "https://replicate.delivery", "https://*.replicate.delivery"]
     images += [f"http://{h}:* https://{h}:*" for h in _hosts(config.get("OUTPUT_ALLOWED_HOSTS"))]
-    connect = ["'self'"]
-    for name in ("PUBLIC_BASE_URL", "SUPABASE_URL"):
-        origin = _origin(config.get(name))
-        if origin:
-            images.append(origin)
-            if name == "SUPABASE_URL":
-                connect += [origin, origin.replace("https://", "wss://").replace("http://", "ws://")]
+    images += [o for o in (_origin(config.get(n)) for n in ("PUBLIC_BASE_URL", "SUPABASE_URL")) if o]
     return "; ".join([
         "default-src 'self'", "script-src 'self'", "style-src 'self'", f"img-src {' '.join(images)}",
-        f"connect-src {' '.join(connect)}", "object-src 'none'", "base-uri 'none'",
+        "connect-src 'self'", "object-src 'none'", "base-uri 'none'",
         "form-action 'self'", "frame-ancestors 'none'"])
 
 
@@ -124,23 +117,12 @@ def asset(name: str) -> Response:
     return send_from_directory(ASSETS_DIR, name)
 
 
-@bp.get("/assets/vendor/supabase.js")
-def supabase_js() -> Response:
-    copied = ASSETS_DIR / "vendor" / "supabase.js"
-    path = copied if copied.is_file() else SUPABASE_JS
-    if not path.is_file():
-        abort(404, description="supabase-js is not installed: run `npm ci` (scripts/setup.sh does)")
-    return send_file(path, mimetype="text/javascript", max_age=3600)
-
-
 @bp.get("/api/dashboard/config")
 def config() -> dict:
     """What the page needs before anything else; public, like the page itself."""
     cfg = current_app.config
-    supabase = ({"url": cfg["SUPABASE_URL"], "anon_key": cfg["SUPABASE_ANON_KEY"]}
-                if cfg.get("SUPABASE_URL") and cfg.get("SUPABASE_ANON_KEY") else None)
-    return {"auth_required": _locked(), "supabase": supabase,
-            "stream": "/api/dashboard/stream", "reconcile_after_seconds": cfg["RECONCILE_AFTER_SECONDS"],
+    return {"auth_required": _locked(), "stream": "/api/dashboard/stream",
+            "reconcile_after_seconds": cfg["RECONCILE_AFTER_SECONDS"],
             "statuses": list(JOB_STATUSES), "postprocess_modes": list(POSTPROCESS_MODES),
             "health_windows": list(WINDOWS)}
 

@@ -54,24 +54,28 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy(client):
     assert client.get("/assets/../dashboard.py").status_code == 404
 
 
-def test_supabase_js_is_served_from_node_modules_never_a_cdn(client):
-    if not dashboard.SUPABASE_JS.is_file():
-        pytest.skip("node_modules is not installed (npm ci); the page works without it")
-    response = client.get("/assets/vendor/supabase.js")
-    assert response.status_code == 200 and response.data.startswith(b"var supabase=")
-    for name in ("index.html", "assets/app.js", "assets/live.js"):
-        assert b"cdn" not in (dashboard.STATIC_DIR / name).read_bytes().lower()
+def test_the_page_loads_nothing_from_elsewhere(client):
+    for path in sorted(dashboard.STATIC_DIR.rglob("*")):
+        if path.is_file():
+            text = path.read_text().lower()
+            assert "cdn" not in text and "vendor/" not in text, path
+    assert client.get("/assets/vendor/supabase.js").status_code == 404  # no supabase-js any more
 
 
-def test_config_names_the_live_update_mode(db_url):
-    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "SUPABASE_URL": "https://abc.supabase.co",
-                      "SUPABASE_ANON_KEY": "anon-key", "RECONCILE_AFTER_SECONDS": 120})
+def test_with_supabase_keys_set_the_live_updates_still_come_from_the_stream(db_url, monkeypatch):
+    """SUPABASE_URL and the anon key (set for Storage and users' own apps, docs/deploy.md) do
+    not switch the page to Supabase Realtime, where the anon role would receive nothing."""
+    monkeypatch.setenv("SUPABASE_URL", "https://abc.supabase.co")
+    monkeypatch.setenv("SUPABASE_ANON_KEY", "anon-key")
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "RECONCILE_AFTER_SECONDS": 120})
     try:
         body = app.test_client().get("/api/dashboard/config").get_json()
-        assert body["supabase"] == {"url": "https://abc.supabase.co", "anon_key": "anon-key"}
+        assert "supabase" not in body and body["stream"] == "/api/dashboard/stream"
         assert body["reconcile_after_seconds"] == 120 and body["auth_required"] is False
         policy = app.test_client().get("/").headers["Content-Security-Policy"]
-        assert "connect-src 'self' https://abc.supabase.co wss://abc.supabase.co" in policy
+        assert "; connect-src 'self'; " in policy  # the page talks to the service only
+        assert "img-src " in policy and "https://abc.supabase.co" in policy.split("img-src ")[1].split(";")[0]
+        assert "SUPABASE_ANON_KEY" not in app.config  # nothing reads it
     finally:
         app.extensions["db_pool"].close()
 
@@ -289,9 +293,10 @@ def test_netlify_publishes_the_page_and_proxies_the_service():
     command = config["build"]["command"]
     assert "SERVICE_URL" in command and "_redirects" in command
     assert "for prefix in api webhooks files" in command
-    assert "supabase-js/dist/umd/supabase.js service/static/assets/vendor/supabase.js" in command
+    assert "npm" not in command  # nothing to install: the page has no npm dependency
     headers = config["headers"][0]["values"]
     policy = headers["Content-Security-Policy"]
     assert "unsafe-inline" not in policy and "script-src 'self'" in policy
+    assert "; connect-src 'self'; " in policy  # the API and its stream, proxied to the service
     assert "frame-ancestors 'none'" in policy
     assert headers["X-Frame-Options"] == "DENY" and headers["Referrer-Policy"] == "same-origin"

@@ -7,12 +7,12 @@ Skips, saying why, when Playwright or Chromium is missing (./test.sh installs bo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -20,7 +20,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from service import create_app, dashboard
+from service import create_app
 from tests.conftest import with_database
 from tests.stack import Stack, running_stack
 
@@ -282,55 +282,14 @@ def test_keyboard_reaches_the_controls_in_order(page, stack):
     assert outline != "none"
 
 
-# --- Supabase Realtime, with Realtime itself played by the test -------------------------
+# --- SUPABASE_URL and SUPABASE_ANON_KEY set: still the service's own stream -------------
 
-class FakeRealtime:
-    """Just enough of Supabase Realtime's websocket protocol (Phoenix channels, vsn 2.0.0:
-    [join_ref, ref, topic, event, payload]) to let supabase-js subscribe to postgres_changes
-    on jobs, and to send it a change or drop the connection."""
-
-    BINDING_ID = 7
-
-    def __init__(self) -> None:
-        self.sockets: list = []
-        self.joins: list[dict] = []
-        self.topic = ""
-
-    def connect(self, ws) -> None:  # page.route_web_socket handler: no real server behind it
-        self.sockets.append(ws)
-        ws.on_message(lambda message: self.receive(ws, message))
-
-    def receive(self, ws, message: str | bytes) -> None:
-        join_ref, ref, topic, event, payload = json.loads(message)
-        response: dict = {}
-        if event == "phx_join":
-            self.topic = topic
-            self.joins.append(payload)
-            response = {"postgres_changes": [{"id": self.BINDING_ID, **binding}
-                                             for binding in payload["config"]["postgres_changes"]]}
-        ws.send(json.dumps([join_ref, ref, topic, "phx_reply", {"status": "ok", "response": response}]))
-
-    def job_changed(self, job_id: str) -> None:
-        data = {"schema": "public", "table": "jobs", "commit_timestamp": "2026-01-01T00:00:00Z",
-                "type": "UPDATE", "record": {"id": job_id, "status": "pending"}, "old_record": {"id": job_id},
-                "columns": [{"name": "id", "type": "uuid"}, {"name": "status", "type": "text"}],
-                "errors": None}
-        self.sockets[-1].send(json.dumps([None, None, self.topic, "postgres_changes",
-                                          {"ids": [self.BINDING_ID], "data": data}]))
-
-    def drop(self) -> None:
-        self.sockets[-1].close(code=1006, reason="network gone")
-
-
-@pytest.fixture(scope="module")
-def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
-    """The app alone (no worker: its jobs stay pending) configured for Supabase Realtime."""
-    name = f"rjs_browser_rt_{os.getpid()}"
+@contextmanager
+def app_alone(server_url: str, template_db: str, name: str, config: dict) -> Iterator[str]:
+    """The app alone (no worker: its jobs stay pending) on a database of its own, over HTTP."""
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    app = create_app({"TESTING": True, "DATABASE_URL": with_database(server_url, name),
-                      "SUPABASE_URL": "https://realtime-test.supabase.co",
-                      "SUPABASE_ANON_KEY": "anon-test-key"})
+    app = create_app({"TESTING": True, "DATABASE_URL": with_database(server_url, name), **config})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -342,38 +301,64 @@ def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_supabase_realtime_changes_refetch_and_a_reconnect_catches_up(browser, supabase_app):
-    if not dashboard.SUPABASE_JS.is_file():
-        pytest.skip("supabase-js is not installed (npm ci); the page works without it")
+@pytest.fixture(scope="module")
+def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
+    """Started with SUPABASE_URL and SUPABASE_ANON_KEY in its environment, as
+    docs/deploy.md used to have operators set them."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SUPABASE_URL", "https://realtime-test.supabase.co")
+        env.setenv("SUPABASE_ANON_KEY", "anon-test-key")
+        with app_alone(server_url, template_db, f"rjs_browser_sb_{os.getpid()}", {}) as url:
+            yield url
+
+
+def test_with_supabase_keys_set_live_updates_come_from_the_event_stream(browser, supabase_app):
+    """Before, these settings switched the page to Supabase Realtime with the anon key, which
+    since sql/009_supabase.sql receives nothing: the page said "live" and stayed still."""
     context = browser.new_context(viewport=DESKTOP, base_url=supabase_app)
-    realtime = FakeRealtime()
+    elsewhere: list[str] = []
+    errors: list[str] = []
     try:
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
-        page.route_web_socket(re.compile(r"^wss://realtime-test\.supabase\.co/realtime/v1/websocket"),
-                              realtime.connect)
+        page.on("request", lambda r: None if r.url.startswith(supabase_app) else elsewhere.append(r.url))
+        page.on("websocket", lambda ws: elsewhere.append(ws.url))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto("/#/")
         expect(page.locator("tbody td.empty")).to_be_visible()
-        with page.expect_response(lambda r: "/api/jobs?" in r.url):  # subscribed: refetch once
+        with page.expect_request(lambda r: r.url.endswith("/api/dashboard/stream")):
             page.get_by_label("Auto-refresh").check()
-        expect(page.locator("#live-status")).to_have_text("Live: Supabase Realtime")
-        assert realtime.joins[0]["config"]["postgres_changes"] == [
-            {"event": "*", "schema": "public", "table": "jobs"}]
-        assert "apikey=anon-test-key" in realtime.sockets[0].url
+        expect(page.locator("#live-status")).to_have_text(re.compile(r"^Live: server events"), timeout=20000)
 
         first = create(supabase_app)
-        page.wait_for_timeout(700)
-        expect(row(page, first)).to_have_count(0)  # nothing pushed, nothing fetched
-        realtime.job_changed(first)
-        expect(row(page, first)).to_be_visible()
-
+        # no Refresh pressed, and sooner than the 10 s polling the page falls back to
+        expect(row(page, first)).to_be_visible(timeout=8000)
         second = create(supabase_app)
-        realtime.drop()  # the change to the second job is lost with the connection...
-        expect(row(page, second)).to_be_visible()  # ...and the rejoin refetched it
-        assert len(realtime.joins) == 2
-        expect(page.locator("#live-status")).to_have_text("Live: Supabase Realtime")
+        expect(row(page, second)).to_be_visible(timeout=8000)
+        expect(page.locator("#live-status")).to_have_text(re.compile(r"^Live: server events"))
     finally:
         context.close()
+    assert elsewhere == [] and errors == [], (elsewhere, errors)
+
+
+def test_a_busy_stream_polls_every_10_s_meanwhile(browser, server_url, template_db):
+    """Every stream slot taken (503): the page polls, so a new job still shows up."""
+    with app_alone(server_url, template_db, f"rjs_browser_busy_{os.getpid()}",
+                   {"DASHBOARD_STREAMS": 0}) as base_url:
+        context = browser.new_context(viewport=DESKTOP, base_url=base_url)
+        try:
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto("/#/")
+            expect(page.locator("tbody td.empty")).to_be_visible()
+            page.get_by_label("Auto-refresh").check()
+            expect(page.locator("#live-status")).to_have_text("Live stream busy; polling every 10 s")
+            page.wait_for_timeout(500)  # past the first refetch
+            created = create(base_url)
+            expect(row(page, created)).to_be_visible(timeout=15000)  # the next poll, no Refresh
+        finally:
+            context.close()
 
 
 def create(base_url: str) -> str:

@@ -1,6 +1,6 @@
 // The dashboard: a hash router over three views (job list, job detail, new job), the
 // Refresh button with "updated N s ago", and the auto-refresh toggle that turns on live
-// updates (Supabase Realtime, else the service's event stream, else polling).
+// updates (the service's event stream, else polling).
 
 import { api, setApiKey } from "./api.js";
 import { announce, h, replace } from "./dom.js";

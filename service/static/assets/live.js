@@ -1,8 +1,9 @@
-// Live updates, best first: Supabase Realtime on the jobs table (when the service is
-// configured with SUPABASE_URL and SUPABASE_ANON_KEY), else the service's Server-Sent
-// Events stream (/api/dashboard/stream), else polling. Each tells the page which jobs
-// changed; after any (re)connection it says "everything" ("*"), so what was missed while
-// disconnected is refetched.
+// Live updates: the service's Server-Sent Events stream (/api/dashboard/stream), else
+// polling. Each tells the page which jobs changed; after any (re)connection it says
+// "everything" ("*"), so what was missed while disconnected is refetched. Not Supabase
+// Realtime: this page signs in with an API key and shows every job, while Realtime checks
+// row-level security for a Supabase role, and the public anon key sees no job at all
+// (sql/009_supabase.sql): a subscription with it would receive nothing.
 
 import { authHeaders } from "./api.js";
 
@@ -15,8 +16,7 @@ export function startLive(config, { changed, status }) {
     feed.stopped = true;
     for (const fn of feed.stops) fn();
   };
-  const run = config.supabase ? realtime(config.supabase, feed, changed, status) : stream(config, feed, changed, status);
-  run.catch((error) => {
+  stream(config, feed, changed, status).catch((error) => {
     if (feed.stopped) return;
     status(`Live updates unavailable (${error.message}); polling every ${POLL_MS / 1000} s`);
     poll(feed, changed);
@@ -30,47 +30,6 @@ function poll(feed, changed) {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-// --- Supabase Realtime -------------------------------------------------------------------
-
-function loadScript(src) {
-  return new Promise((resolve, reject) => {
-    const existing = document.querySelector(`script[src="${src}"]`);
-    if (existing && window.supabase) return resolve();
-    const script = document.createElement("script");
-    script.src = src;
-    script.onload = () => resolve();
-    script.onerror = () => reject(new Error("supabase-js is not installed on the service (npm ci)"));
-    document.head.append(script);
-  });
-}
-
-async function realtime(settings, feed, changed, status) {
-  status("Connecting to Supabase Realtime…");
-  await loadScript("assets/vendor/supabase.js");
-  const client = window.supabase.createClient(settings.url, settings.anon_key, {
-    auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-  });
-  const channel = client.channel("dashboard-jobs")
-    .on("postgres_changes", { event: "*", schema: "public", table: "jobs" }, (change) => {
-      const id = (change.new && change.new.id) || (change.old && change.old.id);
-      changed(id ? [id] : EVERYTHING);
-    })
-    .subscribe((state, error) => {
-      if (state === "SUBSCRIBED") {
-        status("Live: Supabase Realtime");
-        changed(EVERYTHING);  // connected or reconnected: fetch what may have been missed
-      } else if (state === "CHANNEL_ERROR" || state === "TIMED_OUT") {
-        status(`Reconnecting to Supabase Realtime…${error ? ` (${error.message})` : ""}`);
-      } else if (state === "CLOSED" && !feed.stopped) {
-        status("Supabase Realtime closed; reconnecting…");
-      }
-    });
-  feed.stops.push(() => {
-    client.removeChannel(channel);
-    client.realtime.disconnect();
-  });
-}
 
 // --- Server-Sent Events over fetch (so the API key can go in a header) -----------------
 
@@ -97,8 +56,10 @@ async function stream(config, feed, changed, status) {
     if (!response.ok || !response.body) {
       // 503: the service has as many streams open as it allows; poll for a while, then try again
       status(`Live stream busy; polling every ${POLL_MS / 1000} s`);
-      changed(EVERYTHING);
-      await sleep(6 * POLL_MS);
+      for (let i = 0; i < 6 && !feed.stopped; i++) {
+        changed(EVERYTHING);
+        await sleep(POLL_MS);
+      }
       continue;
     }
     try {
