@@ -61,15 +61,20 @@ def template_db(server_url: str) -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def db_url(server_url: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test."""
-    name = f"rjs_test_{os.getpid()}_{next(_counter)}"
+def _clone(server_url: str, template: str, prefix: str) -> Iterator[str]:
+    """A fresh copy of a template database for one test, dropped after it."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
     with _admin(server_url) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     yield with_database(server_url, name)
     with _admin(server_url) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    yield from _clone(server_url, template_db, "rjs_test")
 
 
 @pytest.fixture
@@ -118,9 +123,4 @@ def supabase_template(server_url: str) -> Iterator[str]:
 @pytest.fixture
 def supabase_url(server_url: str, supabase_template: str) -> Iterator[str]:
     """A fresh clone of the Supabase-like project for one test."""
-    name = f"rjs_supabase_{os.getpid()}_{next(_counter)}"
-    with _admin(server_url) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{supabase_template}"')
-    yield with_database(server_url, name)
-    with _admin(server_url) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _clone(server_url, supabase_template, "rjs_supabase")
