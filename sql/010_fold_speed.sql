@@ -22,8 +22,9 @@
 --   * rebuild_jobs wrote every job twice: job_facts rows first, then refresh_jobs(NULL)
 --     rewrote each of them with its derived columns (a second row version, and every index
 --     updated again). Now each job is inserted once, its derived columns computed on the
---     way in by job_derived_values, the one definition that job_derived (and so the live
---     path) uses as well.
+--     way in by job_derived_values, the one definition that the live path (touch_job)
+--     uses as well. job_derived and refresh_jobs, the live path's old way to the same
+--     columns, are dropped: nothing calls them any more.
 --   * rebuild_predictions joined the winning events back by hashing every event (the whole
 --     table, bodies included, to find a fifth of them); now it looks each winner up by
 --     position, in position order.
@@ -147,8 +148,8 @@ $$;
 
 -- 2. The fold -------------------------------------------------------------------------------
 -- Every derived column of a job from its base row and the rollups of its two steps.
--- Shared by job_derived (the live path, one job at a time) and rebuild_jobs (every job
--- at once). An inlinable SQL function: its body becomes part of the calling query.
+-- Shared by touch_job (the live path, one job at a time) and rebuild_jobs (every job at
+-- once). An inlinable SQL function: its body becomes part of the calling query.
 CREATE FUNCTION job_derived_values(
     canceled_at timestamptz, predictions_expected integer, has_next boolean,
     r1 job_step_rollups, o1 job_step_output_rollups,
@@ -188,17 +189,10 @@ AS $$
     CROSS JOIN LATERAL (SELECT job_status(canceled_at, s1.first_step, has_next, s2.next_step) AS status) st
 $$;
 
-CREATE OR REPLACE VIEW job_derived AS
-SELECT j.id, d.status, d.predictions_submitted, d.predictions_succeeded, d.predictions_failed,
-       d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-       d.started_at, d.completed_at
-FROM jobs j
-LEFT JOIN job_step_rollups r1 ON r1.job_id = j.id AND r1.step = 1
-LEFT JOIN job_step_output_rollups o1 ON o1.job_id = j.id AND o1.step = 1
-LEFT JOIN job_step_rollups r2 ON r2.job_id = j.id AND r2.step = 2
-LEFT JOIN job_step_output_rollups o2 ON o2.job_id = j.id AND o2.step = 2
-CROSS JOIN LATERAL job_derived_values(j.canceled_at, j.predictions_expected, j.next_step IS NOT NULL,
-                                      r1, o1, r2, o2) d;
+-- 003's way to the same columns, now unused: touch_job and rebuild_jobs call
+-- job_derived_values themselves.
+DROP FUNCTION refresh_jobs(uuid);
+DROP VIEW job_derived;
 
 -- A filter on a projection's job column for one stream's rebuild ($1), or none.
 CREATE FUNCTION job_filter(p_stream text, alias text) RETURNS text
@@ -413,9 +407,9 @@ BEGIN
 END $$;
 
 -- One event's mark on its job. job_activity always; the jobs row only with p_derive, and
--- then only when a column changes: its derived columns, computed from the rollups as
--- job_derived does (with the canceled_at this event leaves, which job_derived would read
--- from the row), its canceled_at and its count of submissions that failed for good.
+-- then only when a column changes: its derived columns, computed from the rollups (with
+-- the canceled_at this event leaves), its canceled_at and its count of submissions that
+-- failed for good.
 CREATE FUNCTION touch_job(p_job uuid, e events, p_derive boolean) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -470,23 +464,18 @@ DECLARE
     v_derive boolean := true;
 BEGIN
     IF e.type = 'job.created' THEN
-        -- Events recorded before job.created count as they would in a rebuild.
+        -- Events recorded before job.created (they left a job_activity row) count as they
+        -- would in a rebuild, and may have made predictions or outputs of this job: then its
+        -- columns are derived from them. With none (the usual case), job_facts' row is
+        -- already what the derivation gives (pending, nothing counted), and it is skipped.
+        v_derive := EXISTS (SELECT FROM job_activity a WHERE a.job_id = v_job);
         INSERT INTO jobs
         SELECT j.* FROM job_stream_stats s
         CROSS JOIN LATERAL job_facts(e.stream, e.data, e.recorded_at, s.canceled_at,
                                      s.submit_failures) j
         WHERE s.stream = e.stream
-        ON CONFLICT (id) DO NOTHING;
-        PERFORM touch_job(v_job, e, false);
-        -- Those earlier events may have made predictions or outputs of this job: derive its
-        -- columns from them. With none (the usual case), job_facts' row is already what
-        -- job_derived says (pending, nothing counted) and that is skipped.
-        IF (SELECT a.event_count > 1 FROM job_activity a WHERE a.job_id = v_job)
-           OR (SELECT jc.predictions_expected < 1 FROM jobs jc WHERE jc.id = v_job) THEN
-            PERFORM refresh_jobs(v_job);
-        END IF;
-        PERFORM on_event_applied(e);
-        RETURN;
+        ON CONFLICT (id) DO NOTHING
+        RETURNING v_derive OR predictions_expected < 1 INTO v_derive;  -- NULL: no new row
     ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
                      'prediction.submit_failed') THEN
         v_derive := apply_prediction_event(e);
@@ -494,7 +483,7 @@ BEGIN
         PERFORM apply_output_event(e);
     END IF;
     IF v_job IS NOT NULL THEN
-        PERFORM touch_job(v_job, e, v_derive);
+        PERFORM touch_job(v_job, e, coalesce(v_derive, false));
     END IF;
     PERFORM on_event_applied(e);
 END $$;

@@ -84,6 +84,18 @@ def test_check_catches_a_corrupted_row_and_changes_nothing(conn):
     assert replay.replay(conn, check=True).differences == 0
 
 
+def test_events_recorded_before_job_created_count_as_they_would_in_a_rebuild(conn):
+    job = new_job_id()
+    running = bodies(LIFECYCLE, "early1")[1]
+    assert running["status"] == "processing"
+    webhook(conn, job, running, key="msg_early")  # in the job's stream, before its job.created
+    create_job(conn, job)
+    shown = conn.execute("SELECT status, predictions_submitted FROM jobs").fetchone()
+    assert shown == {"status": "running", "predictions_submitted": 1}
+    assert conn.execute("SELECT event_count FROM job_activity").fetchone() == {"event_count": 2}
+    assert replay.replay(conn, check=True).differences == 0
+
+
 def test_replay_of_one_job_touches_only_that_job(conn):
     jobs = random_workload(conn, random.Random(5))
     conn.execute("UPDATE jobs SET outputs_processed = 99 WHERE id = ANY(%s::uuid[])", (jobs[:2],))
