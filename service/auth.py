@@ -88,9 +88,10 @@ class UserTokens:
         """The user id (sub) of a valid user access token; Unauthorized saying why otherwise."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthorized("the access token is too long")
-        algorithms = self._algorithms(token)
+        header = _header(token)
+        algorithms = self._algorithms(header)
         try:
-            claims = jwt.decode(token, self._key(token), algorithms=algorithms,
+            claims = jwt.decode(token, self._key(header), algorithms=algorithms,
                                 audience="authenticated", issuer=self.issuer, leeway=LEEWAY_SECONDS,
                                 options={"require": ["exp", "sub", "aud"]})
         except jwt.ExpiredSignatureError:
@@ -104,16 +105,15 @@ class UserTokens:
             raise Unauthorized(f"the access token is not valid: {exc}") from None
         return _user_id(claims)
 
-    def _algorithms(self, token: str) -> list[str]:
-        alg = _header(token).get("alg")
+    def _algorithms(self, header: dict[str, Any]) -> list[str]:
+        alg = header.get("alg")
         if alg == "HS256" and self.secret:
             return ["HS256"]
         if alg in ASYMMETRIC and self.jwks:
             return [alg]
         raise Unauthorized(f"access tokens signed with {alg!r} are not accepted here")
 
-    def _key(self, token: str) -> Any:
-        header = _header(token)
+    def _key(self, header: dict[str, Any]) -> Any:
         if header.get("alg") == "HS256":
             return self.secret
         if self.jwks is None:
