@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,16 @@ def append(
         }).fetchone()
     result = Appended(position=row["position"], duplicate=row["duplicate"])
     logger.info("event %s", "duplicate" if result.duplicate else "appended", extra={
-        "action": "append_event", "event_key": key, "stream": stream, "job_id": stream, "event_type": type,
+        "action": "append_event", "event_key": key, "stream": stream, "job_id": _job_of(stream),
+        "event_type": type,
         "position": result.position, "duplicate": result.duplicate,
     })
     return result
+
+
+def _job_of(stream: str) -> str | None:
+    """The job a stream is, for the log line; None for an orphan's stream (a prediction id)."""
+    try:
+        return str(uuid.UUID(stream))
+    except ValueError:
+        return None
