@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from service import events, replay
@@ -68,3 +68,124 @@ def test_rebuild_matches_live_when_state_logs_and_output_come_from_different_eve
     conn.execute("DELETE FROM outputs; DELETE FROM predictions; DELETE FROM jobs")
     assert replay.replay(conn).committed
     assert _rows(conn) == live
+
+
+# 003_fold.sql's job_status, as it was written before 011 said each argument once.
+REFERENCE_JOB_STATUS = """
+    SELECT c, f, h, n, job_status(c, f, h, n) AS actual,
+           CASE WHEN c IS NOT NULL THEN 'canceled'
+                WHEN f <> 'done' THEN CASE f WHEN 'failed' THEN 'failed' ELSE f END
+                WHEN NOT h THEN 'completed'
+                WHEN n = 'pending' THEN 'processing'
+                WHEN n = 'queued' THEN 'running'
+                WHEN n = 'done' THEN 'completed'
+                ELSE n END AS expected
+    FROM unnest(ARRAY[NULL, now()]::timestamptz[]) AS c,
+         unnest(%(states)s::text[]) AS f,
+         unnest(ARRAY[false, true]) AS h,
+         unnest(%(states)s::text[]) AS n"""
+STEP_STATES = ["pending", "queued", "running", "processing", "failed", "done"]
+
+
+def test_job_status_gives_the_plain_rules_answer_for_every_step_state(conn):
+    rows = conn.execute(REFERENCE_JOB_STATUS, {"states": STEP_STATES}).fetchall()
+    assert len(rows) == 2 * 6 * 2 * 6
+    for row in rows:
+        assert row["actual"] == row["expected"], row
+
+
+def test_job_step_state_covers_only_the_states_job_status_names(conn):
+    """job_status names each state job_step_state can give; a new state must be added there."""
+    rows = conn.execute("""
+        SELECT DISTINCT job_step_state(e, s, st, su, f, oe, p, of) AS state
+        FROM unnest(ARRAY[0, 1, 2]) e, unnest(ARRAY[0, 1, 2]) s, unnest(ARRAY[0, 1, 2]) st,
+             unnest(ARRAY[0, 1, 2]) su, unnest(ARRAY[0, 1, 2]) f, unnest(ARRAY[0, 1, 2]) oe,
+             unnest(ARRAY[0, 1, 2]) p, unnest(ARRAY[0, 1, 2]) of""").fetchall()
+    assert {r["state"] for r in rows} == set(STEP_STATES)
+
+
+# 010_fold_speed.sql's job_derived_values, inlined by hand: the columns as they were
+# derived before 011 computed the status once.
+REFERENCE_DERIVED = """
+    WITH a AS (SELECT %(canceled_at)s::timestamptz AS canceled_at, %(expected)s::integer AS expected,
+                      %(has_next)s::boolean AS has_next,
+                      %(r1)s::job_step_rollups AS r1, %(o1)s::job_step_output_rollups AS o1,
+                      %(r2)s::job_step_rollups AS r2, %(o2)s::job_step_output_rollups AS o2)
+    SELECT to_jsonb(d.*) AS actual, to_jsonb(x.*) AS expected
+    FROM a
+    CROSS JOIN LATERAL job_derived_values(a.canceled_at, a.expected, a.has_next, a.r1, a.o1, a.r2, a.o2) d
+    CROSS JOIN LATERAL (
+        SELECT st.status,
+               coalesce((r1).submitted, 0) + coalesce((r2).submitted, 0) AS predictions_submitted,
+               coalesce((r1).succeeded, 0) + coalesce((r2).succeeded, 0) AS predictions_succeeded,
+               coalesce((r1).failed, 0) + coalesce((r2).failed, 0) AS predictions_failed,
+               coalesce((r1).outputs_expected, 0) + coalesce((r2).outputs_expected, 0) AS outputs_expected,
+               coalesce((o1).processed, 0) + coalesce((o2).processed, 0) AS outputs_processed,
+               coalesce((o1).failed, 0) + coalesce((o2).failed, 0) AS outputs_failed,
+               coalesce((o1).outputs, '[]'::jsonb) || coalesce((o2).outputs, '[]'::jsonb) AS outputs,
+               CASE WHEN st.status = 'failed' THEN coalesce((r2).error, (o2).error, (r1).error, (o1).error,
+                                                            'no prediction succeeded') END AS error,
+               (r1).started_at,
+               CASE st.status
+                   WHEN 'canceled' THEN canceled_at
+                   WHEN 'completed' THEN greatest((r1).completed_at, (o1).completed_at,
+                                                  (r2).completed_at, (o2).completed_at)
+                   WHEN 'failed' THEN greatest((r1).completed_at, (o1).completed_at,
+                                               (r2).completed_at, (o2).completed_at)
+               END AS completed_at
+        FROM (SELECT job_step_state(expected, coalesce((r1).submitted, 0), coalesce((r1).started, 0),
+                                    coalesce((r1).succeeded, 0), coalesce((r1).failed, 0),
+                                    coalesce((r1).outputs_expected, 0), coalesce((o1).processed, 0),
+                                    coalesce((o1).failed, 0)) AS first_step) s1
+        CROSS JOIN LATERAL (SELECT
+            job_step_state(1, coalesce((r2).submitted, 0), coalesce((r2).started, 0),
+                           coalesce((r2).succeeded, 0), coalesce((r2).failed, 0),
+                           coalesce((r2).outputs_expected, 0), coalesce((o2).processed, 0),
+                           coalesce((o2).failed, 0)) AS next_step) s2
+        CROSS JOIN LATERAL (SELECT CASE
+            WHEN canceled_at IS NOT NULL THEN 'canceled'
+            WHEN first_step <> 'done' THEN first_step
+            WHEN NOT has_next THEN 'completed'
+            WHEN next_step = 'pending' THEN 'processing'
+            WHEN next_step = 'queued' THEN 'running'
+            WHEN next_step = 'done' THEN 'completed'
+            ELSE next_step END AS status) st) x"""
+
+small = st.integers(0, 2)
+moment = st.one_of(st.none(), st.sampled_from(["2026-01-01T00:00:01Z", "2026-01-01T00:00:05Z"]))
+failure = st.one_of(st.none(), st.sampled_from(["boom", "NSFW"]))
+prediction_rollup = st.one_of(st.none(), st.builds(
+    lambda step, counts, started_at, completed_at, error:
+        f"(00000000-0000-0000-0000-000000000001,{step},{','.join(map(str, counts))},"
+        f"{started_at or ''},{completed_at or ''},{error or ''})",
+    st.just(1), st.tuples(small, small, small, small, small), moment, moment, failure))
+output_rollup = st.one_of(st.none(), st.builds(
+    lambda processed, failed, completed_at, error:
+        f"(00000000-0000-0000-0000-000000000001,1,{processed},{failed},{completed_at or ''},"
+        f"\"[{{\"\"url\"\": {processed}}}]\",{error or ''})",
+    small, small, moment, failure))
+
+
+def _rollup(counts: str) -> str:
+    """A job_step_rollups value: submitted, started, succeeded, failed, outputs_expected."""
+    return f"(00000000-0000-0000-0000-000000000001,1,{counts},,,)"
+
+
+def _each_state_of_step_2(test):
+    """Step 1 done, step 2 in each state job_step_state can give: rare draws, so named."""
+    for r2 in [None, "1,0,0,0,0", "1,1,0,0,0", "1,1,1,0,1", "1,1,0,1,0", "1,1,1,0,0"]:
+        test = example(canceled_at=None, expected=1, has_next=True, r1=_rollup("1,1,1,0,0"), o1=None,
+                       r2=r2 and _rollup(r2), o2=None)(test)
+    return test
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@_each_state_of_step_2
+@given(canceled_at=moment, expected=st.integers(0, 3), has_next=st.booleans(),
+       r1=prediction_rollup, o1=output_rollup, r2=prediction_rollup, o2=output_rollup)
+def test_job_derived_values_gives_what_the_plain_rules_give(conn, canceled_at, expected, has_next,
+                                                            r1, o1, r2, o2):
+    row = conn.execute(REFERENCE_DERIVED, {"canceled_at": canceled_at, "expected": expected,
+                                           "has_next": has_next, "r1": r1, "o1": o1, "r2": r2,
+                                           "o2": o2}).fetchone()
+    assert row["actual"] == row["expected"]
