@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from flask import Blueprint, Flask, current_app, request
+from flask import Blueprint, Flask, request
 
 from service import metrics
 from service.errors import ServiceError
@@ -72,20 +72,28 @@ def limit_blueprints(app: Flask, blueprints: Iterable[Blueprint]) -> None:
     per_minute = app.config["RATE_LIMIT_PER_MINUTE"]
     if not per_minute:
         return
-    app.extensions["rate_limit"] = TokenBuckets(per_minute, app.config["RATE_LIMIT_BURST"])
+    buckets = app.extensions["rate_limit"] = TokenBuckets(per_minute, app.config["RATE_LIMIT_BURST"])
+    check = checker(buckets, frozenset(app.config["RATE_LIMIT_EXEMPT"]))
     for bp in blueprints:
         app.before_request_funcs.setdefault(bp.name, []).insert(0, check)
     app.register_error_handler(RateLimited, _too_many)
 
 
-def check() -> None:
-    address = request.remote_addr or ""
-    if address in current_app.config["RATE_LIMIT_EXEMPT"]:
-        return
-    wait = current_app.extensions["rate_limit"].take(address)
-    if wait:
-        metrics.rate_limited(request.blueprint or "")
-        raise RateLimited(wait)
+def checker(buckets: TokenBuckets, exempt: frozenset[str]) -> Callable[[], None]:
+    """The before-request check, holding the buckets and exempt addresses it was made with:
+    settings are read once, in the factory, not on every request. A plain function, as
+    Flask asks of every hook on every request whether it is a coroutine function."""
+
+    def check() -> None:
+        address = request.remote_addr or ""
+        if address in exempt:
+            return
+        wait = buckets.take(address)
+        if wait:
+            metrics.rate_limited(request.blueprint or "")
+            raise RateLimited(wait)
+
+    return check
 
 
 def _too_many(exc: RateLimited) -> tuple[dict, int, dict]:

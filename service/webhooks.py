@@ -4,6 +4,7 @@ no downloads, no image work, no calls to Replicate."""
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import logging
 import threading
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, after_this_request, current_app, request
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -65,7 +66,8 @@ def replicate() -> tuple[dict, int]:
     started = time.perf_counter()
     metrics.WEBHOOKS_RECEIVED.inc()
     raw = read_body(current_app.config["WEBHOOK_MAX_BYTES"])
-    verify_signature(signing_secret(), request.headers, raw)
+    signed = signature_headers(request.headers)
+    verify_signature(signing_secret(), signed, raw)
     body = parse_prediction(raw)
     job = _job_param(request.args.get("job"))
     with current_app.extensions["db_pool"].connection() as conn, translated_errors():
@@ -74,18 +76,20 @@ def replicate() -> tuple[dict, int]:
         conn.autocommit = True
         try:
             row = conn.execute(queries["append_webhook"], {
-                "webhook_id": request.headers["webhook-id"], "job": job,
+                "webhook_id": signed["webhook-id"], "job": job,
                 "body": _jsonb_text(raw, body), "metadata": Jsonb(_metadata(job)),
             }).fetchone()
         finally:
             if conn.info.transaction_status == TransactionStatus.IDLE:  # else the pool drops it
                 conn.autocommit = False
     status = "duplicate" if row["duplicate"] else "recorded"
+    if row["duplicate"]:
+        after_this_request(_count_duplicate)
     elapsed = time.perf_counter() - started
     (metrics.WEBHOOKS_DUPLICATE if row["duplicate"] else metrics.WEBHOOKS_RECORDED).inc()
     metrics.WEBHOOK_ACK_SECONDS.observe(elapsed)
     logger.info("webhook %s", status, extra={
-        "action": "webhook", "webhook_id": request.headers["webhook-id"], "prediction_id": body["id"],
+        "action": "webhook", "webhook_id": signed["webhook-id"], "prediction_id": body["id"],
         "prediction_status": body["status"], "job_id": row["stream"] if job else None,
         "position": row["position"], "ms": round(elapsed * 1000, 1)})
     return {"status": status, "position": row["position"]}, 200
@@ -101,21 +105,35 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
+SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
+def signature_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The three Standard Webhooks headers, "" when absent."""
+    return {name: headers.get(name, "") for name in SIGNATURE_HEADERS}
+
+
 def verify_signature(secret: str, headers: Mapping[str, str], raw: bytes) -> None:
     """Standard Webhooks verification over the raw bytes: any one valid v1 signature,
     timestamp within five minutes either way. Raises BadSignature saying why."""
-    wanted = {name: headers.get(name, "") for name in ("webhook-id", "webhook-timestamp",
-                                                         "webhook-signature")}
+    wanted = signature_headers(headers)
     missing = [name for name, value in wanted.items() if not value]
     if missing:
         raise BadSignature(f"missing header{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
     try:
-        Webhook(secret).verify(raw, wanted, json_parse=False)
+        _webhook(secret).verify(raw, wanted, json_parse=False)
     except WebhookVerificationError as exc:
         raise BadSignature(f"webhook signature did not verify: {exc}") from None
     except (ValueError, binascii.Error, UnicodeDecodeError):
         # malformed signature list or a body that is not UTF-8: cannot be Replicate's
         raise BadSignature("webhook signature did not verify: malformed signature or body") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _webhook(secret: str) -> Webhook:
+    """The verifier for a secret, made once: it decodes the secret's key as it is made.
+    Malformed secrets raise here, every time (lru_cache keeps only results)."""
+    return Webhook(secret)
 
 
 def parse_prediction(raw: bytes) -> dict[str, Any]:
@@ -232,7 +250,8 @@ def check_secret(secret: str) -> None:
 
 
 # Deliveries that do not become events are counted for the dashboard (service/unrecorded.py),
-# off the recording path: refusals here, duplicates after the answer is made.
+# off the recording path: refusals here, duplicates after the answer is made (a hook the
+# handler adds to a duplicate's request only, so a recorded webhook pays nothing for it).
 @bp.errorhandler(BadSignature)
 @bp.errorhandler(BadWebhook)
 @bp.errorhandler(BodyTooLarge)
@@ -247,8 +266,7 @@ def _refused(exc: ServiceError) -> tuple[dict, int]:
     return {"error": exc.code, "message": exc.message}, exc.status
 
 
-@bp.after_request
 def _count_duplicate(response: Response) -> Response:
-    if response.status_code == 200 and b'"duplicate"' in response.get_data():
+    if response.status_code == 200:
         unrecorded.note("duplicate", 200)
     return response

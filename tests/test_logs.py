@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -70,6 +72,19 @@ def app(db_url):
     app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": SECRET})
     yield app
     app.extensions["db_pool"].close()
+
+
+def test_a_json_line_is_timed_as_isoformat_says_to_the_millisecond():
+    formatter = logs.JsonFormatter()
+    rng = random.Random(7)
+    times = [1.7e9 + 0.9999996, 1.7e9 + 0.9999995, 1.7e9 + 0.0000005, 1.7e9 + 0.0015, 1.7e9, 0.0]
+    times += sorted(rng.uniform(0, 4e9) for _ in range(2000))
+    for created in times:  # in order, and back again, so the cached second changes both ways
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert formatter.timestamp(created) == expected, created
+    for created in reversed(times):
+        assert formatter.timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat(
+            timespec="milliseconds"), created
 
 
 def test_webhook_lines_name_the_webhook_prediction_job_and_position(client, conn):
