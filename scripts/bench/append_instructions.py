@@ -1,0 +1,167 @@
+"""The append benchmark's ratio in CPU instructions, which a busy machine does not move.
+
+    .venv/bin/python scripts/bench/append_instructions.py [--appends 800] [--warmup 400]
+
+scripts/bench/append.py measures appends/s against bare inserts/s, and on a shared
+two-core machine both move with whatever else runs. This counts instructions instead:
+valgrind's callgrind runs a PostgreSQL backend in single-user mode (`postgres --single`)
+over the same rows as SQL statements, one transaction each, first append_event on a freshly
+migrated database, then bare INSERTs into a plain table with the events table's columns.
+Each is run twice, with --warmup rows and with --warmup + --appends rows, and the
+difference divided by --appends is the cost of one row once the session's caches are warm
+(the same for every run: callgrind counts, it does not time).
+
+Needs valgrind (Debian: `apt-get install -y valgrind`) and a PostgreSQL server's programs
+(initdb, postgres: `pg_config --bindir`, /usr/lib/postgresql/*/bin, or the embedded
+pgserver's). PostgreSQL will not run as root: as root the cluster belongs to the
+`postgres` user, which must exist. fsync and full-page writes are off in the scratch
+cluster: they cost I/O, not instructions, and full-page images would land on whichever
+run follows a checkpoint. Takes a few minutes: callgrind runs the backend ~50x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from append import BARE_TABLE, Row, workload
+from common import ROOT
+
+from service import db, migrations
+
+GOAL_RATIO = 0.5  # the append benchmark's goal: appends at least half as fast as bare inserts
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--appends", type=int, default=800, help="rows measured")
+    parser.add_argument("--warmup", type=int, default=400, help="rows before them (caches, plans)")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--bindir", help="PostgreSQL's programs (default: found)")
+    return parser.parse_args()
+
+
+def find_bindir() -> Path:
+    candidates = []
+    if shutil.which("pg_config"):
+        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
+        candidates.append(found.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    try:
+        import pgserver
+
+        candidates.append(str(Path(pgserver.__file__).parent / "pginstall" / "bin"))
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if (Path(candidate) / "postgres").exists() and (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    sys.exit("error: no PostgreSQL server programs found (initdb, postgres); pass --bindir")
+
+
+def as_owner(argv: list[str], owner: str | None, **kwargs) -> subprocess.CompletedProcess:
+    if owner:
+        argv = ["su", owner, "-s", "/bin/sh", "-c", " ".join(f"'{a}'" for a in argv)]
+    return subprocess.run(argv, check=True, **kwargs)
+
+
+def literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def statements(rows: list[Row], bare: bool) -> str:
+    """One statement per row, each its own transaction, as single-user mode reads them (-j:
+    a statement ends with a semicolon and an empty line)."""
+    out = ["SET jit = off;\n\n"]
+    for r in rows:
+        values = (f"{literal(r.key)}, {literal(r.stream)}, {literal(r.type)}, "
+                  f"{literal(json.dumps(r.data))}::jsonb, {literal(json.dumps(r.metadata))}::jsonb")
+        if bare:
+            out.append("INSERT INTO bare_events (event_key, stream, type, data, metadata) "
+                       f"VALUES ({values});\n\n")
+        else:
+            out.append(f"SELECT * FROM append_event({values});\n\n")
+    return "".join(out)
+
+
+def instructions(bindir: Path, pgdata: Path, database: str, script: Path, owner: str | None) -> int:
+    out = pgdata.parent / "callgrind.out"
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            str(bindir / "postgres"), "--single", "-j", "-D", str(pgdata), database]
+    with script.open() as stdin:
+        as_owner(argv, owner, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    sys.exit(f"error: no totals in {out}")
+
+
+def main() -> None:
+    args = parse_args()
+    if not shutil.which("valgrind"):
+        sys.exit("error: valgrind is needed (Debian: apt-get install -y valgrind)")
+    bindir = args.bindir and Path(args.bindir) or find_bindir()
+    owner = None
+    if os.geteuid() == 0:
+        owner = "postgres"
+        try:
+            pwd.getpwnam(owner)
+        except KeyError:
+            sys.exit("error: running as root, and there is no `postgres` user to own the scratch cluster")
+    rows = list(itertools.islice(workload(args.seed), args.warmup + args.appends))
+    with tempfile.TemporaryDirectory(prefix="rjs-callgrind-") as tmp:
+        work = Path(tmp)
+        pgdata = work / "data"
+        if owner:
+            shutil.chown(work, owner)
+        as_owner([str(bindir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust",
+                  "--no-sync"], owner, stdout=subprocess.DEVNULL)
+        with (pgdata / "postgresql.conf").open("a") as conf:
+            conf.write("fsync = off\nfull_page_writes = off\nsynchronous_commit = off\njit = off\n"
+                       "max_wal_size = 10GB\nautovacuum = off\nlisten_addresses = ''\n")
+        as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", f"-k {work}", "-w", "-l",
+                  str(work / "log"), "start"], owner, stdout=subprocess.DEVNULL)
+        try:
+            url = f"postgresql://postgres@/postgres?host={work}"
+            with db.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE DATABASE bench")
+            with db.connect(url.replace("/postgres?", "/bench?"), autocommit=True) as conn:
+                migrations.migrate(conn)
+                conn.execute(BARE_TABLE)
+            with db.connect(url, autocommit=True) as conn:
+                for name in ("warm", "full", "bare_warm", "bare_full"):
+                    conn.execute(f"CREATE DATABASE db_{name} TEMPLATE bench")
+        finally:
+            as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "stop"], owner,
+                     stdout=subprocess.DEVNULL)
+        counts = {}
+        for name, part, bare in [("warm", rows[:args.warmup], False), ("full", rows, False),
+                                 ("bare_warm", rows[:args.warmup], True), ("bare_full", rows, True)]:
+            script = work / f"{name}.sql"
+            script.write_text(statements(part, bare))
+            if owner:
+                shutil.chown(script, owner)
+            counts[name] = instructions(bindir, pgdata, f"db_{name}", script, owner)
+            print(f"  {name:<9} {len(part):>5} rows: {counts[name]:,} instructions", flush=True)
+    append = (counts["full"] - counts["warm"]) / args.appends
+    bare = (counts["bare_full"] - counts["bare_warm"]) / args.appends
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(
+        {t: sum(1 for r in rows[args.warmup:] if r.type == t) for t in {r.type for r in rows}}.items()))
+    print(f"PostgreSQL {bindir}; {args.appends:,} rows after {args.warmup:,} ({kinds})")
+    print(f"instructions per row: append {append:,.0f}, bare insert {bare:,.0f}")
+    print(f"ratio: bare / append = {bare / append:.2f} (the append benchmark's goal, appends/s >= "
+          f"{GOAL_RATIO} x bare inserts/s, asks for >= {GOAL_RATIO} if both were CPU-bound alike)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
