@@ -151,24 +151,27 @@ REFERENCE_DERIVED = """
             WHEN next_step = 'done' THEN 'completed'
             ELSE next_step END AS status) st) x"""
 
+
+def _rollup(counts: str, started_at: str | None = None, completed_at: str | None = None,
+            error: str | None = None) -> str:
+    """A job_step_rollups value of step 1; counts: submitted, started, succeeded, failed,
+    outputs_expected."""
+    return (f"(00000000-0000-0000-0000-000000000001,1,{counts},"
+            f"{started_at or ''},{completed_at or ''},{error or ''})")
+
+
 small = st.integers(0, 2)
 moment = st.one_of(st.none(), st.sampled_from(["2026-01-01T00:00:01Z", "2026-01-01T00:00:05Z"]))
 failure = st.one_of(st.none(), st.sampled_from(["boom", "NSFW"]))
 prediction_rollup = st.one_of(st.none(), st.builds(
-    lambda step, counts, started_at, completed_at, error:
-        f"(00000000-0000-0000-0000-000000000001,{step},{','.join(map(str, counts))},"
-        f"{started_at or ''},{completed_at or ''},{error or ''})",
-    st.just(1), st.tuples(small, small, small, small, small), moment, moment, failure))
+    lambda counts, started_at, completed_at, error:
+        _rollup(",".join(map(str, counts)), started_at, completed_at, error),
+    st.tuples(small, small, small, small, small), moment, moment, failure))
 output_rollup = st.one_of(st.none(), st.builds(
     lambda processed, failed, completed_at, error:
         f"(00000000-0000-0000-0000-000000000001,1,{processed},{failed},{completed_at or ''},"
         f"\"[{{\"\"url\"\": {processed}}}]\",{error or ''})",
     small, small, moment, failure))
-
-
-def _rollup(counts: str) -> str:
-    """A job_step_rollups value: submitted, started, succeeded, failed, outputs_expected."""
-    return f"(00000000-0000-0000-0000-000000000001,1,{counts},,,)"
 
 
 def _each_state_of_step_2(test):

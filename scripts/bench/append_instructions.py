@@ -22,6 +22,7 @@ run follows a checkpoint. Takes a few minutes: callgrind runs the backend ~50x s
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import itertools
 import json
@@ -33,8 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from append import BARE_TABLE, Row, workload
-from common import ROOT
+from append import BARE_TABLE, Row, workload  # append imports common, which puts `service` on the path
 
 from service import db, migrations
 
@@ -109,7 +109,7 @@ def main() -> None:
     args = parse_args()
     if not shutil.which("valgrind"):
         sys.exit("error: valgrind is needed (Debian: apt-get install -y valgrind)")
-    bindir = args.bindir and Path(args.bindir) or find_bindir()
+    bindir = Path(args.bindir) if args.bindir else find_bindir()
     owner = None
     if os.geteuid() == 0:
         owner = "postgres"
@@ -154,8 +154,8 @@ def main() -> None:
             print(f"  {name:<9} {len(part):>5} rows: {counts[name]:,} instructions", flush=True)
     append = (counts["full"] - counts["warm"]) / args.appends
     bare = (counts["bare_full"] - counts["bare_warm"]) / args.appends
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(
-        {t: sum(1 for r in rows[args.warmup:] if r.type == t) for t in {r.type for r in rows}}.items()))
+    counted = collections.Counter(r.type for r in rows[args.warmup:])
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(counted.items()))
     print(f"PostgreSQL {bindir}; {args.appends:,} rows after {args.warmup:,} ({kinds})")
     print(f"instructions per row: append {append:,.0f}, bare insert {bare:,.0f}")
     print(f"ratio: bare / append = {bare / append:.2f} (the append benchmark's goal, appends/s >= "
@@ -163,5 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()
