@@ -6,10 +6,13 @@ scripts/bench/append.py measures appends/s against bare inserts/s, and on a shar
 two-core machine both move with whatever else runs. This counts instructions instead:
 valgrind's callgrind runs a PostgreSQL backend in single-user mode (`postgres --single`)
 over the same rows as SQL statements, one transaction each, first append_event on a freshly
-migrated database, then bare INSERTs into a plain table with the events table's columns.
-Each is run twice, with --warmup rows and with --warmup + --appends rows, and the
-difference divided by --appends is the cost of one row once the session's caches are warm
-(the same for every run: callgrind counts, it does not time).
+migrated database, then bare INSERTs into a plain table with the events table's columns,
+then the event recorded alone: INSERT … ON CONFLICT (event_key) DO NOTHING into a copy of
+the events table with its keys, indexes and checks, and no fold (what an append would
+cost if the fold were free: the ceiling of the ratio). Each is run twice, with --warmup
+rows and with --warmup + --appends rows, and the difference divided by --appends is the
+cost of one row once the session's caches are warm (the same for every run: callgrind
+counts, it does not time).
 
 Needs valgrind (Debian: `apt-get install -y valgrind`) and a PostgreSQL server's programs
 (initdb, postgres: `pg_config --bindir`, /usr/lib/postgresql/*/bin, or the embedded
@@ -34,7 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from append import BARE_TABLE, Row, workload  # append imports common, which puts `service` on the path
+# append imports common, which puts `service` on the path
+from append import BARE_TABLE, RECORDED_TABLE, Row, workload
 
 from service import db, migrations
 
@@ -78,18 +82,23 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def statements(rows: list[Row], bare: bool) -> str:
+# How each kind of run writes a row ({} being its values).
+WRITES = {
+    "append": "SELECT * FROM append_event({});",
+    "bare": "INSERT INTO bare_events (event_key, stream, type, data, metadata) VALUES ({});",
+    "alone": "INSERT INTO recorded_events (event_key, stream, type, data, metadata) VALUES ({}) "
+             "ON CONFLICT (event_key) DO NOTHING;",
+}
+
+
+def statements(rows: list[Row], kind: str) -> str:
     """One statement per row, each its own transaction, as single-user mode reads them (-j:
     a statement ends with a semicolon and an empty line)."""
     out = ["SET jit = off;\n\n"]
     for r in rows:
         values = (f"{literal(r.key)}, {literal(r.stream)}, {literal(r.type)}, "
                   f"{literal(json.dumps(r.data))}::jsonb, {literal(json.dumps(r.metadata))}::jsonb")
-        if bare:
-            out.append("INSERT INTO bare_events (event_key, stream, type, data, metadata) "
-                       f"VALUES ({values});\n\n")
-        else:
-            out.append(f"SELECT * FROM append_event({values});\n\n")
+        out.append(WRITES[kind].format(values) + "\n\n")
     return "".join(out)
 
 
@@ -137,29 +146,36 @@ def main() -> None:
             with db.connect(url.replace("/postgres?", "/bench?"), autocommit=True) as conn:
                 migrations.migrate(conn)
                 conn.execute(BARE_TABLE)
+                conn.execute(RECORDED_TABLE)
             with db.connect(url, autocommit=True) as conn:
-                for name in ("warm", "full", "bare_warm", "bare_full"):
-                    conn.execute(f"CREATE DATABASE db_{name} TEMPLATE bench")
+                for kind in WRITES:
+                    for size in ("warm", "full"):
+                        conn.execute(f"CREATE DATABASE db_{kind}_{size} TEMPLATE bench")
         finally:
             as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "stop"], owner,
                      stdout=subprocess.DEVNULL)
-        counts = {}
-        for name, part, bare in [("warm", rows[:args.warmup], False), ("full", rows, False),
-                                 ("bare_warm", rows[:args.warmup], True), ("bare_full", rows, True)]:
-            script = work / f"{name}.sql"
-            script.write_text(statements(part, bare))
-            if owner:
-                shutil.chown(script, owner)
-            counts[name] = instructions(bindir, pgdata, f"db_{name}", script, owner)
-            print(f"  {name:<9} {len(part):>5} rows: {counts[name]:,} instructions", flush=True)
-    append = (counts["full"] - counts["warm"]) / args.appends
-    bare = (counts["bare_full"] - counts["bare_warm"]) / args.appends
+        per_row = {}
+        for kind in WRITES:
+            counts = {}
+            for size, part in (("warm", rows[:args.warmup]), ("full", rows)):
+                name = f"{kind}_{size}"
+                script = work / f"{name}.sql"
+                script.write_text(statements(part, kind))
+                if owner:
+                    shutil.chown(script, owner)
+                counts[size] = instructions(bindir, pgdata, f"db_{name}", script, owner)
+                print(f"  {name:<12} {len(part):>5} rows: {counts[size]:,} instructions", flush=True)
+            per_row[kind] = (counts["full"] - counts["warm"]) / args.appends
+    append, bare, alone = per_row["append"], per_row["bare"], per_row["alone"]
     counted = collections.Counter(r.type for r in rows[args.warmup:])
     kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(counted.items()))
     print(f"PostgreSQL {bindir}; {args.appends:,} rows after {args.warmup:,} ({kinds})")
-    print(f"instructions per row: append {append:,.0f}, bare insert {bare:,.0f}")
+    print(f"instructions per row: append {append:,.0f}, bare insert {bare:,.0f}, "
+          f"event alone {alone:,.0f}")
     print(f"ratio: bare / append = {bare / append:.2f} (the append benchmark's goal, appends/s >= "
           f"{GOAL_RATIO} x bare inserts/s, asks for >= {GOAL_RATIO} if both were CPU-bound alike)")
+    print(f"ceiling: bare / event alone = {bare / alone:.2f} (the ratio if the fold cost nothing); "
+          f"the fold is {append - alone:,.0f} instructions per append")
 
 
 if __name__ == "__main__":

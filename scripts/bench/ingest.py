@@ -5,7 +5,10 @@
 Signed webhooks with unique ids, over --connections keep-alive connections for --seconds,
 first against the service (`gunicorn -c gunicorn.conf.py wsgi:app`), then against
 scripts/bench/bare_app.py (one POST route that reads the body and answers 200 JSON) under
-the same gunicorn config file and bind options. Prints requests/s, p50 and p99 of both and
+the same gunicorn config file and bind options, then against scripts/bench/recorded_app.py
+(verify the signature, parse, one idempotent INSERT into a copy of the events table,
+committed: the webhook contract's least durable work, without the fold; its ratio to the
+bare handler is the ceiling of the service's). Prints requests/s, p50 and p99 of each and
 the ratios, the CPU each request cost in gunicorn, PostgreSQL (the scratch database's
 backends) and wrk, then checks the event store: every webhook acknowledged with a 200 is
 in `events` exactly once, and the projections equal a rebuild from the events.
@@ -244,7 +247,7 @@ def gunicorn(app: str, env: dict[str, str], log: Path, quiet: bool) -> Iterator[
     port = free_port()
     env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)}
     extra = ["--access-logfile", "/dev/null"] if quiet else []
-    if app == "bare_app:app":
+    if Path(__file__).with_name(app.split(":")[0] + ".py").exists():  # a baseline app of ours
         extra += ["--pythonpath", str(Path(__file__).parent)]
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, app],
@@ -496,19 +499,23 @@ def gunicorn_settings() -> str:
             f"keepalive={spec['keepalive']} max_requests={spec['max_requests']}")
 
 
-def report(app: Load, bare: Load, check: Check, args: argparse.Namespace) -> None:
+def report(app: Load, bare: Load, alone: Load, check: Check, args: argparse.Namespace) -> None:
+    loads = (("service (wsgi:app)", app), ("bare Flask handler", bare), ("verify + record alone", alone))
     print()
     print(f"{'':<26}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'requests':>10}{'non-200':>9}"
           f"{'errors':>8}")
-    for name, load in (("service (wsgi:app)", app), ("bare Flask handler", bare)):
+    for name, load in loads:
         print(f"{name:<26}{load.rate:>12,.0f}{load.p50_ms:>10.1f}{load.p99_ms:>10.1f}"
               f"{load.requests:>10,}{load.non_200:>9,}{sum(load.errors.values()):>8,}")
     throughput = app.rate / bare.rate
     p99 = app.p99_ms / bare.p99_ms
     p50 = app.p50_ms / bare.p50_ms
     print(f"{'ratio service / bare':<26}{throughput:>11.2f}x{p50:>9.2f}x{p99:>9.2f}x")
+    print(f"{'ceiling: record / bare':<26}{alone.rate / bare.rate:>11.2f}x"
+          f"{alone.p50_ms / bare.p50_ms:>9.2f}x{alone.p99_ms / bare.p99_ms:>9.2f}x"
+          "  (verify + one idempotent INSERT, no fold: what any design that records in the request gets)")
     print("CPU per request (us):      gunicorn  postgres       wrk     total   cores busy")
-    for name, load in (("service (wsgi:app)", app), ("bare Flask handler", bare)):
+    for name, load in loads:
         if load.cpu:
             used = (load.cpu.gunicorn_seconds, load.cpu.postgres_seconds, load.cpu.wrk_seconds)
             per = [seconds / load.requests * 1e6 for seconds in used]
@@ -524,7 +531,7 @@ def report(app: Load, bare: Load, check: Check, args: argparse.Namespace) -> Non
               "ratio tends to when both are CPU-bound; other load on the machine moves it less")
     print(f"goal: throughput >= {GOAL_THROUGHPUT}x: {'met' if throughput >= GOAL_THROUGHPUT else 'NOT met'}; "
           f"p99 <= {GOAL_P99:.0f}x: {'met' if p99 <= GOAL_P99 else 'NOT met'}")
-    for name, load in (("service", app), ("bare", bare)):
+    for name, load in (("service", app), ("bare", bare), ("record alone", alone)):
         if load.non_200:
             print(f"  {name} non-200 responses: {dict(load.statuses)}")
         if any(load.errors.values()):
@@ -568,10 +575,16 @@ def main() -> None:
                              {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, **level}, url,
                              server_url, name)
             bare = Target("bare", "bare_app:app", level, None)
+            alone = Target("record-alone", "recorded_app:app",
+                           {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, **level}, None,
+                           server_url, name)
+            with db.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE TABLE recorded_events (LIKE events INCLUDING ALL)")
             app_load, plan, before = measure(service, workload, args, secret, tmp)
             check = check_store(url, app_load, before, workload.tag, not args.no_replay_check)
             bare_load, _, _ = measure(bare, workload, args, secret, tmp)
-            report(app_load, bare_load, check, args)
+            alone_load, _, _ = measure(alone, workload, args, secret, tmp)
+            report(app_load, bare_load, alone_load, check, args)
         print("scratch database dropped")
 
 
