@@ -12,7 +12,9 @@ the events table with its keys, indexes and checks, and no fold (what an append 
 cost if the fold were free: the ceiling of the ratio). Each is run twice, with --warmup
 rows and with --warmup + --appends rows, and the difference divided by --appends is the
 cost of one row once the session's caches are warm (the same for every run: callgrind
-counts, it does not time).
+counts, it does not time). With --what-if, also appends in a database where the job-level
+work (derived job columns, the post-event hook) is taken out of the transaction, as a
+worker would do it later: what that design, which the design card rules out, would cost.
 
 Needs valgrind (Debian: `apt-get install -y valgrind`) and a PostgreSQL server's programs
 (initdb, postgres: `pg_config --bindir`, /usr/lib/postgresql/*/bin, or the embedded
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=400, help="rows before them (caches, plans)")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--bindir", help="PostgreSQL's programs (default: found)")
+    parser.add_argument("--what-if", action="store_true",
+                        help="also count appends with the job-level work out of the transaction")
     return parser.parse_args()
 
 
@@ -89,6 +93,26 @@ WRITES = {
     "alone": "INSERT INTO recorded_events (event_key, stream, type, data, metadata) VALUES ({}) "
              "ON CONFLICT (event_key) DO NOTHING;",
 }
+# --what-if: the same appends in a database where the job-level work is taken out of the
+# append's transaction (the job's derived columns and the post-event hook, which a worker
+# would then do later); the event, the prediction and output folds and job_activity stay.
+# What an append would cost under that design, which the design card rules out today.
+# Changes only that scratch database, never the project's functions.
+WHAT_IF_SQL = """
+    CREATE OR REPLACE FUNCTION touch_job(p_job uuid, e events, p_derive boolean) RETURNS void
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO job_activity AS a (job_id, event_count, last_position, updated_at)
+        VALUES (p_job, 1, e.position, e.recorded_at)
+        ON CONFLICT (job_id) DO UPDATE SET
+            event_count   = a.event_count + 1,
+            last_position = greatest(a.last_position, excluded.last_position),
+            updated_at    = greatest(a.updated_at, excluded.updated_at);
+    END $$;
+    CREATE OR REPLACE FUNCTION on_event_applied(e events) RETURNS void
+    LANGUAGE plpgsql AS $$ BEGIN END $$;
+"""
+WHAT_IF = "no_job_work"
 
 
 def statements(rows: list[Row], kind: str) -> str:
@@ -147,24 +171,28 @@ def main() -> None:
                 migrations.migrate(conn)
                 conn.execute(BARE_TABLE)
                 conn.execute(RECORDED_TABLE)
+            kinds = [*WRITES, *([WHAT_IF] if args.what_if else [])]
             with db.connect(url, autocommit=True) as conn:
-                for kind in WRITES:
+                for kind in kinds:
                     for size in ("warm", "full"):
                         conn.execute(f"CREATE DATABASE db_{kind}_{size} TEMPLATE bench")
+            for size in ("warm", "full") if args.what_if else ():
+                with db.connect(url.replace("/postgres?", f"/db_{WHAT_IF}_{size}?"), autocommit=True) as conn:
+                    conn.execute(WHAT_IF_SQL)
         finally:
             as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "stop"], owner,
                      stdout=subprocess.DEVNULL)
         per_row = {}
-        for kind in WRITES:
+        for kind in kinds:
             counts = {}
             for size, part in (("warm", rows[:args.warmup]), ("full", rows)):
                 name = f"{kind}_{size}"
                 script = work / f"{name}.sql"
-                script.write_text(statements(part, kind))
+                script.write_text(statements(part, "append" if kind == WHAT_IF else kind))
                 if owner:
                     shutil.chown(script, owner)
                 counts[size] = instructions(bindir, pgdata, f"db_{name}", script, owner)
-                print(f"  {name:<12} {len(part):>5} rows: {counts[size]:,} instructions", flush=True)
+                print(f"  {name:<17} {len(part):>5} rows: {counts[size]:,} instructions", flush=True)
             per_row[kind] = (counts["full"] - counts["warm"]) / args.appends
     append, bare, alone = per_row["append"], per_row["bare"], per_row["alone"]
     counted = collections.Counter(r.type for r in rows[args.warmup:])
@@ -176,6 +204,10 @@ def main() -> None:
           f"{GOAL_RATIO} x bare inserts/s, asks for >= {GOAL_RATIO} if both were CPU-bound alike)")
     print(f"ceiling: bare / event alone = {bare / alone:.2f} (the ratio if the fold cost nothing); "
           f"the fold is {append - alone:,.0f} instructions per append")
+    if WHAT_IF in per_row:
+        moved = per_row[WHAT_IF]
+        print(f"what if the job-level work left the append's transaction: {moved:,.0f} per append, "
+              f"ratio bare / that = {bare / moved:.2f}")
 
 
 if __name__ == "__main__":
