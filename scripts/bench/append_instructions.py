@@ -15,6 +15,8 @@ cost of one row once the session's caches are warm (the same for every run: call
 counts, it does not time). With --what-if, also appends in a database where the job-level
 work (derived job columns, the post-event hook) is taken out of the transaction, as a
 worker would do it later: what that design, which the design card rules out, would cost.
+With --variant FILE, also appends on a database where FILE's SQL ran after the migrations:
+a change to try before writing its migration, or a statement taken out to see its cost.
 
 Needs valgrind (Debian: `apt-get install -y valgrind`) and a PostgreSQL server's programs
 (initdb, postgres: `pg_config --bindir`, /usr/lib/postgresql/*/bin, or the embedded
@@ -55,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bindir", help="PostgreSQL's programs (default: found)")
     parser.add_argument("--what-if", action="store_true",
                         help="also count appends with the job-level work out of the transaction")
+    parser.add_argument("--variant", action="append", default=[], type=Path, metavar="SQL_FILE",
+                        help="also count appends on a database with this SQL run after the migrations "
+                             "(a change to try, or a part taken out to see its cost); repeatable")
     return parser.parse_args()
 
 
@@ -168,14 +173,20 @@ def main() -> None:
                 migrations.migrate(conn)
                 conn.execute(BARE_TABLE)
                 conn.execute(RECORDED_TABLE)
-            kinds = [*WRITES, *([WHAT_IF] if args.what_if else [])]
+            # appends on databases changed by SQL first: kind -> that SQL
+            changed = {f"variant_{i}": path.read_text() for i, path in enumerate(args.variant, 1)}
+            if args.what_if:
+                changed[WHAT_IF] = WHAT_IF_SQL
+            kinds = [*WRITES, *changed]
             with db.connect(url, autocommit=True) as conn:
                 for kind in kinds:
                     for size in ("warm", "full"):
                         conn.execute(f"CREATE DATABASE db_{kind}_{size} TEMPLATE bench")
-            for size in ("warm", "full") if args.what_if else ():
-                with db.connect(url.replace("/postgres?", f"/db_{WHAT_IF}_{size}?"), autocommit=True) as conn:
-                    conn.execute(WHAT_IF_SQL)
+            for kind, sql in changed.items():
+                for size in ("warm", "full"):
+                    scratch = url.replace("/postgres?", f"/db_{kind}_{size}?")
+                    with db.connect(scratch, autocommit=True) as conn:
+                        conn.execute(sql)
         finally:
             as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "stop"], owner,
                      stdout=subprocess.DEVNULL)
@@ -185,7 +196,7 @@ def main() -> None:
             for size, part in (("warm", rows[:args.warmup]), ("full", rows)):
                 name = f"{kind}_{size}"
                 script = work / f"{name}.sql"
-                script.write_text(statements(part, "append" if kind == WHAT_IF else kind))
+                script.write_text(statements(part, "append" if kind in changed else kind))
                 if owner:
                     shutil.chown(script, owner)
                 counts[size] = instructions(bindir, pgdata, f"db_{name}", script, owner)
@@ -205,6 +216,10 @@ def main() -> None:
         moved = per_row[WHAT_IF]
         print(f"what if the job-level work left the append's transaction: {moved:,.0f} per append, "
               f"ratio bare / that = {bare / moved:.2f}")
+    for i, path in enumerate(args.variant, 1):
+        variant = per_row[f"variant_{i}"]
+        print(f"with {path}: {variant:,.0f} per append ({100 * (variant / append - 1):+.1f}%), "
+              f"ratio bare / that = {bare / variant:.2f}")
 
 
 if __name__ == "__main__":
