@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import PROMPTS, default_database_url, scratch_database, server, server_version, templates
+from common import (
+    PROMPTS,
+    RECORDED_TABLE,
+    default_database_url,
+    scratch_database,
+    server,
+    server_version,
+    templates,
+)
 from psycopg.types.json import Jsonb
 
 from service import db, events
@@ -48,11 +56,9 @@ BARE_TABLE = """
 BARE_INSERT = """
     INSERT INTO bare_events (event_key, stream, type, data, metadata)
     VALUES (%(key)s, %(stream)s, %(type)s, %(data)s, %(metadata)s)"""
-# The durable part of an append without the fold: the event into a table with the events
-# table's columns, keys, indexes, checks and compression, idempotent by key. Whatever the
-# fold costs, an append costs at least this, so recorded/bare is the ceiling of the ratio.
-RECORDED_TABLE = """
-    CREATE TABLE recorded_events (LIKE events INCLUDING ALL)"""
+# The durable part of an append without the fold: the event into recorded_events (common.py),
+# idempotent by key. Whatever the fold costs, an append costs at least this, so
+# recorded/bare is the ceiling of the ratio.
 RECORDED_INSERT = """
     INSERT INTO recorded_events (event_key, stream, type, data, metadata)
     VALUES (%(key)s, %(stream)s, %(type)s, %(data)s, %(metadata)s)

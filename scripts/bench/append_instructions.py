@@ -42,7 +42,8 @@ import tempfile
 from pathlib import Path
 
 # append imports common, which puts `service` on the path
-from append import BARE_TABLE, RECORDED_TABLE, Row, workload
+from append import BARE_TABLE, Row, workload
+from common import RECORDED_TABLE
 
 from service import db, migrations
 
@@ -177,9 +178,9 @@ def main() -> None:
             changed = {f"variant_{i}": path.read_text() for i, path in enumerate(args.variant, 1)}
             if args.what_if:
                 changed[WHAT_IF] = WHAT_IF_SQL
-            kinds = [*WRITES, *changed]
+            runs = [*WRITES, *changed]
             with db.connect(url, autocommit=True) as conn:
-                for kind in kinds:
+                for kind in runs:
                     for size in ("warm", "full"):
                         conn.execute(f"CREATE DATABASE db_{kind}_{size} TEMPLATE bench")
             for kind, sql in changed.items():
@@ -191,7 +192,7 @@ def main() -> None:
             as_owner([str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "stop"], owner,
                      stdout=subprocess.DEVNULL)
         per_row = {}
-        for kind in kinds:
+        for kind in runs:
             counts = {}
             for size, part in (("warm", rows[:args.warmup]), ("full", rows)):
                 name = f"{kind}_{size}"

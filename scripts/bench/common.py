@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:  # run as a plain script: make `service` importabl
 from service import db, migrations  # noqa: E402
 
 PAYLOADS = ROOT.parent / "shared" / "replicate" / "payloads"
+# The ceiling baselines' table (append.py, append_instructions.py, ingest.py): a copy of the
+# events table with its columns, keys, indexes, checks and compression, and no fold.
+RECORDED_TABLE = "CREATE TABLE recorded_events (LIKE events INCLUDING ALL)"
 
 # One SDXL prediction's states as Replicate reported them, and how some end instead.
 TEMPLATES = {

@@ -67,6 +67,7 @@ from pathlib import Path
 import psycopg
 from common import (
     PROMPTS,
+    RECORDED_TABLE,
     ROOT,
     TEMPLATES,
     default_database_url,
@@ -579,7 +580,7 @@ def main() -> None:
                            {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret, **level}, None,
                            server_url, name)
             with db.connect(url, autocommit=True) as conn:
-                conn.execute("CREATE TABLE recorded_events (LIKE events INCLUDING ALL)")
+                conn.execute(RECORDED_TABLE)
             app_load, plan, before = measure(service, workload, args, secret, tmp)
             check = check_store(url, app_load, before, workload.tag, not args.no_replay_check)
             bare_load, _, _ = measure(bare, workload, args, secret, tmp)

@@ -25,7 +25,7 @@ from common import PROMPTS, default_database_url, scratch_database, server, serv
 from psycopg.types.json import Jsonb
 
 from service import db
-from service.replay import PHASES, ReplayResult, replay
+from service.replay import PHASES, TABLES, ReplayResult, replay
 
 GENERATE_SQL = (Path(__file__).with_name("generate_events.sql")).read_text()
 SCAN_SQL = "SELECT sum(length(data::text)) FROM events"
@@ -132,9 +132,6 @@ def check_projection(url: str) -> None:
           + f"; outputs {outputs:,}")
 
 
-FLOOR_TABLES = ("predictions", "outputs", "jobs", "job_activity")
-
-
 def write_floor(url: str) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds to write the rows the replay just built, and nothing else, two ways, each in a
     transaction rolled back. In place: each projection table's rows copied into an empty
@@ -146,12 +143,12 @@ def write_floor(url: str) -> tuple[dict[str, float], dict[str, float]]:
     to the tables)."""
     in_place, fresh = {}, {}
     with db.connect(url) as conn, conn.transaction(force_rollback=True):
-        for table in FLOOR_TABLES:
+        for table in TABLES:  # every table a replay rebuilds
             conn.execute(f"CREATE TABLE floor_{table} (LIKE {table} INCLUDING ALL)")
             started = time.perf_counter()
             conn.execute(f"INSERT INTO floor_{table} SELECT * FROM {table}")
             in_place[table] = time.perf_counter() - started
-        for table in FLOOR_TABLES:
+        for table in TABLES:  # every table a replay rebuilds
             conn.execute(f"CREATE TABLE fresh_{table} (LIKE {table} INCLUDING DEFAULTS "
                          "INCLUDING CONSTRAINTS INCLUDING COMPRESSION INCLUDING STORAGE)")
             indexes = conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
