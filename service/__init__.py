@@ -39,6 +39,7 @@ def create_app(overrides: dict | None = None) -> Flask:
                      app.config["DB_STATEMENT_TIMEOUT_MS"])
     app.extensions["db_pool"] = pool
     app.extensions["user_tokens"] = auth.UserTokens.from_config(app.config)
+    webhooks.record_groups(app)
     atexit.register(pool.close)
 
     errors.register_handlers(app)

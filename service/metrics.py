@@ -41,6 +41,9 @@ WEBHOOKS_REJECTED = Counter("rjs_webhooks_rejected", "Webhook deliveries refused
 WEBHOOK_ACK_SECONDS = Histogram("rjs_webhook_ack_seconds",
                                 "Time from reading a webhook to its 200 (verify, record, fold).",
                                 buckets=_FAST)
+WEBHOOK_GROUP_SIZE = Histogram("rjs_webhook_group_size",
+                               "Webhooks recorded together in one transaction (group commit).",
+                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 RATE_LIMITED = Counter("rjs_rate_limited", "Requests refused 429 by the rate limit, by surface.", ["surface"])
 TASKS = Counter("rjs_tasks", "Queue tasks run by the worker, by kind and outcome.", ["kind", "outcome"])
 TASK_SECONDS = Histogram("rjs_task_seconds", "Time a worker spent running one task, by kind.", ["kind"],

@@ -10,19 +10,18 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, after_this_request, current_app, request
-from psycopg.pq import TransactionStatus
-from psycopg.types.json import Jsonb
+from flask import Blueprint, Flask, Response, after_this_request, current_app, request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from service import metrics, unrecorded
+from service import events, metrics, unrecorded
 from service.config import secret_problem
-from service.db import queries, translated_errors
+from service.db import translated_errors
 from service.errors import InvalidEvent, ServiceError
+from service.groups import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +69,9 @@ def replicate() -> tuple[dict, int]:
     verify_signature(signing_secret(), signed, raw)
     body = parse_prediction(raw)
     job = _job_param(request.args.get("job"))
-    with current_app.extensions["db_pool"].connection() as conn, translated_errors():
-        # One statement is its own transaction: autocommit spares the BEGIN and COMMIT
-        # round trips (the statement commits before it answers, as the commit did).
-        conn.autocommit = True
-        try:
-            row = conn.execute(queries["append_webhook"], {
-                "webhook_id": signed["webhook-id"], "job": job,
-                "body": _jsonb_text(raw, body), "metadata": Jsonb(_metadata(job)),
-            }).fetchone()
-        finally:
-            if conn.info.transaction_status == TransactionStatus.IDLE:  # else the pool drops it
-                conn.autocommit = False
+    with translated_errors():  # the database's refusal of this webhook, raised here
+        row = current_app.extensions["webhook_groups"].submit(
+            group_item(signed["webhook-id"], job, raw, body, _metadata(job)))
     status = "duplicate" if row["duplicate"] else "recorded"
     if row["duplicate"]:
         after_this_request(_count_duplicate)
@@ -176,16 +166,28 @@ def _is_timestamp(value: object) -> bool:
     return True
 
 
-def _jsonb_text(raw: bytes, body: dict[str, Any]) -> Jsonb:
-    """The body for a jsonb parameter: the verified bytes as they are (PostgreSQL parses
-    them), rather than serialising again what json.loads just parsed. Only a body that
-    opens with `{` is certain to be the UTF-8 JSON text json.loads read (it also accepts a
-    BOM or UTF-16/32); anything else takes the long way."""
-    return Jsonb(raw, dumps=_verbatim) if raw[:1] == b"{" else Jsonb(body)
+def group_item(webhook_id: str, job: str | None, raw: bytes, body: dict[str, Any],
+               metadata: dict[str, Any]) -> bytes:
+    """One webhook as an element of append_webhooks' JSON array. The body is the verified
+    bytes as they are (PostgreSQL parses them), rather than serialised again after
+    json.loads. Only a body that opens with `{` is certain to be the UTF-8 JSON text
+    json.loads read (it also accepts a BOM or UTF-16/32); anything else takes the long
+    way. json.loads read exactly one JSON value from those bytes, so they cannot reach
+    out of their place in the array."""
+    text = raw if raw[:1] == b"{" else json.dumps(body).encode()
+    return b'{"webhook_id":%s,"job":%s,"metadata":%s,"body":%s}' % (
+        json.dumps(webhook_id).encode(), json.dumps(job).encode(), json.dumps(metadata).encode(), text)
 
 
-def _verbatim(raw: bytes) -> bytes:
-    return raw
+def record_groups(app: Flask) -> None:
+    """Webhooks recorded together when they arrive together (service/groups.py)."""
+    pool = app.extensions["db_pool"]
+
+    def record(group: Sequence[bytes]) -> list[dict | Exception]:
+        metrics.WEBHOOK_GROUP_SIZE.observe(len(group))
+        return events.append_webhooks(pool, group)
+
+    app.extensions["webhook_groups"] = GroupCommit(record)
 
 
 def _job_param(value: str | None) -> str | None:

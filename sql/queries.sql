@@ -64,10 +64,10 @@ SELECT id, step FROM predictions
 WHERE job_id = %(job_id)s::uuid AND status IN ('starting', 'processing')
 ORDER BY step, id;
 
--- append_webhook --
--- Record one verified Replicate webhook under its webhook-id, in its job's stream.
-SELECT event_position AS position, duplicate, stream
-FROM append_webhook(%(webhook_id)s, %(job)s, %(body)s, %(metadata)s);
+-- append_webhooks --
+-- Record a group of verified Replicate webhooks (a JSON array of {webhook_id, job, body,
+-- metadata}), each under its webhook-id in its job's stream, in one transaction.
+SELECT n, event_position AS position, duplicate, stream FROM append_webhooks(%(group)s);
 
 -- job_by_id --
 -- One job from the projection.

@@ -211,3 +211,106 @@ def test_a_body_that_does_not_open_with_a_brace_is_stored_as_parsed(client, conn
     body, headers = signed(wrap(raw))
     assert post(client, body, headers).status_code == 200
     assert conn.execute("SELECT data FROM events").fetchone()["data"] == json.loads(raw)
+
+
+# ---- group commit: webhooks that arrive together are recorded in one transaction
+
+def hold_stream(db_url: str, stream: str):
+    """A transaction holding the advisory lock append_event takes for `stream`, so a group
+    recording a webhook of that stream waits in the database until it is closed."""
+    from service import db
+
+    blocker = db.connect(db_url)
+    blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (stream,))
+    return blocker
+
+
+def waiting_on_the_lock(conn) -> bool:
+    return conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'advisory' "
+                        "AND datname = current_database()").fetchone()["n"] > 0
+
+
+def deliver_while_held(app, db_url, conn, job, first, rest, release=True):
+    """Deliver `first` (a webhook of `job`, held at the lock), then `rest` (each a
+    (body, headers, query) or (body, headers)) while it waits; release the lock once they
+    all queue behind it, or never. Each delivery's response."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_groups import wait_until
+
+    groups = app.extensions["webhook_groups"]
+    blocker = hold_stream(db_url, job)
+    try:
+        with ThreadPoolExecutor(len(rest) + 1) as pool:
+            futures = [pool.submit(post, app.test_client(), *first, f"?job={job}&step=1")]
+            wait_until(lambda: waiting_on_the_lock(conn))
+            futures += [pool.submit(post, app.test_client(), *delivery) for delivery in rest]
+            wait_until(lambda: groups.waiting == len(rest))
+            if release:
+                blocker.commit()
+            return [f.result() for f in futures]
+    finally:
+        blocker.close()
+
+
+def test_webhooks_arriving_during_a_commit_are_committed_together_each_with_its_answer(app, db_url, conn):
+    job = new_job_id()
+    create_job(conn, job)
+    first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
+    rest = [signed({**payload("processing_sdxl_partial_logs"), "id": f"orphan{i}"}, webhook_id=f"msg_g{i}")
+            for i in range(6)]
+    rest.append(rest[0])  # a redelivery in the same group: recorded once
+    responses = deliver_while_held(app, db_url, conn, job, first, rest)
+    answers = [r.get_json() for r in responses]
+    assert [r.status_code for r in responses] == [200] * 8
+    assert [a["status"] for a in answers] == ["recorded"] * 7 + ["duplicate"]
+    assert answers[-1]["position"] == answers[1]["position"]
+    rows = conn.execute("SELECT position, event_key, stream, xmin::text AS tx FROM events "
+                        "WHERE type = 'replicate.webhook' ORDER BY position").fetchall()
+    assert len(rows) == 7
+    keys = ["msg_first"] + [f"msg_g{i}" for i in range(6)]
+    assert {r["event_key"]: r["position"] for r in rows} == {
+        key: a["position"] for key, a in zip(keys, answers, strict=False)}
+    assert len({r["tx"] for r in rows}) == 2  # the first alone, then the six together
+    orphans = conn.execute("SELECT count(*) AS n FROM predictions WHERE id LIKE 'orphan%' "
+                           "AND status = 'processing' AND job_id IS NULL").fetchone()
+    assert orphans["n"] == 6
+
+
+def test_a_webhook_the_database_refuses_fails_alone_and_its_group_is_recorded(app, db_url, conn):
+    job = new_job_id()
+    create_job(conn, job)
+    first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
+    good = [signed({**payload("processing_sdxl_partial_logs"), "id": f"ok{i}"}, webhook_id=f"msg_ok{i}")
+            for i in range(3)]
+    # json.loads reads \u0000, a jsonb cannot hold it: only the database refuses this one
+    bad = signed(b'{"id": "p_nul", "status": "processing", "logs": "a\\u0000b"}', webhook_id="msg_bad")
+    responses = deliver_while_held(app, db_url, conn, job, first, [good[0], bad, good[1], good[2]])
+    assert [r.status_code for r in responses] == [200, 200, 400, 200, 200]
+    assert responses[2].get_json()["error"] == "invalid_event"
+    keys = [r["event_key"] for r in conn.execute("SELECT event_key FROM events WHERE type = "
+                                                 "'replicate.webhook' ORDER BY position")]
+    assert sorted(keys) == ["msg_first", "msg_ok0", "msg_ok1", "msg_ok2"]
+    assert not conn.execute("SELECT FROM predictions WHERE id = 'p_nul'").fetchall()
+
+
+def test_a_group_that_times_out_answers_each_webhook_at_once_not_one_retry_after_another(db_url, conn):
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": SECRET,
+                      "DB_STATEMENT_TIMEOUT_MS": 1000})
+    try:
+        job = new_job_id()
+        create_job(conn, job)
+        first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
+        rest = [(*signed({**payload("processing_sdxl_partial_logs"), "id": f"p{i}"}, webhook_id=f"msg_t{i}"),
+                 f"?job={job}&step=1") for i in range(5)]
+        started = time.monotonic()
+        responses = deliver_while_held(app, db_url, conn, job, first, rest, release=False)
+        elapsed = time.monotonic() - started
+    finally:
+        app.extensions["db_pool"].close()
+    assert [r.status_code for r in responses] == [500] * 6
+    assert all("statement timeout" in r.get_json()["message"] for r in responses)
+    # the first alone, then the five together: two timeouts, not six
+    assert elapsed < 4.5, elapsed
+    recorded = conn.execute("SELECT count(*) AS n FROM events WHERE type = 'replicate.webhook'").fetchone()
+    assert recorded["n"] == 0

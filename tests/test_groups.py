@@ -1,0 +1,102 @@
+"""Group commit (service/groups.py) with real threads: who gets which result, how groups form."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.groups import GroupCommit
+
+
+class Recorder:
+    """A record function that keeps the groups it was given; the first group waits for
+    `release`, so everything submitted meanwhile has to queue behind it."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, items):
+        self.groups.append(list(items))
+        self.entered.set()
+        self.release.wait(10)
+        return [ValueError(f"item {item} is bad") if item < 0 else item * 10 for item in items]
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def submit_while_blocked(groups: GroupCommit, recorder: Recorder, first: int, rest: list[int]):
+    """Submit `first`, and `rest` while first's group is being recorded; their outcomes."""
+    with ThreadPoolExecutor(len(rest) + 1) as pool:
+        futures = [pool.submit(groups.submit, first)]
+        assert recorder.entered.wait(10)
+        futures += [pool.submit(groups.submit, item) for item in rest]
+        wait_until(lambda: groups.waiting == len(rest))
+        recorder.release.set()
+        return [f.exception() or f.result() for f in futures]
+
+
+def test_what_arrives_during_a_commit_is_recorded_as_one_group_and_each_caller_gets_its_own():
+    recorder = Recorder()
+    groups = GroupCommit(recorder)
+    outcomes = submit_while_blocked(groups, recorder, 1, [2, 3, 4, 5, 6, 7, 8])
+    assert outcomes == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert len(recorder.groups) == 2
+    assert recorder.groups[0] == [1]
+    assert sorted(recorder.groups[1]) == [2, 3, 4, 5, 6, 7, 8]
+    assert groups.waiting == 0
+
+
+def test_an_items_error_is_raised_in_its_own_caller_only():
+    recorder = Recorder()
+    groups = GroupCommit(recorder)
+    outcomes = submit_while_blocked(groups, recorder, 1, [2, -3, 4])
+    assert outcomes[:2] == [10, 20] and outcomes[3] == 40
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "item -3 is bad"
+    assert sorted(recorder.groups[1]) == [-3, 2, 4]
+
+
+def test_groups_are_at_most_max_size_and_every_item_is_recorded_once():
+    recorder = Recorder()
+    groups = GroupCommit(recorder, max_size=3)
+    outcomes = submit_while_blocked(groups, recorder, 0, list(range(1, 11)))
+    assert outcomes == [i * 10 for i in range(11)]
+    assert all(len(group) <= 3 for group in recorder.groups)
+    assert sorted(i for group in recorder.groups for i in group) == list(range(11))
+
+
+def test_a_failed_record_reaches_every_caller_of_its_group_and_the_next_group_works():
+    calls = []
+
+    def record(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise RuntimeError("database gone")
+        return list(items)
+
+    groups = GroupCommit(record)
+    with pytest.raises(RuntimeError, match="database gone"):
+        groups.submit("a")
+    assert groups.submit("b") == "b"
+
+
+def test_a_record_that_answers_for_the_wrong_number_of_items_is_an_error_for_all():
+    groups = GroupCommit(lambda items: [])
+    with pytest.raises(RuntimeError, match="a group of 1 recorded 0 results"):
+        groups.submit("a")
+
+
+def test_many_threads_each_get_their_own_result():
+    groups = GroupCommit(lambda items: [("done", item) for item in items])
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(groups.submit, range(2000)))
+    assert results == [("done", i) for i in range(2000)]
