@@ -7,10 +7,12 @@ first against the service (`gunicorn -c gunicorn.conf.py wsgi:app`), then agains
 scripts/bench/bare_app.py (one POST route that reads the body and answers 200 JSON) under
 the same gunicorn config file and bind options, then against scripts/bench/recorded_app.py
 (verify the signature, parse, one idempotent INSERT into a copy of the events table,
-committed: the webhook contract's least durable work, without the fold; its ratio to the
-bare handler is the ceiling of the service's). Prints requests/s, p50 and p99 of each and
+committed alone: the webhook contract's least durable work per request, without the fold;
+its ratio to the bare handler bounds a service that commits each webhook on its own, which
+the service no longer does: it commits webhooks that arrive together as one group). Prints requests/s, p50 and p99 of each and
 the ratios, the CPU each request cost in gunicorn, PostgreSQL (the scratch database's
-backends) and wrk, then checks the event store: every webhook acknowledged with a 200 is
+backends) and wrk, how many webhooks each of the service's commits held (its group
+commit, from /metrics), then checks the event store: every webhook acknowledged with a 200 is
 in `events` exactly once, and the projections equal a rebuild from the events.
 
 The load generator is wrk (Debian: `apt-get install -y wrk`) running ingest.lua, which
@@ -359,6 +361,7 @@ class Load:
     errors: dict[str, int]
     exhausted: bool
     cpu: CpuMeter | None = None
+    groups: str | None = None
 
     @property
     def rate(self) -> float:
@@ -441,11 +444,32 @@ def measure(target: Target, workload: Workload, args: argparse.Namespace, secret
         with CpuMeter(master, target.server_url, target.database) as cpu:
             load = run_wrk(requests, port, args.seconds, args.connections, args.threads, tmp / "wrk")
         load.cpu = cpu
+        load.groups = group_sizes(port) if target.database_url else None
         del requests
     problems = [line for line in log.read_text(errors="replace").splitlines() if _is_error(line)]
     if problems:
         print(f"  {target.name}: {len(problems)} error lines in the server log, e.g. {problems[0][:200]}")
     return load, plan, before
+
+
+def group_sizes(port: int) -> str | None:
+    """How many webhooks each commit recorded during the run (the service's group commit,
+    rjs_webhook_group_size in /metrics, summed over its worker processes), or None."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("rjs_webhook_group_size"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    count = values.get("rjs_webhook_group_size_count")
+    if not count:
+        return None
+    alone = values.get('rjs_webhook_group_size_bucket{le="1.0"}', 0)
+    return (f"{values['rjs_webhook_group_size_sum'] / count:.2f} webhooks per commit on average "
+            f"over {count:,.0f} commits; {alone / count:.0%} of the commits held one webhook")
 
 
 def counts(url: str) -> dict:
@@ -514,7 +538,7 @@ def report(app: Load, bare: Load, alone: Load, check: Check, args: argparse.Name
     print(f"{'ratio service / bare':<26}{throughput:>11.2f}x{p50:>9.2f}x{p99:>9.2f}x")
     print(f"{'ceiling: record / bare':<26}{alone.rate / bare.rate:>11.2f}x"
           f"{alone.p50_ms / bare.p50_ms:>9.2f}x{alone.p99_ms / bare.p99_ms:>9.2f}x"
-          "  (verify + one idempotent INSERT, no fold: what any design that records in the request gets)")
+          "  (verify + one idempotent INSERT committed per request, no fold)")
     print("CPU per request (us):      gunicorn  postgres       wrk     total   cores busy")
     for name, load in loads:
         if load.cpu:
@@ -523,6 +547,8 @@ def report(app: Load, bare: Load, alone: Load, check: Check, args: argparse.Name
             busy = sum(used) / load.seconds
             print(f"  {name:<24}{per[0]:>8,.0f}{per[1]:>10,.0f}{per[2]:>10,.0f}{sum(per):>10,.0f}"
                   f"{busy:>10.2f} of {os.cpu_count()}")
+    if app.groups:
+        print(f"group commit (service): {app.groups}")
     if app.cpu and bare.cpu:
         def total(load: Load) -> float:
             return load.cpu.gunicorn_seconds + load.cpu.postgres_seconds + load.cpu.wrk_seconds

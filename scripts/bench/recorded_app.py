@@ -3,8 +3,9 @@ webhook contract must do, and nothing more. It verifies the Standard Webhooks si
 over the raw body, parses the JSON, and records the delivery durably and idempotently: one
 INSERT … ON CONFLICT (event_key) DO NOTHING, committed, into `recorded_events`, a copy of
 the events table (its keys, indexes and checks) that ingest.py makes. No fold, no logging,
-no metrics, no validation beyond the parse. Whatever the service does besides, it cannot
-beat this, so this/bare is the ceiling of the benchmark's ratio. Run under the project's
+no metrics, no validation beyond the parse. A service that commits each webhook on its
+own cannot beat this, so this/bare bounds its ratio; one that commits webhooks arriving
+together as one group (ours, since sql/015) shares the commit and can. Run under the project's
 gunicorn config:
 
     DATABASE_URL=… REPLICATE_WEBHOOK_SECRET=whsec_… \\
