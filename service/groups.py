@@ -18,65 +18,69 @@ Record = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class _Slot:
-    __slots__ = ("item", "outcome", "done")
+    __slots__ = ("item", "outcome", "done", "woken")
 
     def __init__(self, item: Any) -> None:
         self.item, self.outcome, self.done = item, None, False
+        self.woken = threading.Lock()  # held until the slot's caller is to go on
+        self.woken.acquire()
 
 
 class GroupCommit:
     """`submit(item)` runs `record` on a group holding the item and returns its result.
 
     No thread of its own (nothing to start, stop, or lose in a fork): the caller that
-    finds no group running leads one, with every item waiting (at most `max_size`),
-    while callers arriving meanwhile wait for it; when it ends, the first of them to wake
-    leads the next group. Each caller raises its own item's exception, in its own thread.
+    finds no group running leads one; callers arriving meanwhile wait. The leader records
+    its item with those waiting (at most `max_size` in all), wakes each of them with its
+    outcome, and hands the lead to the longest-waiting caller left, if any. Each waiting
+    caller is woken once: with its outcome, or to lead. Each raises its own item's
+    exception, in its own thread.
     """
 
     def __init__(self, record: Record, max_size: int = 32) -> None:
         self._record, self._max_size = record, max_size
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._waiting: list[_Slot] = []
         self._running = False
 
     @property
     def waiting(self) -> int:
         """Items waiting for a group to take them (not those being recorded)."""
-        with self._changed:
+        with self._lock:
             return len(self._waiting)
 
     def submit(self, item: Any) -> Any:
         slot = _Slot(item)
-        with self._changed:
-            self._waiting.append(slot)
-        while not slot.done:
-            group = self._lead_or_wait(slot)
-            if group:
-                self._run(group)
+        with self._lock:
+            leading = not self._running
+            if leading:
+                self._running = True
+            else:
+                self._waiting.append(slot)
+        if not leading:
+            slot.woken.acquire()  # released by a leader: done, or this caller leads now
+        if not slot.done:
+            self._lead(slot)
         if isinstance(slot.outcome, BaseException):
             raise slot.outcome
         return slot.outcome
 
-    def _lead_or_wait(self, slot: _Slot) -> list[_Slot]:
-        """The group this caller is to run, or [] once its item is done."""
-        with self._changed:
-            while self._running and not slot.done:
-                self._changed.wait()
-            if slot.done:
-                return []
-            self._running = True
-            group, self._waiting = self._waiting[:self._max_size], self._waiting[self._max_size:]
-            return group
-
-    def _run(self, group: list[_Slot]) -> None:
+    def _lead(self, slot: _Slot) -> None:
+        with self._lock:
+            taken = self._max_size - 1
+            group, self._waiting = [slot, *self._waiting[:taken]], self._waiting[taken:]
         try:
-            outcomes = list(self._record([slot.item for slot in group]))
+            outcomes = list(self._record([s.item for s in group]))
             if len(outcomes) != len(group):
                 raise RuntimeError(f"a group of {len(group)} recorded {len(outcomes)} results")
         except BaseException as exc:  # each waiting caller must hear of it, not only this one
             outcomes = [exc] * len(group)
-        with self._changed:
-            for slot, outcome in zip(group, outcomes, strict=True):
-                slot.outcome, slot.done = outcome, True
-            self._running = False
-            self._changed.notify_all()
+        for member, outcome in zip(group, outcomes, strict=True):
+            member.outcome, member.done = outcome, True
+            if member is not slot:
+                member.woken.release()
+        with self._lock:
+            following = self._waiting.pop(0) if self._waiting else None
+            self._running = following is not None
+        if following:
+            following.woken.release()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -95,8 +96,17 @@ def test_a_record_that_answers_for_the_wrong_number_of_items_is_an_error_for_all
         groups.submit("a")
 
 
-def test_many_threads_each_get_their_own_result():
-    groups = GroupCommit(lambda items: [("done", item) for item in items])
+def test_many_threads_each_get_their_own_result_and_every_item_is_recorded_once():
+    recorded: list[int] = []
+
+    def record(items):
+        recorded.extend(items)
+        time.sleep(random.random() / 5000)  # vary how much queues behind each group
+        return [("done", item) for item in items]
+
+    groups = GroupCommit(record, max_size=5)
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(groups.submit, range(2000)))
-    assert results == [("done", i) for i in range(2000)]
+        results = list(pool.map(groups.submit, range(3000)))
+    assert results == [("done", i) for i in range(3000)]
+    assert sorted(recorded) == list(range(3000))
+    assert groups.waiting == 0
