@@ -253,12 +253,19 @@ def deliver_while_held(app, db_url, conn, job, first, rest, release=True):
         blocker.close()
 
 
-def test_webhooks_arriving_during_a_commit_are_committed_together_each_with_its_answer(app, db_url, conn):
+def a_job_and_its_first_webhook(conn) -> tuple[str, tuple[bytes, dict]]:
     job = new_job_id()
     create_job(conn, job)
-    first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
-    rest = [signed({**payload("processing_sdxl_partial_logs"), "id": f"orphan{i}"}, webhook_id=f"msg_g{i}")
-            for i in range(6)]
+    return job, signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
+
+
+def processing(prediction_id: str, webhook_id: str) -> tuple[bytes, dict]:
+    return signed({**payload("processing_sdxl_partial_logs"), "id": prediction_id}, webhook_id=webhook_id)
+
+
+def test_webhooks_arriving_during_a_commit_are_committed_together_each_with_its_answer(app, db_url, conn):
+    job, first = a_job_and_its_first_webhook(conn)
+    rest = [processing(f"orphan{i}", f"msg_g{i}") for i in range(6)]
     rest.append(rest[0])  # a redelivery in the same group: recorded once
     responses = deliver_while_held(app, db_url, conn, job, first, rest)
     answers = [r.get_json() for r in responses]
@@ -278,11 +285,8 @@ def test_webhooks_arriving_during_a_commit_are_committed_together_each_with_its_
 
 
 def test_a_webhook_the_database_refuses_fails_alone_and_its_group_is_recorded(app, db_url, conn):
-    job = new_job_id()
-    create_job(conn, job)
-    first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
-    good = [signed({**payload("processing_sdxl_partial_logs"), "id": f"ok{i}"}, webhook_id=f"msg_ok{i}")
-            for i in range(3)]
+    job, first = a_job_and_its_first_webhook(conn)
+    good = [processing(f"ok{i}", f"msg_ok{i}") for i in range(3)]
     # json.loads reads \u0000, a jsonb cannot hold it: only the database refuses this one
     bad = signed(b'{"id": "p_nul", "status": "processing", "logs": "a\\u0000b"}', webhook_id="msg_bad")
     responses = deliver_while_held(app, db_url, conn, job, first, [good[0], bad, good[1], good[2]])
@@ -298,11 +302,8 @@ def test_a_group_that_times_out_answers_each_webhook_at_once_not_one_retry_after
     app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": SECRET,
                       "DB_STATEMENT_TIMEOUT_MS": 1000})
     try:
-        job = new_job_id()
-        create_job(conn, job)
-        first = signed(payload("starting_sdxl_create_response"), webhook_id="msg_first")
-        rest = [(*signed({**payload("processing_sdxl_partial_logs"), "id": f"p{i}"}, webhook_id=f"msg_t{i}"),
-                 f"?job={job}&step=1") for i in range(5)]
+        job, first = a_job_and_its_first_webhook(conn)
+        rest = [(*processing(f"p{i}", f"msg_t{i}"), f"?job={job}&step=1") for i in range(5)]
         started = time.monotonic()
         responses = deliver_while_held(app, db_url, conn, job, first, rest, release=False)
         elapsed = time.monotonic() - started
