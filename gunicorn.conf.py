@@ -13,6 +13,7 @@ more of them make larger groups (measured with scripts/bench/ingest.py: 1.9 webh
 commit with four threads, 2.2-3.0 with eight, and less database CPU per webhook).
 """
 
+import gc
 import multiprocessing
 import os
 import shutil
@@ -58,7 +59,14 @@ def child_exit(server, worker):
 
 def post_worker_init(worker):
     """On SIGTERM a worker finishes its requests and stops: /readyz says so at once, so a
-    load balancer stops sending it new ones while it drains."""
+    load balancer stops sending it new ones while it drains.
+
+    And the app, loaded now, is kept out of Python's garbage collection: the ~70,000
+    objects of the imports and the app live as long as the process, yet a full collection
+    walks them all, with every thread stopped. Measured in process over 8,000 webhooks:
+    one full collection, 98 ms before, 20 ms after, and a pause that long is in the p99."""
+    gc.collect()  # what is garbage already is freed, not frozen
+    gc.freeze()
     stop = signal.getsignal(signal.SIGTERM)
 
     def stopping(signum, frame):
