@@ -9,11 +9,12 @@ the same gunicorn config file and bind options, then against scripts/bench/recor
 (verify the signature, parse, one idempotent INSERT into a copy of the events table,
 committed alone: the webhook contract's least durable work per request, without the fold;
 its ratio to the bare handler bounds a service that commits each webhook on its own, which
-the service no longer does: it commits webhooks that arrive together as one group). Prints requests/s, p50 and p99 of each and
-the ratios, the CPU each request cost in gunicorn, PostgreSQL (the scratch database's
-backends) and wrk, how many webhooks each of the service's commits held (its group
-commit, from /metrics), then checks the event store: every webhook acknowledged with a 200 is
-in `events` exactly once, and the projections equal a rebuild from the events.
+the service no longer does: it commits webhooks that arrive together as one group).
+Prints requests/s, p50 and p99 of each and the ratios, the CPU each request cost in
+gunicorn, PostgreSQL (the scratch database's backends) and wrk, how many webhooks each of
+the service's commits held (its group commit, from /metrics), then checks the event
+store: every webhook acknowledged with a 200 is in `events` exactly once, and the
+projections equal a rebuild from the events.
 
 The load generator is wrk (Debian: `apt-get install -y wrk`) running ingest.lua, which
 replays requests this script built and signed just before each run (Standard Webhooks,
