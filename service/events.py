@@ -77,7 +77,7 @@ def append_webhooks(pool: ConnectionPool, group: Sequence[bytes]) -> list[dict |
     each is recorded again alone, so one webhook's error is never another's.
     """
     try:
-        rows = _append_webhooks(pool, b"[" + b",".join(group) + b"]")
+        rows = _append_webhooks(pool, group)
     except ITEM_ERRORS as exc:
         if len(group) == 1:
             return [exc]
@@ -92,12 +92,13 @@ def append_webhooks(pool: ConnectionPool, group: Sequence[bytes]) -> list[dict |
 
 def _append_alone(pool: ConnectionPool, item: bytes) -> dict | Exception:
     try:
-        return _append_webhooks(pool, b"[" + item + b"]")[0]
+        return _append_webhooks(pool, [item])[0]
     except psycopg.Error as exc:
         return exc
 
 
-def _append_webhooks(pool: ConnectionPool, array: bytes) -> list[dict]:
+def _append_webhooks(pool: ConnectionPool, group: Sequence[bytes]) -> list[dict]:
+    array = b"[" + b",".join(group) + b"]"
     with pool.connection() as conn:
         # One statement is its own transaction: autocommit spares the BEGIN and COMMIT
         # round trips (the statement commits before it answers, as the commit did).
