@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.groups import GroupCommit
+from tests.waiting import wait_for
 
 
 class Recorder:
@@ -28,20 +29,13 @@ class Recorder:
         return [ValueError(f"item {item} is bad") if item < 0 else item * 10 for item in items]
 
 
-def wait_until(condition, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def submit_while_blocked(groups: GroupCommit, recorder: Recorder, first: int, rest: list[int]):
     """Submit `first`, and `rest` while first's group is being recorded; their outcomes."""
     with ThreadPoolExecutor(len(rest) + 1) as pool:
         futures = [pool.submit(groups.submit, first)]
         assert recorder.entered.wait(10)
         futures += [pool.submit(groups.submit, item) for item in rest]
-        wait_until(lambda: groups.waiting == len(rest))
+        wait_for("the rest to queue", lambda: groups.waiting == len(rest), 10)
         recorder.release.set()
         return [f.exception() or f.result() for f in futures]
 

@@ -12,6 +12,7 @@ from service.config import Settings
 from service.errors import ConfigError
 from tests.conftest import PAYLOADS, new_job_id, payload
 from tests.signing import SECRET, signed
+from tests.waiting import wait_for
 from tests.workload import create_job
 
 VECTORS = json.loads((PAYLOADS.parent / "signing_vectors.json").read_text())["vectors"]
@@ -236,16 +237,14 @@ def deliver_while_held(app, db_url, conn, job, first, rest, release=True):
     all queue behind it, or never. Each delivery's response."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_groups import wait_until
-
     groups = app.extensions["webhook_groups"]
     blocker = hold_stream(db_url, job)
     try:
         with ThreadPoolExecutor(len(rest) + 1) as pool:
             futures = [pool.submit(post, app.test_client(), *first, f"?job={job}&step=1")]
-            wait_until(lambda: waiting_on_the_lock(conn))
+            wait_for("the first to wait on the lock", lambda: waiting_on_the_lock(conn), 10)
             futures += [pool.submit(post, app.test_client(), *delivery) for delivery in rest]
-            wait_until(lambda: groups.waiting == len(rest))
+            wait_for("the rest to queue", lambda: groups.waiting == len(rest), 10)
             if release:
                 blocker.commit()
             return [f.result() for f in futures]

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +16,7 @@ import pytest
 
 from service.config import ROOT
 from tests.origin import Origin, Reply, decoded, picture, png, succeeded
+from tests.waiting import wait_for
 
 
 class Workers:
@@ -62,14 +63,6 @@ def origin() -> Iterator[Origin]:
     server = Origin()
     yield server
     server.close()
-
-
-def wait_for(what: str, check: Callable[[], object], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {seconds} s")
-        time.sleep(0.1)
 
 
 def test_a_worker_killed_mid_download_loses_nothing_and_records_once(workers, origin, conn, tmp_path):
