@@ -18,7 +18,10 @@ import pytest
 
 from service import create_app, db, migrations
 
-PAYLOADS = Path(__file__).resolve().parent.parent.parent / "shared" / "replicate" / "payloads"
+# Real Replicate bodies and the Standard Webhooks vectors, kept byte for byte in the repository
+# (tests/fixtures/replicate/README.md says where each came from).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "replicate"
+PAYLOADS = FIXTURES / "payloads"
 _counter = itertools.count()
 
 
@@ -97,7 +100,7 @@ def client(app):
 
 
 def payload(name: str) -> dict:
-    """A real prediction body Replicate sent (../shared/replicate/payloads)."""
+    """A real prediction body Replicate sent (tests/fixtures/replicate/payloads)."""
     return json.loads((PAYLOADS / f"{name}.json").read_text())
 
 

@@ -28,9 +28,10 @@ from replicate.webhook import Webhooks, WebhookSigningSecret
 
 from scripts.replicate_sim import Simulator, start_simulator
 from scripts.sim.wire import sign
+from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
-VECTORS = ROOT.parent / "shared" / "replicate" / "signing_vectors.json"
+VECTORS = FIXTURES / "signing_vectors.json"
 SDXL = "7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc"
 SPEED = 50.0
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -264,8 +265,6 @@ def test_webhook_secret_endpoint_matches_the_signing_secret() -> None:
 
 
 def test_signing_matches_the_standard_webhooks_vectors() -> None:
-    if not VECTORS.exists():
-        pytest.skip("shared/replicate/signing_vectors.json is not beside the repository")
     vector = next(v for v in json.loads(VECTORS.read_text())["vectors"] if v["name"] == "canonical_valid")
     signature = sign(vector["secret"], vector["webhook_id"], int(vector["webhook_timestamp"]), vector["body"])
     assert signature == vector["webhook_signature"]

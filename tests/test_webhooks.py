@@ -10,12 +10,12 @@ from standardwebhooks.webhooks import Webhook
 from service import create_app
 from service.config import Settings
 from service.errors import ConfigError
-from tests.conftest import PAYLOADS, new_job_id, payload
+from tests.conftest import FIXTURES, PAYLOADS, new_job_id, payload
 from tests.signing import SECRET, signed
 from tests.waiting import wait_for
 from tests.workload import create_job
 
-VECTORS = json.loads((PAYLOADS.parent / "signing_vectors.json").read_text())["vectors"]
+VECTORS = json.loads((FIXTURES / "signing_vectors.json").read_text())["vectors"]
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_signatures_agree_with_the_published_vectors(vector):
 
     body = vector.get("body")
     if body is None:  # "payloads/x.json (file content without the trailing newline)"
-        body = (PAYLOADS.parent / vector["body_file"].split(" ")[0]).read_text().rstrip("\n")
+        body = (FIXTURES / vector["body_file"].split(" ")[0]).read_text().rstrip("\n")
     when = datetime.fromtimestamp(int(vector["webhook_timestamp"]), tz=UTC)
     ours = Webhook(vector["secret"]).sign(vector["webhook_id"], when, body)
     assert (ours in vector["webhook_signature"].split(" ")) is vector["expect_valid"]

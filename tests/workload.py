@@ -1,4 +1,4 @@
-"""Build realistic event sequences from the real Replicate payloads in ../shared."""
+"""Build realistic event sequences from the real Replicate payloads in tests/fixtures/replicate."""
 
 from __future__ import annotations
 

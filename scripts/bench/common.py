@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # run as a plain script: make `service` importabl
 
 from service import db, migrations  # noqa: E402
 
-PAYLOADS = ROOT.parent / "shared" / "replicate" / "payloads"
+PAYLOADS = ROOT / "tests" / "fixtures" / "replicate" / "payloads"
 # The ceiling baselines' table (append.py, append_instructions.py, ingest.py): a copy of the
 # events table with its columns, keys, indexes, checks and compression, and no fold.
 RECORDED_TABLE = "CREATE TABLE recorded_events (LIKE events INCLUDING ALL)"
@@ -44,7 +44,7 @@ PROMPTS = [
 
 
 def templates() -> dict[str, dict[str, Any]]:
-    """The real payloads (../shared/replicate/payloads) the generated bodies are made from."""
+    """The real payloads (tests/fixtures/replicate/payloads) the generated bodies are made from."""
     return {name: json.loads((PAYLOADS / f"{file}.json").read_text()) for name, file in TEMPLATES.items()}
 
 

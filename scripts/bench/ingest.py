@@ -25,7 +25,7 @@ against the same server (its rate times --seconds times --headroom).
 The workload, the same for both servers: each prediction gets its webhooks in lifecycle
 order (75% starting, processing, more logs, succeeded; 15% starting, processing, failed;
 10% starting, canceled), interleaved over a window of 256 predictions in flight, bodies
-from the real payloads in ../shared/replicate/payloads with the prediction id replaced.
+from the real payloads in tests/fixtures/replicate/payloads with the prediction id replaced.
 80% of predictions belong to a job (1-4 predictions each): the job's job.created and
 prediction.submitted events are recorded before the run and the webhook URL carries
 ?job=<id>&step=1&index=<n>, as the service's own webhook URLs do, so the job fold runs;
