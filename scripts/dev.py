@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from dotenv import load_dotenv  # noqa: E402
 
-from service import logs, migrations  # noqa: E402
+from service import exposure, logs, migrations  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.db import connect, redact, resolve_database_url  # noqa: E402
-from service.errors import ServiceError  # noqa: E402
+from service.errors import ConfigError, ServiceError  # noqa: E402
 
 logger = logging.getLogger("service.dev")
 
@@ -127,6 +127,9 @@ def main() -> int:
     try:
         settings = Settings.from_env()
         logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
+        problem = exposure.refusal(settings.as_dict(), (f"{args.host}:{args.port}",))
+        if problem:  # before anything starts; gunicorn's own check would refuse it too
+            raise ConfigError(problem)
         url = resolve_database_url(settings.DATABASE_URL, settings.DATA_DIR)
         with connect(url, autocommit=True) as conn:
             applied = migrations.migrate(conn)
