@@ -115,13 +115,13 @@ def banner(base: str, url: str, env: dict[str, str], simulated: bool, sim_url: s
 
 
 def main() -> int:
+    load_dotenv(ROOT / ".env")  # first: HOST, PORT and SIM_PORT there are the options' defaults
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--sim-port", type=int, default=int(os.environ.get("SIM_PORT", "8100")),
                         help="port of the local Replicate simulator (used without REPLICATE_API_TOKEN)")
     args = parser.parse_args()
-    load_dotenv(ROOT / ".env")
     # A terminal is read by a person: text lines unless LOG_FORMAT says otherwise.
     os.environ.setdefault("LOG_FORMAT", "text")
     try:

@@ -149,7 +149,8 @@ def test_metrics_are_outside_the_rate_limit(db_url):
 SURFACES = {
     "/api/jobs": 401, "/api/dashboard/health": 401, "/api/dashboard/stream": 401,
     "/api/dashboard/models": 401, "/api/dashboard/search?q=abcd": 401,
-    f"/api/dashboard/jobs/{uuid.uuid4()}/timeline": 401, "/api/dashboard/events/1": 401,
+    f"/api/dashboard/jobs/{uuid.uuid4()}/timeline": 401, f"/api/dashboard/jobs/{uuid.uuid4()}/outputs": 401,
+    "/api/dashboard/events/1": 401, f"/api/jobs/{uuid.uuid4()}": 401, f"/api/jobs/{uuid.uuid4()}/events": 401,
     "/metrics": 404,
     # public by design: the API's description, the page, liveness
     "/api/openapi.json": 200, "/api/dashboard/config": 200, "/": 200, "/healthz": 200,
