@@ -64,6 +64,11 @@ def test_every_other_address_is_public(bind):
     assert not is_local(bind)
 
 
+def test_a_malformed_host_is_a_config_error(db_url):
+    with pytest.raises(ConfigError, match=r"HOST: unbalanced \[ in '\[::1:8000'"):
+        create_app({"TESTING": True, "DATABASE_URL": db_url, "HOST": "[::1:8000"})
+
+
 def test_the_refusal_names_the_settings_and_only_a_public_bind_with_no_credential_is_refused():
     line = refusal({}, ("127.0.0.1:8000", "0.0.0.0:9125"))
     assert "0.0.0.0:9125" in line and "127.0.0.1" not in line and "\n" not in line
