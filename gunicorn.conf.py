@@ -1,8 +1,10 @@
 """gunicorn settings for the web app: `gunicorn -c gunicorn.conf.py wsgi:app`.
 
 Every value can be overridden from the environment (WEB_CONCURRENCY, WEB_THREADS, PORT,
-HOST, WEB_TIMEOUT). Requests are short: a webhook records one event, the API reads the
-projection, so a few threaded workers per core serve a lot; slow work is in the worker.
+HOST, WEB_TIMEOUT). On a HOST other than loopback the service must have a credential
+(API_KEYS, Supabase user tokens) or ALLOW_OPEN_API=true: on_starting refuses otherwise.
+Requests are short: a webhook records one event, the API reads the projection, so a few
+threaded workers per core serve a lot; slow work is in the worker.
 Eight threads a process: webhooks that arrive together are committed together (group
 commit, service/groups.py), so a thread waiting on a commit costs the database nothing
 and more of them make larger groups (scripts/bench/ingest.py measured 1.9 webhooks per
@@ -14,6 +16,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
@@ -39,6 +43,23 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 _own_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rjs-metrics-")
+
+
+def on_starting(server):
+    """Before gunicorn listens: refuse, with one line, to serve the service open on an address
+    others can reach (service/exposure.py: no API_KEYS or Supabase user-token settings, no
+    ALLOW_OPEN_API), then hand the workers the final binds (HOST, --bind or GUNICORN_CMD_ARGS)
+    as HOST. Checked in a child process: importing the service here would load numpy and
+    OpenCV into this process, and their threads do not survive the fork of the workers."""
+    check = "import sys; from service.exposure import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run([sys.executable, "-c", check, *server.cfg.bind], cwd=server.cfg.chdir, env=env,
+                          capture_output=True, text=True)
+    if done.returncode:
+        for line in (done.stderr.strip() or f"the startup check failed ({done.returncode})").splitlines():
+            server.log.error(line)
+        sys.exit(done.returncode)
+    os.environ["HOST"] = ",".join(server.cfg.bind)
 
 
 def on_exit(server):

@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from dotenv import load_dotenv  # noqa: E402
 
-from service import logs, migrations  # noqa: E402
+from service import exposure, logs, migrations  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.db import connect, redact, resolve_database_url  # noqa: E402
-from service.errors import ServiceError  # noqa: E402
+from service.errors import ConfigError, ServiceError  # noqa: E402
 
 logger = logging.getLogger("service.dev")
 
@@ -115,18 +115,21 @@ def banner(base: str, url: str, env: dict[str, str], simulated: bool, sim_url: s
 
 
 def main() -> int:
+    load_dotenv(ROOT / ".env")  # first: HOST, PORT and SIM_PORT there are the options' defaults
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--sim-port", type=int, default=int(os.environ.get("SIM_PORT", "8100")),
                         help="port of the local Replicate simulator (used without REPLICATE_API_TOKEN)")
     args = parser.parse_args()
-    load_dotenv(ROOT / ".env")
     # A terminal is read by a person: text lines unless LOG_FORMAT says otherwise.
     os.environ.setdefault("LOG_FORMAT", "text")
     try:
         settings = Settings.from_env()
         logs.configure(settings.LOG_LEVEL, settings.LOG_FORMAT)
+        problem = exposure.refusal(settings.as_dict(), (f"{args.host}:{args.port}",))
+        if problem:  # before anything starts; gunicorn's own check would refuse it too
+            raise ConfigError(problem)
         url = resolve_database_url(settings.DATABASE_URL, settings.DATA_DIR)
         with connect(url, autocommit=True) as conn:
             applied = migrations.migrate(conn)

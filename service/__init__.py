@@ -12,6 +12,7 @@ from service import (
     dashboard,
     downloads,
     errors,
+    exposure,
     files,
     health,
     imaging,
@@ -32,6 +33,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.config.update(overrides or {})
     logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     check_settings(app.config)
+    exposure.guard(app)
 
     url = resolve_database_url(app.config["DATABASE_URL"], app.config["DATA_DIR"])
     app.config["DATABASE_URL"] = url

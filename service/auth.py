@@ -149,6 +149,12 @@ def _user_id(claims: dict[str, Any]) -> str:
         raise Unauthorized("the token's subject is not a user id") from None
 
 
+def credential_configured(config: Any) -> bool:
+    """Whether the jobs API asks callers for anything: API keys, or Supabase user tokens
+    (the same settings UserTokens.from_config reads)."""
+    return any(config.get(name) for name in ("API_KEYS", "SUPABASE_JWT_SECRET", "SUPABASE_JWKS_URL"))
+
+
 def authenticate(headers: Any, keys: tuple[str, ...], users: UserTokens | None) -> Caller:
     """The caller of a request; Unauthorized when a credential is configured and none fits."""
     if not keys and users is None:

@@ -64,6 +64,25 @@ def _secret(env: dict[str, str]) -> str | None:
     return raw or None
 
 
+def _flag(env: dict[str, str], name: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off); unset or empty is false."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "false", "0", "no", "off"):
+        return False
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be true or false, got {env[name].strip()!r}")
+
+
+def _metrics_token(env: dict[str, str]) -> str | None:
+    """/metrics is outside the rate limit (Prometheus scrapes often, from one address), so its
+    token must be too long to guess at any rate."""
+    token = env.get("METRICS_TOKEN", "").strip()
+    if token and len(token) < 16:
+        raise ConfigError("METRICS_TOKEN is too short: use at least 16 characters (openssl rand -hex 32)")
+    return token or None
+
+
 def _addresses(env: dict[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """Comma-separated IP addresses; unset means the default, empty means none."""
     if name not in env:
@@ -102,6 +121,14 @@ class Settings:
     WEBHOOK_MAX_BYTES: int = 1024 * 1024
     # Jobs API: comma-separated bearer keys; empty means no key is required
     API_KEYS: tuple[str, ...] = field(default=(), repr=False)
+    # Where the web app listens (service/exposure.py): gunicorn.conf.py binds HOST:PORT and
+    # hands the workers its final bind here. Off loopback, the service will not run open.
+    HOST: str = "127.0.0.1"
+    ALLOW_OPEN_API: bool = False
+    # /metrics: a bearer token Prometheus sends; without one it answers only on loopback
+    # unless ALLOW_OPEN_METRICS
+    METRICS_TOKEN: str | None = field(default=None, repr=False)
+    ALLOW_OPEN_METRICS: bool = False
     # Worker and reconciler
     RECONCILE_AFTER_SECONDS: int = 300
     RECONCILE_INTERVAL_SECONDS: int = 60
@@ -162,6 +189,10 @@ class Settings:
             PUBLIC_BASE_URL=_url(env, "PUBLIC_BASE_URL", None),
             WEBHOOK_MAX_BYTES=_int(env, "WEBHOOK_MAX_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
             API_KEYS=tuple(k.strip() for k in env.get("API_KEYS", "").split(",") if k.strip()),
+            HOST=env.get("HOST", "").strip() or "127.0.0.1",
+            ALLOW_OPEN_API=_flag(env, "ALLOW_OPEN_API"),
+            METRICS_TOKEN=_metrics_token(env),
+            ALLOW_OPEN_METRICS=_flag(env, "ALLOW_OPEN_METRICS"),
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             RECONCILE_INTERVAL_SECONDS=_int(env, "RECONCILE_INTERVAL_SECONDS", 60, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),

@@ -23,7 +23,7 @@ from flask.blueprints import BlueprintSetupState
 from psycopg_pool import ConnectionPool
 
 from service import changes
-from service.auth import Unauthorized, key_matches
+from service.auth import Unauthorized, credential_configured, key_matches
 from service.db import queries
 from service.errors import NotFound, ServiceError
 from service.jobs import InvalidRequest
@@ -65,7 +65,7 @@ def _authenticate() -> None:
 def _locked() -> bool:
     """The dashboard is the operators' (every job): with any credential configured it needs
     an API key; Supabase user tokens alone open only the jobs API, each to its own jobs."""
-    return bool(current_app.config.get("API_KEYS")) or current_app.extensions.get("user_tokens") is not None
+    return credential_configured(current_app.config)
 
 
 @bp.after_request

@@ -16,14 +16,16 @@ import os
 from collections.abc import Iterator
 
 import psycopg
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, abort, current_app, request
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from psycopg_pool import ConnectionPool
 
+from service.auth import key_matches
 from service.db import queries
+from service.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,13 @@ TASK_SECONDS = Histogram("rjs_task_seconds", "Time a worker spent running one ta
 RECONCILER_ACTIONS = Counter("rjs_reconciler_actions",
                              "What the reconciler did: polled, unchanged, poll_failed, resubmitted.",
                              ["action"])
+
+
+class MetricsUnauthorized(ServiceError):
+    """Send Authorization: Bearer <METRICS_TOKEN>."""
+
+    code = "unauthorized"
+    status = 401
 
 
 def rate_limited(surface: str) -> None:
@@ -128,6 +137,25 @@ def exposition(pool: ConnectionPool) -> bytes:
     database = CollectorRegistry(auto_describe=False)
     database.register(DatabaseCollector(pool))
     return generate_latest(registry) + generate_latest(database)
+
+
+@bp.before_request
+def _guard() -> None:
+    """METRICS_TOKEN, when set, is required; without it /metrics is off (404, like any unknown
+    path) on an address others can reach, unless ALLOW_OPEN_METRICS (service/exposure.py)."""
+    cfg = current_app.config
+    if cfg.get("METRICS_TOKEN"):
+        if not key_matches(request.headers, (cfg["METRICS_TOKEN"],)):
+            raise MetricsUnauthorized()
+    elif current_app.extensions.get("public_bind") and not cfg.get("ALLOW_OPEN_METRICS"):
+        abort(404)
+
+
+@bp.after_request
+def _challenge(response: Response) -> Response:
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+    return response
 
 
 @bp.get("/metrics")

@@ -23,6 +23,7 @@ from tests.workload import create_job
 API_KEY = "sk-test-Vq8pZ3kL0wYtR7nB"
 TOKEN = "r8_T0kenThatMustNeverBeLogged9x"
 ANON_KEY = "eyJhbGciOiJIUzI1NiJ9.anon-key-payload.signature-part"
+METRICS_TOKEN = "mt-test-4f1c9a7e2b6d8035"
 
 
 @contextmanager
@@ -104,7 +105,7 @@ def test_webhook_lines_name_the_webhook_prediction_job_and_position(client, conn
 
 def test_no_secret_reaches_the_logs_on_any_path(db_url):
     with captured() as out, running_stack(db_url, API_KEYS=(API_KEY,), REPLICATE_API_TOKEN=TOKEN,
-                                          SUPABASE_ANON_KEY=ANON_KEY) as stack:
+                                          SUPABASE_ANON_KEY=ANON_KEY, METRICS_TOKEN=METRICS_TOKEN) as stack:
         stack.sim._server.api.token = TOKEN  # the simulator now insists on this token, so it is really sent
         auth = {"Authorization": f"Bearer {API_KEY}"}
         created = requests.post(f"{stack.base_url}/api/jobs", headers=auth, timeout=10, json={
@@ -117,9 +118,14 @@ def test_no_secret_reaches_the_logs_on_any_path(db_url):
         job = wait_finished(stack, job_id, auth)
         assert job["status"] == "completed", job
         secret = stack.app.config["REPLICATE_WEBHOOK_SECRET"]  # fetched from the simulator
+        for token, status in ((METRICS_TOKEN, 200), ("mt-test-WrongGuess5678", 401)):
+            scraped = requests.get(f"{stack.base_url}/metrics", timeout=10,
+                                   headers={"Authorization": f"Bearer {token}"})
+            assert scraped.status_code == status
     text = out.getvalue()
     assert secret and secret.startswith("whsec_")
-    for value in (API_KEY, "sk-test-WrongGuess1234", TOKEN, secret, secret.removeprefix("whsec_"), ANON_KEY):
+    for value in (API_KEY, "sk-test-WrongGuess1234", TOKEN, secret, secret.removeprefix("whsec_"), ANON_KEY,
+                  METRICS_TOKEN, "mt-test-WrongGuess5678"):
         assert value not in text, f"a secret is in the log: {value[:6]}…"
     parsed = lines(out)
     actions = {line.get("action") for line in parsed}
