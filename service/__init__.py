@@ -13,6 +13,7 @@ from service import (
     downloads,
     errors,
     files,
+    follow,
     health,
     imaging,
     jobs,
@@ -52,6 +53,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     ratelimit.limit_blueprints(app, (webhooks.bp, jobs.bp))
     health.shutting_down(app)
     cli.register(app)
+    follow.register(app)
     return app
 
 

@@ -32,6 +32,7 @@ _PASSED_THROUGH = (
     "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
     "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
     "STORAGE_PUBLIC", "STORAGE_SIGNED_URL_SECONDS", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+    "SUPABASE_ANON_KEY",
 )
 
 
@@ -128,6 +129,8 @@ class Settings:
     STORAGE_SIGNED_URL_SECONDS: str | None = None   # lifetime of a private bucket's signed URLs
     SUPABASE_URL: str | None = None
     SUPABASE_SERVICE_ROLE_KEY: str | None = field(default=None, repr=False)
+    # The project's anon (publishable) key: what `flask --app service follow` signs users in with
+    SUPABASE_ANON_KEY: str | None = field(default=None, repr=False)
     # Supabase user access tokens for the jobs API (service/auth.py): the project's JWT
     # secret (HS256) and/or its JWKS URL (asymmetric signing keys)
     SUPABASE_JWT_SECRET: str | None = field(default=None, repr=False)
