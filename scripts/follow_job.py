@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Follow one job until it ends, one line per change, without running the service here:
 
-    scripts/follow_job.py JOB_ID                      # the service's event stream (SERVICE_URL)
-    SUPABASE_URL=... SUPABASE_ANON_KEY=... SUPABASE_EMAIL=... scripts/follow_job.py JOB_ID
+    .venv/bin/python scripts/follow_job.py JOB_ID     # the service's event stream (SERVICE_URL)
+    SUPABASE_URL=... SUPABASE_ANON_KEY=... SUPABASE_EMAIL=... .venv/bin/python scripts/follow_job.py JOB_ID
 
 The same as `flask --app service follow JOB_ID` (service/follow.py), reading its settings
 from the environment and .env, with no database connection of its own.
