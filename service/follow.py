@@ -88,14 +88,16 @@ def follow_service(service: Service, job_id: str, printer: Printer) -> None:
     session = requests.Session()
     if service.api_key:
         session.headers["Authorization"] = f"Bearer {service.api_key}"
-    read = lambda: from_api(_get_job(session, service.url, job_id))  # noqa: E731
-    if printer.show(read()):
+    def shown_and_ended() -> bool:
+        return printer.show(from_api(_get_job(session, service.url, job_id)))
+
+    if shown_and_ended():
         return
     while True:
         for event, data in _stream(session, service.url):
             named = event == "jobs" and (job_id in data.get("ids", ()) or "*" in data.get("ids", ()))
             # "ready": (re)connected; anything missed meanwhile is caught by reading again
-            if (event == "ready" or named or event == "poll") and printer.show(read()):
+            if (event == "ready" or named or event == "poll") and shown_and_ended():
                 return
 
 

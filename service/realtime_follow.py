@@ -16,9 +16,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+from postgrest.exceptions import APIError
 from realtime import RealtimeSubscribeStates
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
-from supabase_auth.errors import AuthError
+from supabase_auth.errors import AuthError, AuthRetryableError
+from websockets.exceptions import WebSocketException
 
 from service.follow import TERMINAL, FollowRefused, Printer
 
@@ -65,7 +68,8 @@ async def _follow(user: SupabaseUser, job_id: str, printer: Printer) -> None:
         while not printer.show(job):
             kind, value = await inbox.get()
             if kind == "state":
-                raise FollowRefused(f"Realtime closed the channel job:{job_id} ({value})")
+                raise FollowRefused(f"Realtime closed the channel job:{job_id} ({value}): the connection "
+                                    "was lost or the token expired; run the follower again")
             job = await _apply(client, token, job, value)
     finally:
         await client.realtime.close()
@@ -76,6 +80,8 @@ async def _sign_in(client: AsyncClient, user: SupabaseUser) -> str:
         return user.token
     try:
         response = await client.auth.sign_in_with_password({"email": user.email, "password": user.password})
+    except (AuthRetryableError, httpx.HTTPError) as exc:  # supabase-py's name for "not reached"
+        raise FollowRefused(f"cannot reach Supabase Auth at {user.url} ({exc}); check SUPABASE_URL") from None
     except AuthError as exc:
         raise FollowRefused(f"Supabase refused the sign-in of {user.email}: {exc.message}") from None
     if response.session is None:
@@ -100,8 +106,9 @@ async def _join(client: AsyncClient, token: str, job_id: str, inbox: asyncio.Que
 
     try:
         await channel.subscribe(on_state)
-    except OSError as exc:
-        raise FollowRefused(f"cannot reach Supabase Realtime at {client.realtime_url} ({exc})") from None
+    except (OSError, WebSocketException) as exc:  # after the client's own retries
+        raise FollowRefused(f"cannot reach Supabase Realtime at {client.realtime_url} "
+                            f"({type(exc).__name__}: {exc})") from None
     refusal = await joined
     if refusal is not None:
         raise FollowRefused(f"Realtime refused the private channel job:{job_id}: {_reason(refusal)} "
@@ -112,7 +119,12 @@ async def _read(client: AsyncClient, token: str, job_id: str) -> dict[str, Any]:
     """The job's row as the user sees it (PostgREST, row-level security)."""
     rest = client.postgrest
     rest.auth(token)
-    rows = (await rest.from_("jobs").select(COLUMNS).eq("id", job_id).execute()).data
+    try:
+        rows = (await rest.from_("jobs").select(COLUMNS).eq("id", job_id).execute()).data
+    except APIError as exc:
+        raise FollowRefused(f"Supabase refused to read job {job_id}: {exc.message}") from None
+    except httpx.HTTPError as exc:
+        raise FollowRefused(f"cannot reach Supabase's API ({type(exc).__name__})") from None
     if not rows:
         raise FollowRefused(f"no job {job_id} that this user may see (it is not theirs, or does not exist)")
     return rows[0]

@@ -111,6 +111,11 @@ def test_sign_in_problems_are_one_clear_line(stack, project):
     run = follower(job_id, env=env(project, SUPABASE_ACCESS_TOKEN="not-a-token"))
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 1 and "Realtime refused the private channel" in stderr
+    closed = {**env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]),
+              "SUPABASE_URL": stack.base_url.rsplit(":", 1)[0] + ":9"}  # nothing listens there
+    run = follower(job_id, env=closed)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1 and "cannot reach Supabase Auth" in stderr and "Traceback" not in stderr
 
 
 def _wait_done(stack, job_id: str) -> None:
