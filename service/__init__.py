@@ -14,6 +14,7 @@ from service import (
     errors,
     exposure,
     files,
+    follow,
     health,
     imaging,
     jobs,
@@ -32,7 +33,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.config.from_mapping(Settings.from_env().as_dict())
     app.config.update(overrides or {})
     logs.configure(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
-    check_settings(app.config)
+    app.extensions["storage"] = check_settings(app.config)
     exposure.guard(app)
 
     url = resolve_database_url(app.config["DATABASE_URL"], app.config["DATA_DIR"])
@@ -54,11 +55,13 @@ def create_app(overrides: dict | None = None) -> Flask:
     ratelimit.limit_blueprints(app, (webhooks.bp, jobs.bp))
     health.shutting_down(app)
     cli.register(app)
+    follow.register(app)
     return app
 
 
-def check_settings(config: dict) -> None:
-    """Parse every module-owned setting now, so a bad one stops startup, not a task."""
+def check_settings(config: dict) -> storage.Storage:
+    """Parse every module-owned setting now, so a bad one stops startup, not a task;
+    the storage, for the pages that show its URLs."""
     imaging.ImagingSettings.from_config(config)
     downloads.DownloadPolicy.from_config(config)
-    storage.storage_from_config(config)
+    return storage.storage_from_config(config)

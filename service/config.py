@@ -31,7 +31,8 @@ _PASSED_THROUGH = (
     "DOWNLOAD_MAX_BYTES", "DOWNLOAD_CONNECT_TIMEOUT", "DOWNLOAD_READ_TIMEOUT", "DOWNLOAD_TOTAL_TIMEOUT",
     "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
     "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
-    "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+    "STORAGE_PUBLIC", "STORAGE_SIGNED_URL_SECONDS", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
+    "SUPABASE_ANON_KEY",
 )
 
 
@@ -151,8 +152,12 @@ class Settings:
     IMAGE_MAX_PIXELS: str | None = None
     STORAGE_DIR: str | None = None
     STORAGE_BUCKET: str = "outputs"
+    STORAGE_PUBLIC: str | None = None               # true, false, or unset: ask the bucket
+    STORAGE_SIGNED_URL_SECONDS: str | None = None   # lifetime of a private bucket's signed URLs
     SUPABASE_URL: str | None = None
     SUPABASE_SERVICE_ROLE_KEY: str | None = field(default=None, repr=False)
+    # The project's anon (publishable) key: what `flask --app service follow` signs users in with
+    SUPABASE_ANON_KEY: str | None = field(default=None, repr=False)
     # Supabase user access tokens for the jobs API (service/auth.py): the project's JWT
     # secret (HS256) and/or its JWKS URL (asymmetric signing keys)
     SUPABASE_JWT_SECRET: str | None = field(default=None, repr=False)

@@ -22,7 +22,7 @@ from flask import Blueprint, Response, current_app, request, send_from_directory
 from flask.blueprints import BlueprintSetupState
 from psycopg_pool import ConnectionPool
 
-from service import changes
+from service import changes, storage
 from service.auth import Unauthorized, credential_configured, key_matches
 from service.db import queries
 from service.errors import NotFound, ServiceError
@@ -217,7 +217,9 @@ def timeline(job_id: uuid.UUID) -> dict:
 def outputs(job_id: uuid.UUID) -> dict:
     with _pool().connection() as conn:
         rows = conn.execute(queries["dashboard_outputs"], {"job_id": str(job_id)}).fetchall()
-    return {"outputs": [{k: _json(v) for k, v in r.items()} for r in rows]}
+    shown = [{k: _json(v) for k, v in r.items()} for r in rows]
+    storage.show_urls(current_app.extensions.get("storage"), shown, ("url", "original_url"))
+    return {"outputs": shown}
 
 
 @bp.get("/api/dashboard/events/<int:position>")

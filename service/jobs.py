@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema, ValidationError
 from psycopg_pool import ConnectionPool
 
-from service import commands, schemas
+from service import commands, schemas, storage
 from service.auth import Caller, Unauthorized, authenticate
 from service.db import queries
 from service.errors import NotFound, ServiceError
@@ -197,20 +197,22 @@ def create_job() -> tuple[dict, int, dict]:
     key = idempotency_key()
     with _pool().connection() as conn:
         job, created = create(conn, spec, key, _owner())
-    return job, 201 if created else 200, {"Location": f"{bp.url_prefix}/jobs/{job['id']}"}
+    return _signed(job), 201 if created else 200, {"Location": f"{bp.url_prefix}/jobs/{job['id']}"}
 
 
 @bp.get("/jobs")
 def list_jobs() -> dict:
     args = load(schemas.JobListQuerySchema(), {k: v for k, v in request.args.items() if v != ""})
     with _pool().connection() as conn:
-        return job_page(conn, args, _owner())
+        page = job_page(conn, args, _owner())
+    _signed(*page["jobs"])
+    return page
 
 
 @bp.get("/jobs/<uuid:job_id>")
 def get_job(job_id: uuid.UUID) -> dict:
     with _pool().connection() as conn:
-        return job_view(conn, job_id, _owner())
+        return _signed(job_view(conn, job_id, _owner()))
 
 
 @bp.get("/jobs/<uuid:job_id>/events")
@@ -222,7 +224,14 @@ def get_job_events(job_id: uuid.UUID) -> dict:
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel_job(job_id: uuid.UUID) -> tuple[dict, int]:
     with _pool().connection() as conn:
-        return cancel(conn, job_id, _owner()), 202
+        return _signed(cancel(conn, job_id, _owner())), 202
+
+
+def _signed(*jobs: dict[str, Any]) -> dict[str, Any]:
+    """The (first) job, its output URLs as the storage shows them (signed, for a private bucket)."""
+    outputs = [o for job in jobs for o in job.get("outputs") or []]
+    storage.show_urls(current_app.extensions.get("storage"), outputs)
+    return jobs[0] if jobs else {}
 
 
 @bp.get("/openapi.json")

@@ -4,10 +4,9 @@ Both overwrite on a second put of the same path, so a retried task stores the sa
 again instead of failing or duplicating it. Object paths are `jobs/<job>/<prediction>-<index>.<ext>`
 (processed) and `jobs/<job>/<prediction>-<index>.original.<ext>` (as downloaded); see object_path.
 
-Supabase is reached with requests over Storage's documented HTTP API rather than supabase-py:
-one call (POST /storage/v1/object/<bucket>/<path> with x-upsert) did not justify the eighteen
-packages supabase==2.34.1 brings (auth, realtime, websockets, cryptography, h2, ...), and
-requests is already pinned and tested against local servers here.
+Supabase Storage is reached through supabase-py (service/supabase_storage.py), imported only
+when it is configured: public buckets give public URLs, private ones signed URLs made when the
+API or the dashboard shows an output (shown_urls).
 """
 
 from __future__ import annotations
@@ -17,13 +16,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
-
-import requests
 
 from service.config import ROOT
 from service.errors import ConfigError, ServiceError
@@ -34,7 +31,6 @@ DEFAULT_BUCKET = "outputs"
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # no leading dot: no "..", no hidden files
 _ID = re.compile(r"[A-Za-z0-9_-]+")
 _CONTENT_TYPE = re.compile(r"[a-z0-9.+-]+/[a-z0-9.+-]+", re.IGNORECASE)
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR}
 MAX_PATH = 512
 
@@ -81,6 +77,10 @@ class StoredFile:
 
 class Storage(Protocol):
     def put(self, path: str, data: bytes, content_type: str) -> StoredFile: ...
+
+    def shown_urls(self, urls: Iterable[str | None]) -> dict[str, str]:
+        """What to show instead of some stored URLs (signed ones, for a private bucket)."""
+        ...
 
 
 def object_path(job: str, prediction: str, index: int, ext: str, original: bool = False) -> str:
@@ -133,6 +133,9 @@ class LocalStorage:
                                             "bytes": len(data)})
         return StoredFile(f"{self.public_base}/files/{quote(path)}", path, len(data))
 
+    def shown_urls(self, urls: Iterable[str | None]) -> dict[str, str]:
+        return {}  # /files URLs never expire
+
 
 def _write_atomically(target: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never half of one; a failure leaves no temp file."""
@@ -159,96 +162,28 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-class SupabaseStorage:
-    """Objects in a Supabase Storage bucket, uploaded with upsert; put returns the public URL,
-    so the bucket is expected to be public (ensure_bucket creates it so)."""
-
-    def __init__(self, url: str, service_role_key: str, bucket: str = DEFAULT_BUCKET, *,
-                 timeout: tuple[float, float] = (5.0, 60.0), cache_control: str = "max-age=3600") -> None:
-        if not url.startswith(("http://", "https://")) or not service_role_key:
-            raise ConfigError("SUPABASE_URL must be an http(s) URL and SUPABASE_SERVICE_ROLE_KEY set")
-        if not _BUCKET.fullmatch(bucket):
-            raise ConfigError(f"STORAGE_BUCKET must be a lowercase bucket name, got {bucket!r}")
-        self.base = url.rstrip("/") + "/storage/v1"
-        self.bucket, self.timeout, self.cache_control = bucket, timeout, cache_control
-        self._key = service_role_key
-
-    def __repr__(self) -> str:
-        return f"SupabaseStorage({self.base!r}, bucket={self.bucket!r})"
-
-    def put(self, path: str, data: bytes, content_type: str) -> StoredFile:
-        check_path(path)
-        headers = self._headers() | {"Content-Type": _check_content_type(content_type),
-                                     "cache-control": self.cache_control, "x-upsert": "true"}
-        self._call("POST", f"/object/{self.bucket}/{quote(path)}", "upload", data=data, headers=headers)
-        logger.info("output stored", extra={"action": "store", "storage": "supabase", "bucket": self.bucket,
-                                            "path": path, "bytes": len(data)})
-        return StoredFile(self.public_url(path), path, len(data))
-
-    def public_url(self, path: str) -> str:
-        return f"{self.base}/object/public/{self.bucket}/{quote(path)}"
-
-    def ensure_bucket(self, public: bool = True) -> bool:
-        """Create the bucket; False when it already existed."""
-        body = {"id": self.bucket, "name": self.bucket, "public": public}
-        try:
-            self._call("POST", "/bucket", "bucket creation", json=body, headers=self._headers())
-        except StorageRejected as exc:
-            if exc.storage_status == 409 or "already exists" in str(exc).lower():
-                return False
-            raise
-        logger.info("bucket created", extra={"action": "bucket_create", "bucket": self.bucket})
-        return True
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._key}", "apikey": self._key}
-
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> requests.Response:
-        try:
-            response = requests.request(method, self.base + path, timeout=self.timeout,
-                                        allow_redirects=False, **kwargs)
-        except requests.RequestException as exc:
-            # requests' messages carry nothing secret, but name only the kind of failure anyway
-            raise StorageUnavailable(f"Supabase Storage {what} failed ({type(exc).__name__})") from None
-        if response.status_code < 300:
-            return response
-        raise self._error(response, what)
-
-    def _error(self, response: requests.Response, what: str) -> StorageError:
-        status, detail = response.status_code, self._redact(_detail(response))
-        # Storage reports some failures as 400 with the real status in the body ("statusCode": "409").
-        reported = _reported_status(response) or status
-        transient = any(s >= 500 or s in (408, 429) for s in (status, reported))
-        error = StorageUnavailable if transient else StorageRejected
-        message = f"Supabase Storage refused the {what} (HTTP {status}){': ' + detail if detail else ''}"
-        return error(message, storage_status=reported)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***")
-
-
-def _detail(response: requests.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200].strip()
-    if isinstance(body, dict):
-        return str(body.get("message") or body.get("error") or "")[:200]
-    return ""
-
-
-def _reported_status(response: requests.Response) -> int | None:
-    try:
-        value = response.json().get("statusCode")
-        return int(value) if value is not None else None
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
 def _check_content_type(content_type: str) -> str:
     if not _CONTENT_TYPE.fullmatch(content_type or ""):
         raise StorageError(f"content type {content_type!r} is not a type/subtype")
     return content_type
+
+
+def show_urls(storage: Storage | None, items: list[dict[str, Any]],
+              fields: tuple[str, ...] = ("url",)) -> None:
+    """Replace the stored URLs in items (outputs) by what the storage shows for them: signed URLs
+    of a private bucket. When signing fails the stored URL stays and a warning is logged: the
+    page still answers."""
+    urls = [item.get(f) for item in items for f in fields]
+    if storage is None or not any(urls):
+        return
+    try:
+        shown = storage.shown_urls(urls)
+    except StorageError as exc:
+        logger.warning("could not sign output URLs: %s", exc, extra={"action": "sign_urls"})
+        return
+    for item in items:
+        for f in fields:
+            item[f] = shown.get(item.get(f), item.get(f))
 
 
 def storage_from_config(config: Mapping[str, Any]) -> Storage:
@@ -258,7 +193,28 @@ def storage_from_config(config: Mapping[str, Any]) -> Storage:
     if key and not url:
         raise ConfigError("SUPABASE_SERVICE_ROLE_KEY is set but SUPABASE_URL is not")
     if url and key:
+        from service.supabase_storage import SupabaseStorage
+
         bucket = str(config.get("STORAGE_BUCKET") or "").strip() or DEFAULT_BUCKET
-        return SupabaseStorage(url, key, bucket)
+        return SupabaseStorage(url, key, bucket, public=_public(config),
+                               signed_url_seconds=_signed_url_seconds(config))
     public_base = str(config.get("PUBLIC_BASE_URL") or "").strip()
     return LocalStorage(storage_dir(config), public_base)
+
+
+def _public(config: Mapping[str, Any]) -> bool | None:
+    """STORAGE_PUBLIC: true, false, or unset (ask the bucket)."""
+    raw = str(config.get("STORAGE_PUBLIC") or "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"STORAGE_PUBLIC must be true, false or auto, got {raw!r}")
+    return raw in ("true", "1", "yes")
+
+
+def _signed_url_seconds(config: Mapping[str, Any]) -> int:
+    raw = str(config.get("STORAGE_SIGNED_URL_SECONDS") or "").strip() or "3600"
+    if not raw.isdigit() or not 60 <= int(raw) <= 31_536_000:
+        raise ConfigError(f"STORAGE_SIGNED_URL_SECONDS must be a whole number of seconds from 60 "
+                          f"to 31536000, got {raw!r}")
+    return int(raw)

@@ -80,7 +80,7 @@ ALTER TABLE realtime.messages OWNER TO {OWNER};
 GRANT SELECT ON realtime.messages TO authenticated;
 CREATE FUNCTION realtime.topic() RETURNS text LANGUAGE sql STABLE AS $$
     SELECT nullif(current_setting('realtime.topic', true), '')::text $$;
--- The real one inserts a message for the topic; this one also keeps its arguments.
+-- The real one inserts a message for the topic (as below); this one also keeps its arguments.
 CREATE TABLE realtime.broadcast_calls (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic_name text, event_name text, operation text, table_name text, table_schema text,
@@ -96,9 +96,12 @@ BEGIN
         (topic_name, event_name, operation, table_name, table_schema, new, old, level)
     VALUES (topic_name, event_name, operation, table_name, table_schema,
             to_jsonb(new), to_jsonb(old), level);
-    INSERT INTO realtime.messages (topic, extension, event, payload)
+    -- as Supabase's: the payload realtime.send stores, a private broadcast message
+    INSERT INTO realtime.messages (topic, extension, event, payload, private)
     VALUES (topic_name, 'broadcast', event_name,
-            jsonb_build_object('record', to_jsonb(new), 'old_record', to_jsonb(old)));
+            jsonb_build_object('old_record', to_jsonb(old), 'record', to_jsonb(new),
+                               'operation', operation, 'table', table_name, 'schema', table_schema),
+            true);
 END $$;
 
 -- What older projects do: every table the owner creates is granted to the API roles.

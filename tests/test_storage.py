@@ -9,13 +9,11 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
-from collections import deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote
 
 import pytest
 import requests
@@ -30,14 +28,15 @@ from service.storage import (
     StorageError,
     StorageRejected,
     StorageUnavailable,
-    SupabaseStorage,
     check_path,
     object_path,
     storage_from_config,
 )
+from service.supabase_storage import SupabaseStorage
+from tests.storage_server import KEY, StorageServer
 from tests.test_downloads import JPEG, PNG, WEBP
+from tests.workload import LIFECYCLE, bodies, create_job, process_output, submit, webhook
 
-KEY = "sb_secret_ServiceRoleKeyThatMustNeverBeLogged0123456789"
 PATH = "jobs/job-1/p1-0.png"
 
 
@@ -200,89 +199,11 @@ def test_storage_misconfiguration_is_a_config_error(config: dict) -> None:
     assert KEY not in str(caught.value)
 
 
-# --- SupabaseStorage against a local Storage API ----------------------------------------------
-
-class FakeStorage:
-    """Answers like Supabase Storage's upload and bucket endpoints; `script` overrides replies."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.buckets: set[str] = {"outputs"}
-        self.script: deque[tuple[int, dict]] = deque()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_StorageHandler,), {"owner": self}))
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _StorageHandler(BaseHTTPRequestHandler):
-    owner: FakeStorage
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.owner.requests.append({"method": "POST", "path": self.path, "headers": dict(self.headers),
-                                    "body": body})
-        if self.owner.script:
-            return self.answer(*self.owner.script.popleft())
-        if self.headers.get("Authorization") != f"Bearer {KEY}" or self.headers.get("apikey") != KEY:
-            return self.answer(400, {"statusCode": "403", "error": "Unauthorized", "message": "invalid key"})
-        if self.path == "/storage/v1/bucket":
-            return self.create_bucket(json.loads(body))
-        prefix = "/storage/v1/object/"
-        bucket, _, path = unquote(self.path.removeprefix(prefix)).partition("/")
-        if not self.path.startswith(prefix) or not path:
-            return self.answer(404, {"message": "route not found"})
-        self.upload(bucket, path, body)
-
-    def do_GET(self) -> None:
-        bucket, _, path = unquote(self.path.removeprefix("/storage/v1/object/public/")).partition("/")
-        stored = self.owner.objects.get((bucket, path))
-        if stored is None:
-            return self.answer(400, {"statusCode": "404", "error": "not_found", "message": "not found"})
-        self.send_response(200)
-        self.send_header("Content-Type", stored["content_type"])
-        self.send_header("Content-Length", str(len(stored["body"])))
-        self.end_headers()
-        self.wfile.write(stored["body"])
-
-    def upload(self, bucket: str, path: str, body: bytes) -> None:
-        if bucket not in self.owner.buckets:
-            return self.answer(400, {"statusCode": "404", "error": "Bucket not found",
-                                     "message": "Bucket not found"})
-        if (bucket, path) in self.owner.objects and self.headers.get("x-upsert") != "true":
-            return self.answer(400, {"statusCode": "409", "error": "Duplicate",
-                                     "message": "The resource already exists"})
-        self.owner.objects[(bucket, path)] = {"body": body, "content_type": self.headers["Content-Type"],
-                                              "cache_control": self.headers.get("cache-control")}
-        self.answer(200, {"Key": f"{bucket}/{path}", "Id": str(uuid.uuid4())})
-
-    def create_bucket(self, body: dict) -> None:
-        if body["id"] in self.owner.buckets:
-            return self.answer(400, {"statusCode": "409", "error": "Duplicate",
-                                     "message": "The resource already exists"})
-        self.owner.buckets.add(body["id"])
-        self.answer(200, {"name": body["id"]})
-
-    def answer(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+# --- SupabaseStorage (supabase-py) against a local Storage API --------------------------------
 
 @pytest.fixture
-def fake() -> Iterator[FakeStorage]:
-    server = FakeStorage()
+def fake() -> Iterator[StorageServer]:
+    server = StorageServer()
     yield server
     server.close()
 
@@ -302,23 +223,25 @@ def service_log() -> Iterator[io.StringIO]:
     logger.setLevel(previous)
 
 
-def test_upload_uses_the_documented_endpoint(fake: FakeStorage, service_log: io.StringIO) -> None:
+def test_upload_uses_the_documented_endpoint(fake: StorageServer, service_log: io.StringIO) -> None:
     stored = SupabaseStorage(fake.url, KEY, "outputs").put(PATH, PNG, "image/png")
     assert stored.url == f"{fake.url}/storage/v1/object/public/outputs/{PATH}"
     assert (stored.path, stored.bytes) == (PATH, len(PNG))
-    [sent] = fake.requests
-    assert (sent["method"], sent["path"], sent["body"]) == ("POST", f"/storage/v1/object/outputs/{PATH}", PNG)
-    headers = sent["headers"]
-    assert (headers["Authorization"], headers["apikey"]) == (f"Bearer {KEY}", KEY)
-    assert (headers["x-upsert"], headers["Content-Type"], headers["cache-control"]) == (
-        "true", "image/png", "max-age=3600")
+    upload, lookup = fake.requests  # the upload, then (once) whether the bucket is public
+    assert (upload["method"], upload["path"]) == ("POST", f"/storage/v1/object/outputs/{PATH}")
+    assert (lookup["method"], lookup["path"]) == ("GET", "/storage/v1/bucket/outputs")
+    headers = upload["headers"]
+    assert (headers["authorization"], headers["apikey"]) == (f"Bearer {KEY}", KEY)
+    assert headers["x-upsert"] == "true"
+    assert fake.objects[("outputs", PATH)] == {"body": PNG, "content_type": "image/png",
+                                               "cache_control": "max-age=3600"}
     public = requests.get(stored.url, timeout=5)
     assert (public.content, public.headers["Content-Type"]) == (PNG, "image/png")
     assert "output stored" in service_log.getvalue() and KEY not in service_log.getvalue()
 
 
-def test_a_retry_overwrites_the_same_object(fake: FakeStorage) -> None:
-    storage = SupabaseStorage(fake.url, KEY)
+def test_a_retry_overwrites_the_same_object(fake: StorageServer) -> None:
+    storage = SupabaseStorage(fake.url, KEY, public=True)
     first = storage.put(PATH, PNG, "image/png")
     second = storage.put(PATH, JPEG, "image/jpeg")
     assert first.url == second.url
@@ -327,9 +250,93 @@ def test_a_retry_overwrites_the_same_object(fake: FakeStorage) -> None:
     assert [r["path"] for r in fake.requests] == [f"/storage/v1/object/outputs/{PATH}"] * 2
 
 
-def test_missing_bucket_then_ensure_bucket(fake: FakeStorage) -> None:
+def test_without_upsert_storage_refuses_a_second_upload(fake: StorageServer) -> None:
+    """What upsert is for: the server really refuses an overwrite without it."""
+    client = SupabaseStorage(fake.url, KEY, public=True)._client.storage.from_("outputs")
+    client.upload(PATH, PNG, {"content-type": "image/png"})
+    with pytest.raises(Exception, match="already exists"):
+        client.upload(PATH, JPEG, {"content-type": "image/jpeg"})
+    assert fake.objects[("outputs", PATH)]["body"] == PNG
+
+
+def test_a_private_bucket_gives_signed_urls_that_serve_and_expire(fake: StorageServer) -> None:
+    fake.buckets["private"] = False
+    storage = SupabaseStorage(fake.url, KEY, "private", signed_url_seconds=2)  # public: asks the bucket
+    stored = storage.put(PATH, PNG, "image/png")
+    assert stored.url == f"{fake.url}/storage/v1/object/authenticated/private/{PATH}"
+    assert requests.get(stored.url, timeout=5).status_code == 400  # not without a key
+    assert requests.get(f"{fake.url}/storage/v1/object/public/private/{PATH}", timeout=5).status_code == 400
+    shown = storage.shown_urls([stored.url, "https://elsewhere.example/x.png", None])
+    assert list(shown) == [stored.url]
+    signed = shown[stored.url]
+    assert signed.startswith(f"{fake.url}/storage/v1/object/sign/private/{PATH}?token=")
+    served = requests.get(signed, timeout=5)
+    assert (served.status_code, served.content) == (200, PNG)
+    before = len(fake.requests)
+    assert storage.shown_urls([stored.url]) == shown  # reused while young: no request
+    assert len(fake.requests) == before
+    time.sleep(3.1)
+    expired = requests.get(signed, timeout=5)
+    assert (expired.status_code, expired.json()["message"]) == (400, "jwt expired")
+    renewed = storage.shown_urls([stored.url])[stored.url]  # past half its life: signed again
+    assert renewed != signed and requests.get(renewed, timeout=5).content == PNG
+
+
+def test_storage_public_false_is_not_asked_and_signs(fake: StorageServer) -> None:
+    storage = storage_from_config({"SUPABASE_URL": fake.url, "SUPABASE_SERVICE_ROLE_KEY": KEY,
+                                   "STORAGE_PUBLIC": "false", "STORAGE_SIGNED_URL_SECONDS": "600"})
+    stored = storage.put(PATH, PNG, "image/png")
+    assert "/object/authenticated/outputs/" in stored.url
+    assert [r["method"] for r in fake.requests] == ["POST"]  # no bucket lookup
+    storage.shown_urls([stored.url])
+    sign = fake.requests[-1]
+    assert sign["path"] == "/storage/v1/object/sign/outputs"
+    assert json.loads(sign["body"]) == {"paths": [PATH], "expiresIn": "600"}
+
+
+def test_api_and_dashboard_show_signed_urls_of_a_private_bucket(fake: StorageServer, db_url: str) -> None:
+    fake.buckets["outputs"] = False
+    app = create_app({"TESTING": True, "DATABASE_URL": db_url, "SUPABASE_URL": fake.url,
+                      "SUPABASE_SERVICE_ROLE_KEY": KEY})
+    try:
+        stored = app.extensions["storage"].put(PATH, PNG, "image/png")
+        with app.extensions["db_pool"].connection() as conn:
+            job_id = finished_job(conn, stored.url)
+        client = app.test_client()
+        [output] = client.get(f"/api/jobs/{job_id}").get_json()["outputs"]
+        [listed] = client.get("/api/jobs").get_json()["jobs"][0]["outputs"]
+        [dashboard] = client.get(f"/api/dashboard/jobs/{job_id}/outputs").get_json()["outputs"]
+        for url in (output["url"], listed["url"], dashboard["url"]):
+            assert "/object/sign/outputs/" in url and requests.get(url, timeout=5).content == PNG
+        with app.extensions["db_pool"].connection() as conn:  # the event keeps the object's own URL
+            data = conn.execute("SELECT data FROM events WHERE type = 'output.processed'").fetchone()["data"]
+        assert data["url"] == stored.url
+    finally:
+        app.extensions["db_pool"].close()
+    fresh = create_app({"TESTING": True, "DATABASE_URL": db_url, "SUPABASE_URL": fake.url,
+                        "SUPABASE_SERVICE_ROLE_KEY": KEY})  # nothing signed yet
+    try:
+        fake.script.append((503, {"message": "down"}))  # signing fails: the page still answers
+        response = fresh.test_client().get(f"/api/jobs/{job_id}")
+        assert response.status_code == 200 and response.get_json()["outputs"][0]["url"] == stored.url
+    finally:
+        fresh.extensions["db_pool"].close()
+
+
+def finished_job(conn, url: str) -> str:
+    job_id = str(uuid.uuid4())
+    states = bodies(LIFECYCLE, "p1")
+    create_job(conn, job_id)
+    submit(conn, job_id, states[0])
+    for n, body in enumerate(states[1:]):
+        webhook(conn, job_id, body, key=f"m{n}")
+    process_output(conn, job_id, "p1", 0, url=url)
+    return job_id
+
+
+def test_missing_bucket_names_the_setting_then_ensure_bucket(fake: StorageServer) -> None:
     storage = SupabaseStorage(fake.url, KEY, "renders")
-    with pytest.raises(StorageRejected, match="Bucket not found") as caught:
+    with pytest.raises(StorageRejected, match="Bucket not found; check STORAGE_BUCKET") as caught:
         storage.put(PATH, PNG, "image/png")
     assert (caught.value.transient, caught.value.storage_status) == (False, 404)
     assert storage.ensure_bucket() is True
@@ -339,15 +346,22 @@ def test_missing_bucket_then_ensure_bucket(fake: FakeStorage) -> None:
     assert storage.put(PATH, PNG, "image/png").bytes == len(PNG)
 
 
+def test_a_wrong_key_names_the_setting_and_not_the_key(fake: StorageServer) -> None:
+    wrong = "sb_secret_NotTheProjectsKey0000000000000000000000000000"
+    with pytest.raises(StorageRejected, match="check SUPABASE_SERVICE_ROLE_KEY") as caught:
+        SupabaseStorage(fake.url, wrong).put(PATH, PNG, "image/png")
+    assert wrong not in str(caught.value) and caught.value.storage_status == 403
+
+
 @pytest.mark.parametrize(("status", "body", "error", "transient"), [
     (503, {"message": "upstream down"}, StorageUnavailable, True),
-    (500, {"statusCode": "500", "error": "internal"}, StorageUnavailable, True),
+    (500, {"statusCode": "500", "error": "internal", "message": "boom"}, StorageUnavailable, True),
     (429, {"message": "slow down"}, StorageUnavailable, True),
-    (400, {"statusCode": "503", "error": "DatabaseTimeout"}, StorageUnavailable, True),
-    (403, {"statusCode": "403", "error": "Unauthorized"}, StorageRejected, False),
-    (413, {"statusCode": "413", "error": "Payload too large"}, StorageRejected, False),
+    (400, {"statusCode": "503", "error": "DatabaseTimeout", "message": "timeout"}, StorageUnavailable, True),
+    (403, {"statusCode": "403", "error": "Unauthorized", "message": "no"}, StorageRejected, False),
+    (413, {"statusCode": "413", "error": "Payload too large", "message": "big"}, StorageRejected, False),
 ])
-def test_failures_are_named_and_classified(fake: FakeStorage, status: int, body: dict, error: type,
+def test_failures_are_named_and_classified(fake: StorageServer, status: int, body: dict, error: type,
                                            transient: bool) -> None:
     fake.script.append((status, body))
     with pytest.raises(error, match=f"HTTP {status}") as caught:
@@ -355,13 +369,13 @@ def test_failures_are_named_and_classified(fake: FakeStorage, status: int, body:
     assert caught.value.transient is transient
 
 
-def test_the_key_never_reaches_errors_or_logs(fake: FakeStorage, service_log: io.StringIO) -> None:
+def test_the_key_never_reaches_errors_or_logs(fake: StorageServer, service_log: io.StringIO) -> None:
     fake.script.append((401, {"message": f"invalid JWT {KEY}"}))  # a server that echoes the key
     storage = SupabaseStorage(fake.url, KEY)
     with pytest.raises(StorageRejected) as rejected:
         storage.put(PATH, PNG, "image/png")
     closed = SupabaseStorage(_closed_port_url(), KEY)
-    with pytest.raises(StorageUnavailable) as unavailable:
+    with pytest.raises(StorageUnavailable, match="check SUPABASE_URL") as unavailable:
         closed.put(PATH, PNG, "image/png")
     assert unavailable.value.transient is True
     for text in (str(rejected.value), repr(rejected.value), str(unavailable.value), repr(storage),
@@ -377,7 +391,7 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def test_supabase_refuses_unsafe_paths_without_a_request(fake: FakeStorage) -> None:
+def test_supabase_refuses_unsafe_paths_without_a_request(fake: StorageServer) -> None:
     with pytest.raises(InvalidObjectPath):
         SupabaseStorage(fake.url, KEY).put("../outputs/x.png", PNG, "image/png")
     assert fake.requests == []

@@ -88,11 +88,11 @@ def polled(conn, job_id: str, body: dict, key: str) -> events.Appended:
 
 
 def process_output(conn, job_id: str, prediction_id: str, index: int, width: int = 1024,
-                   height: int = 1024, size: int = 1_572_864) -> events.Appended:
+                   height: int = 1024, size: int = 1_572_864, url: str | None = None) -> events.Appended:
     """The worker's record of one output downloaded, resized and stored."""
     data = {"prediction_id": prediction_id, "index": index, "width": width, "height": height,
             "bytes": size, "source_url": f"https://replicate.delivery/{prediction_id}/out-{index}.png",
-            "url": f"file:///outputs/{prediction_id}/{index}.png"}
+            "url": url or f"file:///outputs/{prediction_id}/{index}.png"}
     return events.append(conn, key=f"processed:{prediction_id}:{index}", stream=job_id,
                          type="output.processed", data=data)
 
