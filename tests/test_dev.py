@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from flask.cli import load_dotenv
 
-from scripts.dev import FLASKENV_HEADER, write_flaskenv
+from scripts.dev import FLASKENV_HEADER, banner, write_flaskenv
 from tests.test_cli import assert_one_line_error, cli_env, flask
 from tests.waiting import wait_for
 
@@ -94,3 +94,23 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def _curl(text: str) -> list[str]:
+    """The first `curl ... /api/jobs` command in text, its lines stripped of indentation."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("curl -s -X POST"))
+    end = next(i for i in range(start, len(lines)) if lines[i].endswith("'"))
+    return lines[start:end + 1]
+
+
+def test_the_banner_says_what_the_readme_and_the_sql_guide_say():
+    shown = banner("http://127.0.0.1:8000", "postgresql://postgres:@/postgres?host=/path/to/repo/.data/postgres",
+                   {"PUBLIC_BASE_URL": "http://127.0.0.1:8000"}, True, "http://127.0.0.1:8100/v1",
+                   ROOT / ".flaskenv")
+    readme = (ROOT / "README.md").read_text()
+    assert _curl(shown) == _curl(readme)
+    assert '"input": {"prompt": "a lighthouse", "aspect_ratio": "3:4"}' in _curl(shown)[-1]
+    sql_line = next(line for line in shown.splitlines() if line.strip().startswith("SQL:"))
+    assert sql_line in (ROOT / "docs" / "sql.md").read_text().splitlines()
+    assert "Database:" not in (ROOT / "docs" / "sql.md").read_text()
