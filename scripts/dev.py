@@ -3,11 +3,17 @@ REPLICATE_API_TOKEN) the local Replicate simulator; print where to look.
 
 Started by ./run.sh. With no DATABASE_URL it starts the embedded PostgreSQL in
 .data/postgres (history survives restarts). Ctrl-C stops everything it started.
+
+While it runs, .flaskenv in the checkout holds the settings it chose itself (the simulator's
+URL and token, PUBLIC_BASE_URL), so `flask --app service ...` in another terminal reaches the
+same simulator: Flask's CLI reads .flaskenv (and .env) through python-dotenv, and never lets
+either override a variable already set. It is removed when the run stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -71,7 +77,32 @@ def start_simulator(host: str, port: int) -> subprocess.Popen:
 
 def start_worker(env: dict[str, str]) -> subprocess.Popen:
     command = [str(ROOT / ".venv" / "bin" / "flask"), "--app", "service", "worker"]
-    return subprocess.Popen(command, cwd=ROOT, env=env)
+    # Its settings are all in env already (.env loaded above); .flaskenv is for other terminals.
+    return subprocess.Popen(command, cwd=ROOT, env=dict(env, FLASK_SKIP_DOTENV="1"))
+
+
+FLASKENV_HEADER = """\
+# Written by ./run.sh (scripts/dev.py) while it runs, and removed when it stops: the settings
+# it chose itself, so `flask --app service ...` in another terminal reaches the same local
+# services. Flask's CLI reads this file and .env; your environment and .env win over it.
+"""
+# What the run command may choose for itself; the database needs nothing here (the CLI
+# finds the same embedded one, or DATABASE_URL from .env), and none of these is a secret.
+CHOSEN = ("PUBLIC_BASE_URL", "REPLICATE_API_BASE_URL", "REPLICATE_API_TOKEN",
+          "REPLICATE_WEBHOOK_SECRET", "OUTPUT_ALLOWED_HOSTS")
+
+
+def write_flaskenv(path: Path, given: dict[str, str], env: dict[str, str]) -> bool:
+    """Write the settings env has that the user did not give (or gave otherwise); False
+    when path is someone's own .flaskenv, which is left alone."""
+    if path.exists() and not path.read_text().startswith(FLASKENV_HEADER):
+        print(f"note: {path} is not ours, so it is left alone; `flask` commands in another "
+              "terminal will not know this run's simulator", file=sys.stderr)
+        return False
+    lines = [f"{name}={json.dumps(env[name])}" for name in CHOSEN
+             if name in env and given.get(name) != env[name]]
+    path.write_text(FLASKENV_HEADER + "".join(line + "\n" for line in lines))
+    return True
 
 
 def replicate_env(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict[str, str], bool]:
@@ -99,19 +130,27 @@ BANNER = """
   Replicate:  {replicate}
   Webhooks:   {public}/webhooks/replicate
   SQL:        psql '{database}'
+  CLI:        {cli}
   Stop:       Ctrl-C
 
   Try it:
     curl -s -X POST {base}/api/jobs -H 'Content-Type: application/json' \\
-      -d '{{"model": "stability-ai/sdxl", "input": {{"prompt": "a lighthouse"}}, "aspect_ratio": "3:4"}}'
+      -d '{{"model": "stability-ai/sdxl", "count": 2,
+           "input": {{"prompt": "a lighthouse", "aspect_ratio": "3:4"}}}}'
+  (aspect_ratio inside input: the model draws 3:4; at the top level it only tells the
+  post-processing, which crops the model's square to 3:4)
 """
 
 
-def banner(base: str, url: str, env: dict[str, str], simulated: bool, sim_url: str) -> str:
+def banner(base: str, url: str, env: dict[str, str], simulated: bool, sim_url: str,
+           flaskenv: Path | None) -> str:
+    """flaskenv: the file this run's settings were written to, None if they were not."""
     replicate = (f"local simulator at {sim_url} (set REPLICATE_API_TOKEN to use Replicate)"
                  if simulated else env.get("REPLICATE_API_BASE_URL", "https://api.replicate.com/v1"))
+    cli = ".venv/bin/flask --app service reconcile   (another terminal, this directory"
+    cli += f"; {flaskenv.name} has this run's settings)" if flaskenv else ")"
     return BANNER.format(base=base, replicate=replicate, public=env["PUBLIC_BASE_URL"],
-                         database=redact(url))
+                         database=redact(url), cli=cli)
 
 
 def main() -> int:
@@ -121,6 +160,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     parser.add_argument("--sim-port", type=int, default=int(os.environ.get("SIM_PORT", "8100")),
                         help="port of the local Replicate simulator (used without REPLICATE_API_TOKEN)")
+    parser.add_argument("--flaskenv", type=Path, default=ROOT / ".flaskenv",
+                        help="where to write the settings this run chose, for `flask` commands in "
+                             "other terminals (default: .flaskenv in the checkout)")
     args = parser.parse_args()
     # A terminal is read by a person: text lines unless LOG_FORMAT says otherwise.
     os.environ.setdefault("LOG_FORMAT", "text")
@@ -146,6 +188,17 @@ def main() -> int:
                   f"./run.sh {flag} {port + 1}", file=sys.stderr)
             return 2
 
+    wrote = write_flaskenv(args.flaskenv, dict(os.environ), env)
+    try:
+        return run(args, env, url, simulated, args.flaskenv if wrote else None)
+    finally:
+        if wrote:
+            args.flaskenv.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace, env: dict[str, str], url: str, simulated: bool,
+        flaskenv: Path | None) -> int:
+    """Start the simulator (if used), the web app and the worker; wait for Ctrl-C or SIGTERM."""
     children = []
     if simulated:
         children.append(start_simulator(args.host, args.sim_port))
@@ -167,7 +220,8 @@ def main() -> int:
         print("error: the web app did not become healthy within 60 s; see the log above",
               file=sys.stderr)
         return 1
-    print(banner(base, url, env, simulated, f"http://{args.host}:{args.sim_port}/v1"), flush=True)
+    print(banner(base, url, env, simulated, f"http://{args.host}:{args.sim_port}/v1", flaskenv),
+          flush=True)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

@@ -29,6 +29,11 @@ from service.db import open_pool, resolve_database_url
 
 
 def create_app(overrides: dict | None = None) -> Flask:
+    with cli.building_app():  # a `flask` command says a bad setting in one line
+        return _create_app(overrides)
+
+
+def _create_app(overrides: dict | None) -> Flask:
     app = Flask(__name__)
     app.config.from_mapping(Settings.from_env().as_dict())
     app.config.update(overrides or {})

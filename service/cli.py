@@ -1,16 +1,51 @@
-"""Flask CLI commands: `flask --app service migrate | replay`."""
+"""Flask CLI commands: `flask --app service migrate | replay | worker | reconcile`.
+
+Each command is for a person at a terminal first: a configuration problem (a missing or
+malformed setting, a database that cannot be reached or is not migrated) ends it with one
+line naming the setting and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
+import psycopg
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
 from service import migrations
 from service import replay as replays
-from service.db import connect
+from service.db import connect, queries, redact
+from service.errors import ConfigError
+
+
+class SettingError(click.ClickException):
+    """A setting keeps the command from running: click prints `Error: <message>`."""
+
+    exit_code = 2  # as ./run.sh's own configuration errors
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a configuration error into the command's one-line error (also a decorator)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise SettingError(str(exc)) from exc
+
+
+@contextmanager
+def building_app() -> Iterator[None]:
+    """While create_app runs: when a `flask` command is building the app, a configuration
+    error is that command's one-line error; anywhere else (gunicorn, tests) it is raised."""
+    try:
+        yield
+    except ConfigError as exc:
+        if click.get_current_context(silent=True) is None:
+            raise
+        raise SettingError(str(exc)) from exc
 
 
 def register(app: Flask) -> None:
@@ -20,12 +55,41 @@ def register(app: Flask) -> None:
     app.cli.add_command(reconcile_command)
 
 
-def _connect(**kwargs: object):
-    return connect(current_app.config["DATABASE_URL"], **kwargs)
+def plural(n: int, noun: str) -> str:
+    """`1 job`, `2 jobs`, `1,000 jobs`."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+def _connect(**kwargs: object) -> psycopg.Connection:
+    url = current_app.config["DATABASE_URL"]
+    try:
+        return connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        raise SettingError(f"cannot connect to the database at DATABASE_URL {redact(url)}: "
+                           f"{reason}") from exc
+
+
+def require_migrated() -> None:
+    """The database answers and has every migration this code ships with."""
+    from service.health import expected_migrations
+
+    with _connect() as conn:
+        try:
+            applied = {row["version"] for row in conn.execute(queries["readiness"])}
+        except psycopg.errors.UndefinedTable:
+            applied = set()
+    missing = sorted(expected_migrations() - applied)
+    if missing:
+        raise SettingError(f"the database at DATABASE_URL {redact(current_app.config['DATABASE_URL'])} "
+                           f"lacks {plural(len(missing), 'migration')} (first {missing[0]}); "
+                           "run: flask --app service migrate")
 
 
 @click.command("migrate")
 @with_appcontext
+@one_line_errors()
 def migrate_command() -> None:
     """Apply the sql/NNN_*.sql migrations not yet applied."""
     with _connect(autocommit=True) as conn:
@@ -42,14 +106,16 @@ def migrate_command() -> None:
               help="Rebuild in a scratch transaction, list differences, change nothing; "
                    "exit 1 if any.")
 @click.option("--job", "stream", metavar="ID", help="Rebuild only this job (or orphan prediction).")
+@one_line_errors()
 def replay_command(check: bool, stream: str | None) -> None:
     """Rebuild the projections (jobs, predictions, outputs) from the events."""
+    require_migrated()
     with _connect() as conn:
         total = len(replays.PHASES)
         with click.progressbar(length=total, label="replaying", show_pos=True,
                                file=sys.stderr) as bar:
             def progress(phase: str, rows: int) -> None:
-                bar.label = f"rebuilt {phase} ({rows:,} rows)"
+                bar.label = f"rebuilt {phase} ({plural(rows, 'row')})"
                 bar.update(1)
             result = replays.replay(conn, stream=stream, check=check, progress=progress)
     _summarise(result, check)
@@ -58,17 +124,18 @@ def replay_command(check: bool, stream: str | None) -> None:
 
 
 def _summarise(result: replays.ReplayResult, check: bool) -> None:
-    click.echo(f"{result.events:,} events, {result.jobs:,} jobs, {result.predictions:,} predictions "
-               f"in {result.seconds:.2f} s ({result.events_per_second:,.0f} events/s)")
+    click.echo(f"{plural(result.events, 'event')}, {plural(result.jobs, 'job')}, "
+               f"{plural(result.predictions, 'prediction')} in {result.seconds:.2f} s "
+               f"({result.events_per_second:,.0f} events/s)")
     for difference in result.samples:
         click.echo(f"  {difference}")
     if result.differences > len(result.samples):
         click.echo(f"  … and {result.differences - len(result.samples):,} more")
     if check:
-        click.echo(f"{result.differences:,} differences from the live projection; nothing changed"
+        click.echo(f"{plural(result.differences, 'difference')} from the live projection; nothing changed"
                    if result.differences else "the live projection matches the events")
     elif result.committed:
-        click.echo(f"rebuilt: {result.differences:,} rows corrected")
+        click.echo(f"rebuilt: {plural(result.differences, 'row')} corrected")
     else:
         click.echo("rebuilt: the projection already matched the events; nothing written")
 
@@ -100,6 +167,7 @@ def handlers() -> dict:
 @click.command("worker")
 @click.option("--once", is_flag=True, help="Run the tasks that are ready now, then exit.")
 @with_appcontext
+@one_line_errors()
 def worker_command(once: bool) -> None:
     """Run queued tasks (submissions, cancels, post-processing) and the reconciler."""
     import signal
@@ -108,6 +176,7 @@ def worker_command(once: bool) -> None:
     from service.reconciler import reconcile
     from service.worker import Worker
 
+    require_migrated()
     ctx = worker_context(current_app._get_current_object())
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
@@ -125,9 +194,25 @@ def worker_command(once: bool) -> None:
 
 @click.command("reconcile")
 @with_appcontext
+@one_line_errors()
 def reconcile_command() -> None:
     """Poll Replicate once about quiet jobs and retry failed submissions."""
     from service.reconciler import reconcile
 
+    require_migrated()
     done = reconcile(worker_context(current_app._get_current_object()))
-    click.echo(", ".join(f"{k}: {v}" for k, v in sorted(done.items())) or "nothing to do")
+    click.echo(reconciled(done))
+
+
+# What reconcile() counts, as a person reads it: the noun counted and what happened to it.
+_RECONCILED = {"polled": ("prediction", "polled, changed"),
+               "unchanged": ("prediction", "polled, unchanged"),
+               "poll_failed": ("prediction", "could not be polled"),
+               "resubmitted": ("submission", "retried")}
+
+
+def reconciled(done: dict[str, int]) -> str:
+    """One line, e.g. `1 prediction polled, changed; 2 submissions retried`."""
+    parts = [f"{plural(n, _RECONCILED[kind][0])} {_RECONCILED[kind][1]}" if kind in _RECONCILED
+             else f"{kind}: {n:,}" for kind, n in done.items() if n]
+    return "; ".join(parts) or "nothing to do: no quiet job, no failed submission"

@@ -6,6 +6,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,6 +98,12 @@ def _addresses(env: dict[str, str], name: str, default: tuple[str, ...]) -> tupl
     return found
 
 
+def default_log_format() -> str:
+    """text for a person at a terminal, json for anything else (a platform, a pipe, a file)."""
+    stderr = sys.stderr
+    return "text" if stderr is not None and stderr.isatty() else "json"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -107,7 +114,8 @@ class Settings:
     DB_POOL_MAX: int = 10
     DB_STATEMENT_TIMEOUT_MS: int = 30_000
     LOG_LEVEL: str = "INFO"
-    # json: one JSON object per line (for log pipelines); text: for people (the dev runner's)
+    # json: one JSON object per line (for log pipelines); text: for people. Unset: text when
+    # stderr is a terminal (a person is reading), else json (a platform's log pipeline).
     LOG_FORMAT: str = "json"
     # Public endpoints (webhooks, /api): token bucket per client address, 0 = off
     RATE_LIMIT_PER_MINUTE: int = 12_000
@@ -172,7 +180,7 @@ class Settings:
         level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-        log_format = env.get("LOG_FORMAT", "").strip().lower() or "json"
+        log_format = env.get("LOG_FORMAT", "").strip().lower() or default_log_format()
         if log_format not in {"json", "text"}:
             raise ConfigError(f"LOG_FORMAT must be json or text, got {log_format!r}")
         pool_max = _int(env, "DB_POOL_MAX", 10, 1, 200)

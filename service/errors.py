@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 
-from flask import Flask
+from flask import Flask, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound as RouteNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +123,24 @@ def register_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[dict, int]:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return {"error": code, "message": exc.description}, exc.code or 500
+        return {"error": code, "message": _described(exc)}, exc.code or 500
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[dict, int]:
         logger.exception("unexpected error", extra={"action": "error"})
         return {"error": "internal_error", "message": "the service failed; see its log"}, 500
+
+
+_JOB_PATH = re.compile(r"^/api/jobs/(?P<id>[^/]+)(/events|/cancel)?$")
+
+
+def _described(exc: HTTPException) -> str:
+    """Werkzeug's text, except for a path under /api that matches no route: say what was
+    asked for, in the words the API uses (a job id that is no job is `no job <id>`)."""
+    unrouted = isinstance(exc, RouteNotFound) and request.url_rule is None
+    if not unrouted or not request.path.startswith("/api"):
+        return exc.description or ""
+    job = _JOB_PATH.match(request.path)
+    if job:
+        return f"no job {job['id']}"
+    return f"no such endpoint: {request.method} {request.path} (the API: /api/openapi.json)"

@@ -210,7 +210,9 @@ def from_settings(config: Mapping[str, Any]) -> ReplicateClient:
     base_url = config.get("REPLICATE_API_BASE_URL") or DEFAULT_BASE_URL
     token = config.get("REPLICATE_API_TOKEN") or None
     if token is None and urlsplit(base_url).hostname == "api.replicate.com":
-        raise ConfigError("REPLICATE_API_TOKEN is required to call api.replicate.com")
+        raise ConfigError("REPLICATE_API_TOKEN is required to call api.replicate.com (or set "
+                          "REPLICATE_API_BASE_URL to a local simulator: ./run.sh writes both to "
+                          ".flaskenv while it runs)")
     rate = config.get("REPLICATE_RATE_LIMIT_PER_MINUTE") or 600
     return ReplicateClient(base_url, token, rate_per_minute=int(rate))
 

@@ -262,6 +262,20 @@ def test_an_unknown_or_malformed_job_id_is_404(client, path):
     assert response.get_json()["error"] == "not_found"
 
 
+@pytest.mark.parametrize(("method", "path", "message"), [
+    ("GET", "/api/jobs/nope", "no job nope"),
+    ("GET", "/api/jobs/nope/events", "no job nope"),
+    ("POST", "/api/jobs/nope/cancel", "no job nope"),
+    ("GET", "/api/nothing", "no such endpoint: GET /api/nothing (the API: /api/openapi.json)"),
+    ("DELETE", "/api/jobs/x/y/z", "no such endpoint: DELETE /api/jobs/x/y/z (the API: /api/openapi.json)"),
+    ("GET", "/api", "no such endpoint: GET /api (the API: /api/openapi.json)"),
+])
+def test_an_unknown_api_path_answers_the_apis_json_error(client, method, path, message):
+    response = client.open(path, method=method, headers={"Accept": "text/html"})
+    assert response.status_code == 404 and response.mimetype == "application/json"
+    assert response.get_json() == {"error": "not_found", "message": message}
+
+
 def test_events_are_listed_in_recording_order(client, conn):
     job = new_job_id()
     completed_job(conn, job)
