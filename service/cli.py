@@ -39,26 +39,30 @@ def migrate_command() -> None:
 @click.command("replay")
 @with_appcontext
 @click.option("--check", is_flag=True,
-              help="Rebuild in a scratch transaction, list differences, change nothing; "
+              help="Rebuild beside the live tables, list differences, change nothing; "
                    "exit 1 if any.")
 @click.option("--job", "stream", metavar="ID", help="Rebuild only this job (or orphan prediction).")
 def replay_command(check: bool, stream: str | None) -> None:
-    """Rebuild the projections (jobs, predictions, outputs) from the events."""
+    """Rebuild the projections (jobs, predictions, outputs) from the events, beside the live
+    ones, while webhooks keep being recorded; then write only the rows that differ."""
+    def progress(step: replays.Step) -> None:
+        left = f", about {step.left:,.0f} s left" if step.number < len(replays.STAGES) else ""
+        click.echo(f"[{step.number}/{len(replays.STAGES)}] {step.stage}: {step.rows:,} rows, "
+                   f"{step.seconds:,.1f} s, {step.rate:,.0f} events/s{left}", err=True)
+
     with _connect() as conn:
-        total = len(replays.PHASES)
-        with click.progressbar(length=total, label="replaying", show_pos=True,
-                               file=sys.stderr) as bar:
-            def progress(phase: str, rows: int) -> None:
-                bar.label = f"rebuilt {phase} ({rows:,} rows)"
-                bar.update(1)
+        try:
             result = replays.replay(conn, stream=stream, check=check, progress=progress)
+        except replays.ReplayBusy as exc:
+            raise click.ClickException(str(exc)) from exc
     _summarise(result, check)
     if check and result.differences:
         sys.exit(1)
 
 
 def _summarise(result: replays.ReplayResult, check: bool) -> None:
-    click.echo(f"{result.events:,} events, {result.jobs:,} jobs, {result.predictions:,} predictions "
+    click.echo(f"{result.events:,} events ({result.caught_up:,} recorded during the replay), "
+               f"{result.jobs:,} jobs, {result.predictions:,} predictions "
                f"in {result.seconds:.2f} s ({result.events_per_second:,.0f} events/s)")
     for difference in result.samples:
         click.echo(f"  {difference}")
@@ -68,7 +72,8 @@ def _summarise(result: replays.ReplayResult, check: bool) -> None:
         click.echo(f"{result.differences:,} differences from the live projection; nothing changed"
                    if result.differences else "the live projection matches the events")
     elif result.committed:
-        click.echo(f"rebuilt: {result.differences:,} rows corrected")
+        click.echo(f"rebuilt: {result.differences:,} rows corrected in a cut-over of "
+                   f"{result.cut_over_ms:,.0f} ms (the only time webhooks waited)")
     else:
         click.echo("rebuilt: the projection already matched the events; nothing written")
 
