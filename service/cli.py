@@ -42,7 +42,11 @@ def migrate_command() -> None:
               help="Rebuild beside the live tables, list differences, change nothing; "
                    "exit 1 if any.")
 @click.option("--job", "stream", metavar="ID", help="Rebuild only this job (or orphan prediction).")
-def replay_command(check: bool, stream: str | None) -> None:
+@click.option("--in-batches", "batches", is_flag=True,
+              help="Write the rows that differ a few hundred jobs at a time before the cut-over, "
+                   "so webhooks never wait long even when every row differs (after a change of "
+                   "the fold's rules). Stopped midway, it leaves the jobs it wrote rebuilt.")
+def replay_command(check: bool, stream: str | None, batches: bool) -> None:
     """Rebuild the projections (jobs, predictions, outputs) from the events, beside the live
     ones, while webhooks keep being recorded; then write only the rows that differ."""
     def progress(step: replays.Step) -> None:
@@ -52,7 +56,9 @@ def replay_command(check: bool, stream: str | None) -> None:
 
     with _connect() as conn:
         try:
-            result = replays.replay(conn, stream=stream, check=check, progress=progress)
+            result = replays.replay(conn, stream=stream, check=check,
+                                    batches=replays.WRITE_BATCH if batches else 0,
+                                    progress=progress)
         except replays.ReplayBusy as exc:
             raise click.ClickException(str(exc)) from exc
     _summarise(result, check)

@@ -34,23 +34,19 @@ import psycopg
 from psycopg import sql
 
 from service.errors import ServiceError
+from service.scratch import TABLES, Difference, Scratch
 
-# table -> (key columns, its rows of some streams: {0} being the streams, a text[])
-TABLES: dict[str, tuple[tuple[str, ...], str]] = {
-    "jobs": (("id",), "id = ANY (stream_job_ids({0}))"),
-    "predictions": (("id",), "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND id = ANY ({0}))"),
-    "outputs": (("prediction_id", "index"),
-                "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND prediction_id = ANY ({0}))"),
-    "job_activity": (("job_id",), "job_id = ANY (stream_job_ids({0}))"),
-}
+__all__ = ["TABLES", "Difference", "ReplayBusy", "ReplayResult", "Step", "replay"]
+
 PHASES = ("predictions", "outputs", "jobs")
 # What a running replay reports in application_name, for /metrics (service/metrics.py).
-STAGES = ("snapshot", *PHASES, "indexes", "compare", "cut-over")
+STAGES = ("snapshot", *PHASES, "indexes", "compare", "write", "cut-over")
 # Share of a full replay's time each stage takes (scripts/bench/replay.py at 1,000,000
-# events), for the estimate of the time left.
-WEIGHTS = {"snapshot": 0.01, "predictions": 0.5, "outputs": 0.05, "jobs": 0.3, "indexes": 0.06,
-           "compare": 0.07, "cut-over": 0.01}
-SAMPLE = 20
+# events over a live projection), for the estimate of the time left.
+WEIGHTS = {"snapshot": 0.01, "predictions": 0.5, "outputs": 0.05, "jobs": 0.25, "indexes": 0.08,
+           "compare": 0.08, "write": 0.02, "cut-over": 0.01}
+# Streams written per transaction by a replay in batches (each holds their advisory locks).
+WRITE_BATCH = 500
 # Held for the whole replay: a second one is refused while it runs.
 _REPLAY_LOCK = 7_215_002
 # Catch up again before comparing while the last round had more events than this.
@@ -63,18 +59,6 @@ class ReplayBusy(ServiceError):
 
     code = "replay_busy"
     status = 409
-
-
-@dataclass
-class Difference:
-    table: str
-    key: tuple
-    kind: str  # missing (live has it, rebuild does not), extra, or changed
-    columns: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        what = f" ({', '.join(self.columns)})" if self.columns else ""
-        return f"{self.table} {'/'.join(map(str, self.key))}: {self.kind}{what}"
 
 
 @dataclass
@@ -123,7 +107,7 @@ class _Run:
     conn: psycopg.Connection
     other: psycopg.Connection
     streams: list[str] | None
-    schema: str
+    scratch: Scratch
     report: Progress
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
@@ -139,8 +123,14 @@ class _Run:
 
 
 def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool = False,
-           progress: Progress | None = None) -> ReplayResult:
+           batches: int = 0, progress: Progress | None = None) -> ReplayResult:
     """Rebuild all projections (or one stream's) from events; with check, change nothing.
+
+    With batches, the rows that differ are written before the cut-over, that many streams at
+    a time (see _write_ahead; WRITE_BATCH is a good size): appends then never wait long
+    however many rows differ (after a change of the fold's rules, every row may), but a
+    replay stopped midway leaves the streams it wrote rebuilt and the others as they were;
+    without it, a stopped replay leaves everything as it was.
 
     Runs on `conn`'s session (left in autocommit, with no temporary tables, when done) and
     on a second session opened with the same parameters."""
@@ -150,26 +140,25 @@ def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool =
     conn.autocommit = True
     try:
         with _second_session(conn) as other, _exclusive(conn):
-            run = _Run(conn, other, None if stream is None else [stream],
-                       conn.execute("SELECT current_schema() AS s").fetchone()["s"],
+            schema = conn.execute("SELECT current_schema() AS s").fetchone()["s"]
+            run = _Run(conn, other, None if stream is None else [stream], Scratch(conn, schema),
                        progress or (lambda step: None))
             try:
-                return _replay(run, check)
+                return _replay(run, check, batches)
             finally:
-                _drop_scratch(conn)
+                run.scratch.drop()
     finally:
         conn.autocommit = saved
 
 
-def _replay(run: _Run, check: bool) -> ReplayResult:
+def _replay(run: _Run, check: bool, batches: int) -> ReplayResult:
     _rebuild(run)
     _index(run)
     total, samples = _catch_up_and_compare(run)
     committed = bool(total) and not check
     if committed:
-        total = _cut_over(run)
-    rows = _scratch_counts(run)
-    return ReplayResult(run.events, rows["jobs"], rows["predictions"],
+        total = _write_ahead(run, batches) + _cut_over(run)
+    return ReplayResult(run.events, run.scratch.count("jobs"), run.scratch.count("predictions"),
                         time.perf_counter() - run.started, total, samples, committed,
                         run.timings, run.caught_up)
 
@@ -225,8 +214,10 @@ def _quiesce(conn: psycopg.Connection, streams: list[str] | None) -> None:
     if streams is None:
         conn.execute("LOCK TABLE events IN SHARE MODE")
     else:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(s, 0)) FROM unnest(%s::text[]) s",
-                     (sorted(streams),))
+        # in stream order, as a group of appends takes them (sql/store.sql), so they
+        # cannot deadlock on each other
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(s, 0)) "
+                     "FROM (SELECT s FROM unnest(%s::text[]) s ORDER BY s) o", (streams,))
 
 
 def _begin_quiet_snapshot(run: _Run) -> int:
@@ -251,7 +242,7 @@ def _rebuild(run: _Run) -> None:
     try:
         with _timed(run, "snapshot"):
             run.watermark = _begin_quiet_snapshot(run)
-            _create_scratch(run)
+            run.scratch.create()
             run.events = _count_events(run, 0, run.watermark)
         run.stage("snapshot")
         for phase in PHASES:
@@ -266,28 +257,9 @@ def _rebuild(run: _Run) -> None:
         raise
 
 
-def _create_scratch(run: _Run) -> None:
-    for table in TABLES:
-        run.conn.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
-            sql.Identifier(table), sql.Identifier(run.schema, table)))
-
-
-def _drop_scratch(conn: psycopg.Connection) -> None:
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        conn.execute("ROLLBACK")
-    for table in (*TABLES, *(f"replay_diff_{t}" for t in TABLES)):
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(sql.Identifier(table)))
-
-
 def _index(run: _Run) -> None:
     with _timed(run, "indexes"):
-        for table, (keys, _) in TABLES.items():
-            run.conn.execute(sql.SQL("ALTER TABLE pg_temp.{} ADD PRIMARY KEY ({})").format(
-                sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, keys))))
-            run.conn.execute(sql.SQL("ANALYZE pg_temp.{}").format(sql.Identifier(table)))
-            run.conn.execute(sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM pg_temp.{} LIMIT 0").format(
-                sql.Identifier(f"replay_diff_{table}"), sql.SQL(", ").join(map(sql.Identifier, keys)),
-                sql.Identifier(table)))
+        run.scratch.index()
     run.stage("indexes")
 
 
@@ -312,7 +284,7 @@ def _catch_up(run: _Run, upto: int, *, compare: bool = False) -> int:
         for phase in PHASES:
             run.conn.execute(f"SELECT rebuild_{phase}(%(s)s::text[])", {"s": changed["streams"]})
         if compare:
-            _list_differences(run, changed["streams"])
+            run.scratch.list_differences(changed["streams"])
     run.watermark = upto
     run.events += changed["n"]
     run.caught_up += changed["n"]
@@ -326,9 +298,9 @@ def _catch_up_and_compare(run: _Run) -> tuple[int, list[Difference]]:
             try:
                 more = _catch_up(run, upto)
                 if more <= _SMALL_DELTA or round_ == _CATCH_UP_ROUNDS - 1:
-                    _clear_differences(run)
-                    _list_differences(run, run.streams)
-                    total, samples = _differences(run)
+                    run.scratch.clear_differences()
+                    run.scratch.list_differences(run.streams)
+                    total, samples = run.scratch.differences()
                     run.conn.execute("COMMIT")
                     break
                 run.conn.execute("COMMIT")
@@ -339,67 +311,6 @@ def _catch_up_and_compare(run: _Run) -> tuple[int, list[Difference]]:
     return total, samples
 
 
-def _clear_differences(run: _Run) -> None:
-    for table in TABLES:
-        run.conn.execute(sql.SQL("TRUNCATE pg_temp.{}").format(sql.Identifier(f"replay_diff_{table}")))
-
-
-def _rows(run: _Run, table: str, live: bool, streams: list[str] | None) -> sql.Composable:
-    """SQL for the rows of a live or scratch table that belong to `streams` (None: all)."""
-    name = sql.Identifier(run.schema, table) if live else sql.SQL("pg_temp.{}").format(sql.Identifier(table))
-    where = sql.SQL("true") if streams is None else sql.SQL(TABLES[table][1].format("{streams}")).format(
-        streams=sql.SQL("{}::text[]").format(sql.Literal(streams)))
-    return sql.SQL("(SELECT * FROM {} WHERE {})").format(name, where)
-
-
-def _on(keys: tuple[str, ...], a: str, b: str) -> sql.Composable:
-    return sql.SQL(" AND ").join(sql.SQL("{}.{} = {}.{}").format(
-        sql.Identifier(a), sql.Identifier(k), sql.Identifier(b), sql.Identifier(k)) for k in keys)
-
-
-def _list_differences(run: _Run, streams: list[str] | None) -> None:
-    """Add to replay_diff_<table> the keys of the rows of `streams` whose live and rebuilt
-    versions differ (or exist on one side only)."""
-    for table, (keys, _) in TABLES.items():
-        cols = sql.SQL(", ").join(sql.SQL("coalesce(o.{0}, n.{0})").format(sql.Identifier(k)) for k in keys)
-        run.conn.execute(sql.SQL("""
-            INSERT INTO pg_temp.{diff}
-            SELECT {cols} FROM {live} o FULL JOIN {new} n ON {on}
-            WHERE o.{k} IS NULL OR n.{k} IS NULL OR ROW(o.*) IS DISTINCT FROM ROW(n.*)""").format(
-            diff=sql.Identifier(f"replay_diff_{table}"), cols=cols, on=_on(keys, "o", "n"),
-            live=_rows(run, table, True, streams), new=_rows(run, table, False, streams),
-            k=sql.Identifier(keys[0])))
-
-
-def _differences(run: _Run) -> tuple[int, list[Difference]]:
-    total, samples = 0, []
-    for table, (keys, _) in TABLES.items():
-        diff = sql.SQL("(SELECT DISTINCT * FROM pg_temp.{} ORDER BY 1, 2) d" if len(keys) > 1 else
-                       "(SELECT DISTINCT * FROM pg_temp.{} ORDER BY 1) d").format(
-            sql.Identifier(f"replay_diff_{table}"))
-        rows = run.conn.execute(sql.SQL("""
-            SELECT count(*) OVER () AS total, to_jsonb(o) AS old, to_jsonb(n) AS new
-            FROM {diff}
-            LEFT JOIN {live} o ON {on_o}
-            LEFT JOIN pg_temp.{new} n ON {on_n}
-            LIMIT {limit}""").format(
-            diff=diff, live=sql.Identifier(run.schema, table), new=sql.Identifier(table),
-            on_o=_on(keys, "o", "d"), on_n=_on(keys, "n", "d"),
-            limit=sql.Literal(max(SAMPLE - len(samples), 1)))).fetchall()
-        total += rows[0]["total"] if rows else 0
-        samples.extend(_describe(table, keys, r["old"], r["new"]) for r in rows[: SAMPLE - len(samples)])
-    return total, samples
-
-
-def _describe(table: str, keys: tuple[str, ...], old: dict | None, new: dict | None) -> Difference:
-    key = tuple((old or new)[k] for k in keys)
-    if new is None:
-        return Difference(table, key, "missing from rebuild")
-    if old is None:
-        return Difference(table, key, "only in rebuild")
-    return Difference(table, key, "changed", [c for c in old if old[c] != new.get(c)])
-
-
 def _cut_over(run: _Run) -> int:
     """The short transaction: fold in what arrived since the comparison, then write only
     the rows that differ. Returns how many rows were inserted, updated or deleted."""
@@ -407,39 +318,35 @@ def _cut_over(run: _Run) -> int:
         _quiesce(run.conn, run.streams)
         _catch_up(run, run.conn.execute("SELECT coalesce(max(position), 0) AS w FROM events")
                   .fetchone()["w"], compare=True)
-        # From here on, unqualified names are the live tables again (triggers run below).
-        path = run.conn.execute("SELECT current_setting('search_path') AS p").fetchone()["p"]
-        run.conn.execute(sql.SQL("SET LOCAL search_path = {}, pg_temp").format(sql.SQL(path)))
-        changed = sum(_apply(run, table, keys) for table, (keys, _) in TABLES.items())
+        run.scratch.live_names_first()
+        changed = run.scratch.apply()
     run.stage("cut-over", changed)
     return changed
 
 
-def _apply(run: _Run, table: str, keys: tuple[str, ...]) -> int:
-    conn = run.conn
-    columns = [r["attname"] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped ORDER BY attnum", (f"pg_temp.{table}",))]
-    names = {"live": sql.Identifier(run.schema, table), "new": sql.SQL("pg_temp.{}").format(sql.Identifier(table)),
-             "diff": sql.SQL("(SELECT DISTINCT * FROM pg_temp.{}) d").format(
-                 sql.Identifier(f"replay_diff_{table}")),
-             "on_ld": _on(keys, "l", "d"), "on_nd": _on(keys, "n", "d"), "on_ln": _on(keys, "l", "n"),
-             "cols": sql.SQL(", ").join(map(sql.Identifier, columns)),
-             "new_cols": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in columns)}
-    deleted = conn.execute(sql.SQL("""
-        DELETE FROM {live} l USING {diff}
-        WHERE {on_ld} AND NOT EXISTS (SELECT FROM {new} n WHERE {on_ln})""").format(**names)).rowcount
-    updated = conn.execute(sql.SQL("""
-        UPDATE {live} l SET ({cols}) = ROW({new_cols})
-        FROM {diff} JOIN {new} n ON {on_nd}
-        WHERE {on_ld} AND ROW(l.*) IS DISTINCT FROM ROW(n.*)""").format(**names)).rowcount
-    inserted = conn.execute(sql.SQL("""
-        INSERT INTO {live} ({cols})
-        SELECT {new_cols} FROM {diff} JOIN {new} n ON {on_nd}
-        WHERE NOT EXISTS (SELECT FROM {live} l WHERE {on_ln})""").format(**names)).rowcount
-    return deleted + updated + inserted
+def _write_ahead(run: _Run, batches: int) -> int:
+    """In batches, write the differing rows before the cut-over, some streams at a time:
+    each batch under its streams' advisory locks (appends to other streams go on), and only
+    for streams with no event since the comparison (the cut-over takes the others). Each
+    stream's rows change in one transaction, so none is ever shown half rebuilt."""
+    written = 0
+    with _timed(run, "write"):
+        if batches:
+            streams = run.scratch.streams_differing()
+            for lo in range(0, len(streams), batches):
+                written += _write_batch(run, streams[lo:lo + batches])
+    run.stage("write", written)
+    return written
 
 
-def _scratch_counts(run: _Run) -> dict[str, int]:
-    return {t: run.conn.execute(sql.SQL("SELECT count(*) AS n FROM pg_temp.{}").format(sql.Identifier(t)))
-            .fetchone()["n"] for t in ("jobs", "predictions")}
+def _write_batch(run: _Run, streams: list[str]) -> int:
+    with run.conn.transaction():
+        _quiesce(run.conn, streams)
+        moved = {r["stream"] for r in run.conn.execute(
+            "SELECT DISTINCT stream FROM events WHERE stream = ANY (%s::text[]) AND position > %s",
+            (streams, run.watermark))}
+        ready = [s for s in streams if s not in moved]
+        run.scratch.live_names_first()
+        written = run.scratch.apply(ready)
+        run.scratch.forget(ready)
+    return written

@@ -83,7 +83,7 @@ def test_a_running_replay_shows_its_phase(app, client, db_url):
         _announce(replaying, None, "outputs")
         samples = scrape(client)
     assert value(samples, "rjs_replay_running") == 1
-    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="7") == 3
+    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="8") == 3
     assert value(samples, "rjs_replay_seconds", scope="all") >= 0
     assert value(scrape(client), "rjs_replay_running") == 0  # the name ends with the session
 
@@ -93,9 +93,9 @@ def test_replay_names_each_stage_and_leaves_the_session_as_it_was(db_url):
         seen: list[str] = []
         replay(conn, check=True, progress=lambda step: seen.append(
             conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"]))
-        assert seen == ["rjs-replay:all:1:7:snapshot", "rjs-replay:all:2:7:predictions",
-                        "rjs-replay:all:3:7:outputs", "rjs-replay:all:4:7:jobs",
-                        "rjs-replay:all:5:7:indexes", "rjs-replay:all:6:7:compare"]
+        assert seen == ["rjs-replay:all:1:8:snapshot", "rjs-replay:all:2:8:predictions",
+                        "rjs-replay:all:3:8:outputs", "rjs-replay:all:4:8:jobs",
+                        "rjs-replay:all:5:8:indexes", "rjs-replay:all:6:8:compare"]
         assert not conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"] \
             .startswith("rjs-replay")
 

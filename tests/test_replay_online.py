@@ -10,7 +10,7 @@ import time
 import psycopg
 import pytest
 
-from service import db, events, replay
+from service import db, replay
 from tests.conftest import new_job_id
 from tests.test_replay import random_workload, snapshot
 from tests.workload import LIFECYCLE, bodies, create_job, webhook
@@ -64,7 +64,8 @@ class Appender(threading.Thread):
                     self.acknowledged.append(time.monotonic())
 
 
-def test_a_replay_while_webhooks_keep_coming_equals_a_stop_the_world_rebuild(conn, db_url):
+@pytest.mark.parametrize("batches", [0, 7], ids=["one cut-over", "in batches"])
+def test_a_replay_while_webhooks_keep_coming_equals_a_stop_the_world_rebuild(conn, db_url, batches):
     jobs = random_workload(conn, random.Random(21), jobs=150)
     # Something for the cut-over to correct, in rows that appends are also changing.
     conn.execute("UPDATE jobs SET outputs_processed = 77 WHERE id = ANY (%s::uuid[])", (jobs[:10],))
@@ -75,7 +76,8 @@ def test_a_replay_while_webhooks_keep_coming_equals_a_stop_the_world_rebuild(con
     while sum(len(a.acknowledged) for a in appenders) < 20:
         time.sleep(0.01)
     stages: dict[str, float] = {}
-    result = replay.replay(conn, progress=lambda step: stages.setdefault(step.stage, time.monotonic()))
+    result = replay.replay(conn, batches=batches,
+                           progress=lambda step: stages.setdefault(step.stage, time.monotonic()))
     for a in appenders:
         a.stopping.set()
         a.join()
@@ -177,16 +179,7 @@ def test_a_replay_killed_inside_its_cut_over_changes_nothing(conn, db_url):
             outcome["unexpected"] = exc
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # until the cut-over waits on the row we hold
-        waiting = conn.execute(
-            "SELECT wait_event_type, application_name FROM pg_stat_activity WHERE pid = %s",
-            (replaying.info.backend_pid,)).fetchone()
-        if waiting and waiting["wait_event_type"] == "Lock" and "cut-over" in waiting["application_name"]:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail(f"the cut-over never reached the held row: {waiting}, {outcome}")
+    wait_until_waiting(conn, replaying.info.backend_pid, "cut-over")  # on the row we hold
     conn.execute("SELECT pg_terminate_backend(%s)", (replaying.info.backend_pid,))
     thread.join(30)
     blocker.rollback()
@@ -229,3 +222,45 @@ def test_the_command_prints_each_stage_with_its_rate_and_the_cut_over(app, conn)
         assert f"[{number}/{len(replay.STAGES)}] {stage}:" in done.output
     assert "events/s, about" in done.output
     assert "rows corrected in a cut-over of" in done.output
+
+
+def test_a_replay_in_batches_stopped_midway_leaves_each_job_whole(conn, db_url):
+    """In batches, what was written before the stop is rebuilt stream by stream: each job
+    is either as it was or as a rebuild has it, never half of each."""
+    jobs = sorted(random_workload(conn, random.Random(14), jobs=30))
+    conn.execute("UPDATE jobs SET outputs_processed = 99")
+    conn.execute("UPDATE predictions SET logs_tail = 'tampered' WHERE job_id IS NOT NULL")
+    blocker = db.connect(db_url)  # holds the stream lock of a job in the third batch of 5
+    blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (jobs[12],))
+    replaying = db.connect(db_url, autocommit=True)
+    thread = threading.Thread(target=lambda: pytest.raises(psycopg.OperationalError, replay.replay,
+                                                           replaying, batches=5))
+    thread.start()
+    wait_until_waiting(conn, replaying.info.backend_pid, "write")
+    conn.execute("SELECT pg_terminate_backend(%s)", (replaying.info.backend_pid,))
+    thread.join(30)
+    blocker.rollback()
+    truth = stop_the_world(conn)
+    live = everything(conn)
+    rebuilt = {str(r["id"]) for r in live["jobs"] if r["outputs_processed"] != 99}
+    assert rebuilt == set(jobs[:10])  # the first two batches, whole
+    for table, key in (("jobs", "id"), ("predictions", "id")):
+        expected = {r[key]: r for r in truth[table]}
+        for row in live[table]:
+            job = str(row["id"] if table == "jobs" else row["job_id"])
+            if job in rebuilt:
+                assert row == expected[row[key]]
+            elif row.get("job_id", True):
+                assert row["outputs_processed" if table == "jobs" else "logs_tail"] in (99, "tampered")
+
+
+def wait_until_waiting(conn, pid: int, stage: str) -> None:
+    """Until the session `pid` waits on a lock in the named stage of a replay."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT wait_event_type, application_name FROM pg_stat_activity "
+                           "WHERE pid = %s", (pid,)).fetchone()
+        if row and row["wait_event_type"] == "Lock" and row["application_name"].endswith(f":{stage}"):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the replay never waited in its {stage} stage")
