@@ -27,7 +27,7 @@ def _connect(**kwargs: object):
 @click.command("migrate")
 @with_appcontext
 def migrate_command() -> None:
-    """Apply the sql/NNN_*.sql migrations not yet applied."""
+    """Apply the sql/migrations/NNN_*.sql not yet applied, then sql/*.sql if any changed."""
     with _connect(autocommit=True) as conn:
         try:
             applied = migrations.migrate(conn)
