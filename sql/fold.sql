@@ -321,40 +321,59 @@ GROUP BY stream;
 -- Each step of a job, from its predictions: how many were submitted, started, succeeded
 -- and failed (canceled and aborted count as failed), the outputs the succeeded ones
 -- promise, when the step started and ended, and an error.
-CREATE OR REPLACE VIEW job_step_rollups AS
-SELECT job_id,
-       coalesce(step, 1) AS step,
-       count(*)::integer AS submitted,
-       count(*) FILTER (WHERE status <> 'starting')::integer AS started,
-       count(*) FILTER (WHERE status = 'succeeded')::integer AS succeeded,
-       count(*) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))::integer AS failed,
-       coalesce(sum(jsonb_array_length(output_urls)) FILTER (WHERE status = 'succeeded'), 0)::integer
-           AS outputs_expected,
-       min(started_at) AS started_at,
-       max(completed_at) AS completed_at,
-       min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted')) AS error
-FROM predictions
-WHERE job_id IS NOT NULL
-GROUP BY job_id, coalesce(step, 1);
+--
+-- The rollups are functions, and the views below are their rows: a view is bound to the
+-- tables it was created over, while a LANGUAGE sql function with a string body is parsed
+-- where it is used. A replay rebuilds into temporary tables that shadow predictions and
+-- outputs in its own session (service/scratch.py), and the jobs it derives must read those
+-- rows. STABLE and a single SELECT, so the planner inlines them: the views plan as the
+-- plain views did (the live path's statements are unchanged).
+CREATE OR REPLACE FUNCTION job_step_rollups_rows()
+RETURNS TABLE (job_id uuid, step integer, submitted integer, started integer, succeeded integer,
+               failed integer, outputs_expected integer, started_at timestamptz,
+               completed_at timestamptz, error text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT job_id,
+           coalesce(step, 1),
+           count(*)::integer,
+           count(*) FILTER (WHERE status <> 'starting')::integer,
+           count(*) FILTER (WHERE status = 'succeeded')::integer,
+           count(*) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))::integer,
+           coalesce(sum(jsonb_array_length(output_urls)) FILTER (WHERE status = 'succeeded'), 0)::integer,
+           min(started_at),
+           max(completed_at),
+           min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))
+    FROM predictions
+    WHERE job_id IS NOT NULL
+    GROUP BY job_id, coalesce(step, 1)
+$$;
+
+CREATE OR REPLACE VIEW job_step_rollups AS SELECT * FROM job_step_rollups_rows();
 
 -- Each step of a job, from its outputs: how many were processed and failed, when the last
 -- one was recorded, the processed ones as the job shows them, and an error.
-CREATE OR REPLACE VIEW job_step_output_rollups AS
-SELECT o.job_id,
-       coalesce(p.step, 1) AS step,
-       count(*) FILTER (WHERE o.status = 'processed')::integer AS processed,
-       count(*) FILTER (WHERE o.status = 'failed')::integer AS failed,
-       max(o.recorded_at) AS completed_at,
-       coalesce(jsonb_agg(jsonb_build_object(
-                    'prediction_id', o.prediction_id, 'index', o.index, 'step', coalesce(p.step, 1),
-                    'source_url', o.source_url, 'url', o.url, 'width', o.width, 'height', o.height)
-                ORDER BY o.prediction_id, o.index) FILTER (WHERE o.status = 'processed'),
-                '[]'::jsonb) AS outputs,
-       min(o.error) FILTER (WHERE o.status = 'failed') AS error
-FROM outputs o
-LEFT JOIN predictions p ON p.id = o.prediction_id
-WHERE o.job_id IS NOT NULL
-GROUP BY o.job_id, coalesce(p.step, 1);
+CREATE OR REPLACE FUNCTION job_step_output_rollups_rows()
+RETURNS TABLE (job_id uuid, step integer, processed integer, failed integer,
+               completed_at timestamptz, outputs jsonb, error text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT o.job_id,
+           coalesce(p.step, 1),
+           count(*) FILTER (WHERE o.status = 'processed')::integer,
+           count(*) FILTER (WHERE o.status = 'failed')::integer,
+           max(o.recorded_at),
+           coalesce(jsonb_agg(jsonb_build_object(
+                        'prediction_id', o.prediction_id, 'index', o.index, 'step', coalesce(p.step, 1),
+                        'source_url', o.source_url, 'url', o.url, 'width', o.width, 'height', o.height)
+                    ORDER BY o.prediction_id, o.index) FILTER (WHERE o.status = 'processed'),
+                    '[]'::jsonb),
+           min(o.error) FILTER (WHERE o.status = 'failed')
+    FROM outputs o
+    LEFT JOIN predictions p ON p.id = o.prediction_id
+    WHERE o.job_id IS NOT NULL
+    GROUP BY o.job_id, coalesce(p.step, 1)
+$$;
+
+CREATE OR REPLACE VIEW job_step_output_rollups AS SELECT * FROM job_step_output_rollups_rows();
 
 -- Where one step of a job stands: waiting, running, post-processing, or settled with
 -- some results (done) or none (failed). `expected` is how many predictions the step needs.

@@ -1,7 +1,10 @@
 -- The rebuild: the fold's facts and fold keys (sql/fold.sql), applied set-based, as
 -- `flask --app service replay` runs it (service/replay.py). Each function works on every
--- stream (p_stream NULL) or on one, and expects the caller to have emptied that part of the
--- projections first (clear_projections) in the same transaction.
+-- stream (p_streams NULL) or on some, and expects the caller to have emptied that part of
+-- the projections first (clear_projections) in the same transaction. A replay runs them in
+-- its own session, where temporary tables named like the projections shadow them
+-- (service/scratch.py): they write into whatever `jobs`, `predictions`, `outputs` and
+-- `job_activity` name there.
 --
 -- JIT is off for the rebuild's statements: its compile time (0.3-0.5 s a statement,
 -- measured on PostgreSQL 15) exceeds what it saves on these expression-heavy plans.
@@ -9,37 +12,52 @@
 -- Re-applied as a whole by `flask --app service migrate` whenever this file changes (see
 -- docs/sql.md): every statement here must be safe to run again.
 
--- A filter on the events' stream for one stream's rebuild ($1), or none.
-CREATE OR REPLACE FUNCTION stream_filter(p_stream text, alias text) RETURNS text
-LANGUAGE sql IMMUTABLE
-RETURN CASE WHEN p_stream IS NULL THEN 'true' ELSE alias || '.stream = $1' END;
+-- Superseded: the rebuild took one stream (text) until it took a set of them.
+DROP FUNCTION IF EXISTS clear_projections(text);
+DROP FUNCTION IF EXISTS rebuild_predictions(text);
+DROP FUNCTION IF EXISTS rebuild_outputs(text);
+DROP FUNCTION IF EXISTS rebuild_jobs(text);
+DROP FUNCTION IF EXISTS stream_filter(text, text);
+DROP FUNCTION IF EXISTS job_filter(text, text);
 
--- A filter on a projection's job column for one stream's rebuild ($1), or none.
-CREATE OR REPLACE FUNCTION job_filter(p_stream text, alias text) RETURNS text
+-- A filter on the events' stream column for a rebuild of some streams ($1), or none.
+CREATE OR REPLACE FUNCTION stream_filter(p_streams text[], alias text) RETURNS text
 LANGUAGE sql IMMUTABLE
-RETURN CASE WHEN p_stream IS NULL THEN 'true' ELSE alias || '.job_id = stream_job_id($1)' END;
+RETURN CASE WHEN p_streams IS NULL THEN 'true' ELSE alias || '.stream = ANY ($1)' END;
 
--- Empty the projections, or the part of them one stream made.
-CREATE OR REPLACE FUNCTION clear_projections(p_stream text) RETURNS void
+-- A filter on a projection's job column for a rebuild of some streams ($1), or none.
+CREATE OR REPLACE FUNCTION job_filter(p_streams text[], alias text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_streams IS NULL THEN 'true'
+            ELSE alias || '.job_id = ANY (stream_job_ids($1))' END;
+
+-- The job ids among some streams (an orphan prediction's stream is not one).
+CREATE OR REPLACE FUNCTION stream_job_ids(p_streams text[]) RETURNS uuid[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY(SELECT stream_job_id(s) FROM unnest(p_streams) s WHERE stream_job_id(s) IS NOT NULL);
+
+-- Empty the projections' rows of some streams (NULL: all), before rebuilding them.
+CREATE OR REPLACE FUNCTION clear_projections(p_streams text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_stream IS NULL THEN
+    IF p_streams IS NULL THEN
         DELETE FROM outputs;
         DELETE FROM predictions;
         DELETE FROM jobs;
         DELETE FROM job_activity;
     ELSE
-        DELETE FROM outputs WHERE job_id = stream_job_id(p_stream);
-        DELETE FROM predictions WHERE job_id = stream_job_id(p_stream)
-            OR (job_id IS NULL AND id = p_stream);
-        DELETE FROM jobs WHERE id = stream_job_id(p_stream);
-        DELETE FROM job_activity WHERE job_id = stream_job_id(p_stream);
+        DELETE FROM outputs WHERE job_id = ANY (stream_job_ids(p_streams))
+            OR (job_id IS NULL AND prediction_id = ANY (p_streams));
+        DELETE FROM predictions WHERE job_id = ANY (stream_job_ids(p_streams))
+            OR (job_id IS NULL AND id = ANY (p_streams));
+        DELETE FROM jobs WHERE id = ANY (stream_job_ids(p_streams));
+        DELETE FROM job_activity WHERE job_id = ANY (stream_job_ids(p_streams));
     END IF;
 END $$;
 
 -- Every prediction: first each one's winning keys from one pass over its events, then the
 -- facts of the winning events.
-CREATE OR REPLACE FUNCTION rebuild_predictions(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_predictions(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 -- The aggregation keeps one group per prediction (about 1 kB each): in memory it reads
 -- each event once; spilled to disk it would write and read them all again.
@@ -87,7 +105,7 @@ BEGIN
                          'prediction.submit_failed')
           AND %s
         GROUP BY f.id
-    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     -- Then the facts of each winning event. One event usually holds the greatest state,
     -- logs and output keys at once: it is read once, and the logs' or output's own winner
     -- is looked up only when it is another event. Winners are a fraction of the events:
@@ -132,7 +150,7 @@ BEGIN
 END $$;
 
 -- Every output: the event with the greatest fold key of each (prediction, index).
-CREATE OR REPLACE FUNCTION rebuild_outputs(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_outputs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 SET work_mem = '256MB'  -- sort the outputs in memory, not in files
 SET jit = off
@@ -147,7 +165,7 @@ BEGIN
         CROSS JOIN LATERAL output_facts(e.stream, e.type, e.data, e.position, e.recorded_at) f
         WHERE e.type IN ('output.processed', 'output.failed') AND %s
         ORDER BY f.prediction_id, f.index, f.fold_key DESC
-    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
@@ -165,7 +183,7 @@ END $$;
 -- 10.0, 12.4, 10.8, 11.0 s (copying the finished rows alone into an indexed copy of jobs:
 -- 4.5 s unsorted, 3.1 s sorted). Same rows; only the order in which they are written changes.
 
-CREATE OR REPLACE FUNCTION rebuild_jobs(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_jobs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 -- Group the events by stream and join the rollups in memory (hash tables), rather than
 -- reading events in stream order through the index and sorting rollups in files.
@@ -212,8 +230,8 @@ BEGIN
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.predictions_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2) d
         ORDER BY b.created_at DESC, b.id DESC
-    $sql$, stream_filter(p_stream, 's'), job_filter(p_stream, 'r1'), job_filter(p_stream, 'o1'),
-       job_filter(p_stream, 'r2'), job_filter(p_stream, 'o2')) USING p_stream;
+    $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
+       job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;

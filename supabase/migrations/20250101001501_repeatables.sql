@@ -471,40 +471,59 @@ GROUP BY stream;
 -- Each step of a job, from its predictions: how many were submitted, started, succeeded
 -- and failed (canceled and aborted count as failed), the outputs the succeeded ones
 -- promise, when the step started and ended, and an error.
-CREATE OR REPLACE VIEW job_step_rollups AS
-SELECT job_id,
-       coalesce(step, 1) AS step,
-       count(*)::integer AS submitted,
-       count(*) FILTER (WHERE status <> 'starting')::integer AS started,
-       count(*) FILTER (WHERE status = 'succeeded')::integer AS succeeded,
-       count(*) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))::integer AS failed,
-       coalesce(sum(jsonb_array_length(output_urls)) FILTER (WHERE status = 'succeeded'), 0)::integer
-           AS outputs_expected,
-       min(started_at) AS started_at,
-       max(completed_at) AS completed_at,
-       min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted')) AS error
-FROM predictions
-WHERE job_id IS NOT NULL
-GROUP BY job_id, coalesce(step, 1);
+--
+-- The rollups are functions, and the views below are their rows: a view is bound to the
+-- tables it was created over, while a LANGUAGE sql function with a string body is parsed
+-- where it is used. A replay rebuilds into temporary tables that shadow predictions and
+-- outputs in its own session (service/scratch.py), and the jobs it derives must read those
+-- rows. STABLE and a single SELECT, so the planner inlines them: the views plan as the
+-- plain views did (the live path's statements are unchanged).
+CREATE OR REPLACE FUNCTION job_step_rollups_rows()
+RETURNS TABLE (job_id uuid, step integer, submitted integer, started integer, succeeded integer,
+               failed integer, outputs_expected integer, started_at timestamptz,
+               completed_at timestamptz, error text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT job_id,
+           coalesce(step, 1),
+           count(*)::integer,
+           count(*) FILTER (WHERE status <> 'starting')::integer,
+           count(*) FILTER (WHERE status = 'succeeded')::integer,
+           count(*) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))::integer,
+           coalesce(sum(jsonb_array_length(output_urls)) FILTER (WHERE status = 'succeeded'), 0)::integer,
+           min(started_at),
+           max(completed_at),
+           min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))
+    FROM predictions
+    WHERE job_id IS NOT NULL
+    GROUP BY job_id, coalesce(step, 1)
+$$;
+
+CREATE OR REPLACE VIEW job_step_rollups AS SELECT * FROM job_step_rollups_rows();
 
 -- Each step of a job, from its outputs: how many were processed and failed, when the last
 -- one was recorded, the processed ones as the job shows them, and an error.
-CREATE OR REPLACE VIEW job_step_output_rollups AS
-SELECT o.job_id,
-       coalesce(p.step, 1) AS step,
-       count(*) FILTER (WHERE o.status = 'processed')::integer AS processed,
-       count(*) FILTER (WHERE o.status = 'failed')::integer AS failed,
-       max(o.recorded_at) AS completed_at,
-       coalesce(jsonb_agg(jsonb_build_object(
-                    'prediction_id', o.prediction_id, 'index', o.index, 'step', coalesce(p.step, 1),
-                    'source_url', o.source_url, 'url', o.url, 'width', o.width, 'height', o.height)
-                ORDER BY o.prediction_id, o.index) FILTER (WHERE o.status = 'processed'),
-                '[]'::jsonb) AS outputs,
-       min(o.error) FILTER (WHERE o.status = 'failed') AS error
-FROM outputs o
-LEFT JOIN predictions p ON p.id = o.prediction_id
-WHERE o.job_id IS NOT NULL
-GROUP BY o.job_id, coalesce(p.step, 1);
+CREATE OR REPLACE FUNCTION job_step_output_rollups_rows()
+RETURNS TABLE (job_id uuid, step integer, processed integer, failed integer,
+               completed_at timestamptz, outputs jsonb, error text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT o.job_id,
+           coalesce(p.step, 1),
+           count(*) FILTER (WHERE o.status = 'processed')::integer,
+           count(*) FILTER (WHERE o.status = 'failed')::integer,
+           max(o.recorded_at),
+           coalesce(jsonb_agg(jsonb_build_object(
+                        'prediction_id', o.prediction_id, 'index', o.index, 'step', coalesce(p.step, 1),
+                        'source_url', o.source_url, 'url', o.url, 'width', o.width, 'height', o.height)
+                    ORDER BY o.prediction_id, o.index) FILTER (WHERE o.status = 'processed'),
+                    '[]'::jsonb),
+           min(o.error) FILTER (WHERE o.status = 'failed')
+    FROM outputs o
+    LEFT JOIN predictions p ON p.id = o.prediction_id
+    WHERE o.job_id IS NOT NULL
+    GROUP BY o.job_id, coalesce(p.step, 1)
+$$;
+
+CREATE OR REPLACE VIEW job_step_output_rollups AS SELECT * FROM job_step_output_rollups_rows();
 
 -- Where one step of a job stands: waiting, running, post-processing, or settled with
 -- some results (done) or none (failed). `expected` is how many predictions the step needs.
@@ -732,8 +751,11 @@ END $$;
 -- sql/rebuild.sql --------------------------------------------------------------------------
 -- The rebuild: the fold's facts and fold keys (sql/fold.sql), applied set-based, as
 -- `flask --app service replay` runs it (service/replay.py). Each function works on every
--- stream (p_stream NULL) or on one, and expects the caller to have emptied that part of the
--- projections first (clear_projections) in the same transaction.
+-- stream (p_streams NULL) or on some, and expects the caller to have emptied that part of
+-- the projections first (clear_projections) in the same transaction. A replay runs them in
+-- its own session, where temporary tables named like the projections shadow them
+-- (service/scratch.py): they write into whatever `jobs`, `predictions`, `outputs` and
+-- `job_activity` name there.
 --
 -- JIT is off for the rebuild's statements: its compile time (0.3-0.5 s a statement,
 -- measured on PostgreSQL 15) exceeds what it saves on these expression-heavy plans.
@@ -741,37 +763,52 @@ END $$;
 -- Re-applied as a whole by `flask --app service migrate` whenever this file changes (see
 -- docs/sql.md): every statement here must be safe to run again.
 
--- A filter on the events' stream for one stream's rebuild ($1), or none.
-CREATE OR REPLACE FUNCTION stream_filter(p_stream text, alias text) RETURNS text
-LANGUAGE sql IMMUTABLE
-RETURN CASE WHEN p_stream IS NULL THEN 'true' ELSE alias || '.stream = $1' END;
+-- Superseded: the rebuild took one stream (text) until it took a set of them.
+DROP FUNCTION IF EXISTS clear_projections(text);
+DROP FUNCTION IF EXISTS rebuild_predictions(text);
+DROP FUNCTION IF EXISTS rebuild_outputs(text);
+DROP FUNCTION IF EXISTS rebuild_jobs(text);
+DROP FUNCTION IF EXISTS stream_filter(text, text);
+DROP FUNCTION IF EXISTS job_filter(text, text);
 
--- A filter on a projection's job column for one stream's rebuild ($1), or none.
-CREATE OR REPLACE FUNCTION job_filter(p_stream text, alias text) RETURNS text
+-- A filter on the events' stream column for a rebuild of some streams ($1), or none.
+CREATE OR REPLACE FUNCTION stream_filter(p_streams text[], alias text) RETURNS text
 LANGUAGE sql IMMUTABLE
-RETURN CASE WHEN p_stream IS NULL THEN 'true' ELSE alias || '.job_id = stream_job_id($1)' END;
+RETURN CASE WHEN p_streams IS NULL THEN 'true' ELSE alias || '.stream = ANY ($1)' END;
 
--- Empty the projections, or the part of them one stream made.
-CREATE OR REPLACE FUNCTION clear_projections(p_stream text) RETURNS void
+-- A filter on a projection's job column for a rebuild of some streams ($1), or none.
+CREATE OR REPLACE FUNCTION job_filter(p_streams text[], alias text) RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN CASE WHEN p_streams IS NULL THEN 'true'
+            ELSE alias || '.job_id = ANY (stream_job_ids($1))' END;
+
+-- The job ids among some streams (an orphan prediction's stream is not one).
+CREATE OR REPLACE FUNCTION stream_job_ids(p_streams text[]) RETURNS uuid[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN ARRAY(SELECT stream_job_id(s) FROM unnest(p_streams) s WHERE stream_job_id(s) IS NOT NULL);
+
+-- Empty the projections' rows of some streams (NULL: all), before rebuilding them.
+CREATE OR REPLACE FUNCTION clear_projections(p_streams text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF p_stream IS NULL THEN
+    IF p_streams IS NULL THEN
         DELETE FROM outputs;
         DELETE FROM predictions;
         DELETE FROM jobs;
         DELETE FROM job_activity;
     ELSE
-        DELETE FROM outputs WHERE job_id = stream_job_id(p_stream);
-        DELETE FROM predictions WHERE job_id = stream_job_id(p_stream)
-            OR (job_id IS NULL AND id = p_stream);
-        DELETE FROM jobs WHERE id = stream_job_id(p_stream);
-        DELETE FROM job_activity WHERE job_id = stream_job_id(p_stream);
+        DELETE FROM outputs WHERE job_id = ANY (stream_job_ids(p_streams))
+            OR (job_id IS NULL AND prediction_id = ANY (p_streams));
+        DELETE FROM predictions WHERE job_id = ANY (stream_job_ids(p_streams))
+            OR (job_id IS NULL AND id = ANY (p_streams));
+        DELETE FROM jobs WHERE id = ANY (stream_job_ids(p_streams));
+        DELETE FROM job_activity WHERE job_id = ANY (stream_job_ids(p_streams));
     END IF;
 END $$;
 
 -- Every prediction: first each one's winning keys from one pass over its events, then the
 -- facts of the winning events.
-CREATE OR REPLACE FUNCTION rebuild_predictions(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_predictions(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 -- The aggregation keeps one group per prediction (about 1 kB each): in memory it reads
 -- each event once; spilled to disk it would write and read them all again.
@@ -819,7 +856,7 @@ BEGIN
                          'prediction.submit_failed')
           AND %s
         GROUP BY f.id
-    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     -- Then the facts of each winning event. One event usually holds the greatest state,
     -- logs and output keys at once: it is read once, and the logs' or output's own winner
     -- is looked up only when it is another event. Winners are a fraction of the events:
@@ -864,7 +901,7 @@ BEGIN
 END $$;
 
 -- Every output: the event with the greatest fold key of each (prediction, index).
-CREATE OR REPLACE FUNCTION rebuild_outputs(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_outputs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 SET work_mem = '256MB'  -- sort the outputs in memory, not in files
 SET jit = off
@@ -879,7 +916,7 @@ BEGIN
         CROSS JOIN LATERAL output_facts(e.stream, e.type, e.data, e.position, e.recorded_at) f
         WHERE e.type IN ('output.processed', 'output.failed') AND %s
         ORDER BY f.prediction_id, f.index, f.fold_key DESC
-    $sql$, stream_filter(p_stream, 'e')) USING p_stream;
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
@@ -897,7 +934,7 @@ END $$;
 -- 10.0, 12.4, 10.8, 11.0 s (copying the finished rows alone into an indexed copy of jobs:
 -- 4.5 s unsorted, 3.1 s sorted). Same rows; only the order in which they are written changes.
 
-CREATE OR REPLACE FUNCTION rebuild_jobs(p_stream text) RETURNS bigint
+CREATE OR REPLACE FUNCTION rebuild_jobs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
 -- Group the events by stream and join the rollups in memory (hash tables), rather than
 -- reading events in stream order through the index and sorting rollups in files.
@@ -944,8 +981,8 @@ BEGIN
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.predictions_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2) d
         ORDER BY b.created_at DESC, b.id DESC
-    $sql$, stream_filter(p_stream, 's'), job_filter(p_stream, 'r1'), job_filter(p_stream, 'o1'),
-       job_filter(p_stream, 'r2'), job_filter(p_stream, 'o2')) USING p_stream;
+    $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
+       job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
@@ -1683,9 +1720,9 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'b605462a780ec1f20f8541d8d0d1c8380cbefd40460361fa20ae12b10eb23f25')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'a2ecacc4a30d8e680ed7efa2be04b0095675addd39e593a5e9f0f020e41bb99e')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '7f266dae1241deb99e3aafd0134cad220bd6fec4fd4f1971b90a5be205f43f80')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '059b9a0ef72453ff07ce67ca4e132a33ab07720c1f190b47117720358db2c246')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'b1bba7e1a34ed06d421349356513bf727d396ee035b519ef3ffeb79e88918966')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
