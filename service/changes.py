@@ -1,6 +1,6 @@
 """Which jobs changed, as Server-Sent Events for the dashboard's live updates.
 
-The feed LISTENs on `jobs_changed` (NOTIFY from the trigger in sql/008_dashboard.sql) on a
+The feed LISTENs on `jobs_changed` (NOTIFY from the trigger in sql/dashboard.sql) on a
 connection of its own, never one of the pool's: a listening connection stays busy for the
 whole stream. Where LISTEN does not work (a transaction-mode pooler hands each statement
 to whichever server connection is free, so a notification may never reach us), it polls
@@ -82,7 +82,7 @@ class Listener:
     def __init__(self, conn: psycopg.Connection, heartbeat: float) -> None:
         self.conn = conn
         self.pending: set[str] = set()
-        # the trigger notifies only while someone listens (sql/008_dashboard.sql): say so for
+        # the trigger notifies only while someone listens (sql/dashboard.sql): say so for
         # a little longer than until the next heartbeat renews it
         self.announce_for = 2 * heartbeat + 5
 

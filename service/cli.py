@@ -91,7 +91,7 @@ def require_migrated() -> None:
 @with_appcontext
 @one_line_errors()
 def migrate_command() -> None:
-    """Apply the sql/NNN_*.sql migrations not yet applied."""
+    """Apply the sql/migrations/NNN_*.sql not yet applied, then sql/*.sql if any changed."""
     with _connect(autocommit=True) as conn:
         try:
             applied = migrations.migrate(conn)
@@ -103,30 +103,40 @@ def migrate_command() -> None:
 @click.command("replay")
 @with_appcontext
 @click.option("--check", is_flag=True,
-              help="Rebuild in a scratch transaction, list differences, change nothing; "
+              help="Rebuild beside the live tables, list differences, change nothing; "
                    "exit 1 if any.")
 @click.option("--job", "stream", metavar="ID", help="Rebuild only this job (or orphan prediction).")
+@click.option("--in-batches", "batches", is_flag=True,
+              help="Write the rows that differ a few hundred jobs at a time before the cut-over, "
+                   "so webhooks never wait long even when every row differs (after a change of "
+                   "the fold's rules). Stopped midway, it leaves the jobs it wrote rebuilt.")
 @one_line_errors()
-def replay_command(check: bool, stream: str | None) -> None:
-    """Rebuild the projections (jobs, predictions, outputs) from the events."""
+def replay_command(check: bool, stream: str | None, batches: bool) -> None:
+    """Rebuild the projections (jobs, predictions, outputs) from the events, beside the live
+    ones, while webhooks keep being recorded; then write only the rows that differ."""
     require_migrated()
+
+    def progress(step: replays.Step) -> None:
+        left = f", about {step.left:,.0f} s left" if step.number < len(replays.STAGES) else ""
+        click.echo(f"[{step.number}/{len(replays.STAGES)}] {step.stage}: {plural(step.rows, 'row')}, "
+                   f"{step.seconds:,.1f} s, {step.rate:,.0f} events/s{left}", err=True)
+
     with _connect() as conn:
-        total = len(replays.PHASES)
-        with click.progressbar(length=total, label="replaying", show_pos=True,
-                               file=sys.stderr) as bar:
-            def progress(phase: str, rows: int) -> None:
-                bar.label = f"rebuilt {phase} ({plural(rows, 'row')})"
-                bar.update(1)
-            result = replays.replay(conn, stream=stream, check=check, progress=progress)
+        try:
+            result = replays.replay(conn, stream=stream, check=check,
+                                    batches=replays.WRITE_BATCH if batches else 0,
+                                    progress=progress)
+        except replays.ReplayBusy as exc:
+            raise click.ClickException(str(exc)) from exc
     _summarise(result, check)
     if check and result.differences:
         sys.exit(1)
 
 
 def _summarise(result: replays.ReplayResult, check: bool) -> None:
-    click.echo(f"{plural(result.events, 'event')}, {plural(result.jobs, 'job')}, "
-               f"{plural(result.predictions, 'prediction')} in {result.seconds:.2f} s "
-               f"({result.events_per_second:,.0f} events/s)")
+    click.echo(f"{plural(result.events, 'event')} ({result.caught_up:,} recorded during the replay), "
+               f"{plural(result.jobs, 'job')}, {plural(result.predictions, 'prediction')} "
+               f"in {result.seconds:.2f} s ({result.events_per_second:,.0f} events/s)")
     for difference in result.samples:
         click.echo(f"  {difference}")
     if result.differences > len(result.samples):
@@ -135,7 +145,8 @@ def _summarise(result: replays.ReplayResult, check: bool) -> None:
         click.echo(f"{plural(result.differences, 'difference')} from the live projection; nothing changed"
                    if result.differences else "the live projection matches the events")
     elif result.committed:
-        click.echo(f"rebuilt: {plural(result.differences, 'row')} corrected")
+        click.echo(f"rebuilt: {plural(result.differences, 'row')} corrected in a cut-over of "
+                   f"{result.cut_over_ms:,.0f} ms (the only time webhooks waited)")
     else:
         click.echo("rebuilt: the projection already matched the events; nothing written")
 

@@ -69,7 +69,7 @@ ITEM_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.Deadloc
 
 
 def append_webhooks(pool: ConnectionPool, group: Sequence[bytes]) -> list[dict | Exception]:
-    """Record a group of verified webhooks in one transaction (sql/015's append_webhooks).
+    """Record a group of verified webhooks in one transaction (append_webhooks, sql/store.sql).
 
     Each item is one element of its JSON array, serialised. Returns each item's row
     (n, position, duplicate, stream) in the group's order, or the exception to answer it

@@ -48,7 +48,7 @@ def readyz() -> tuple[dict, int]:
 
 @cache
 def expected_migrations() -> frozenset[str]:
-    """The versions of the sql/NNN_*.sql files this code was shipped with."""
+    """The versions of the sql/migrations/NNN_*.sql files this code was shipped with."""
     return frozenset(m.version for m in migrations.discover())
 
 

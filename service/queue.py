@@ -1,4 +1,4 @@
-"""The durable task queue (sql/005_queue.sql) from Python."""
+"""The durable task queue (sql/queue.sql; the table: sql/migrations/005_queue.sql) from Python."""
 
 from __future__ import annotations
 

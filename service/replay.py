@@ -1,9 +1,26 @@
-"""Rebuild projections from the events, or check that they would come out the same.
+"""Rebuild the projections from the events beside the live ones, then write only what differs.
 
-Both run in one transaction: snapshot the current rows, clear them, fold the events
-set-based (sql/003_fold.sql), compare. A check always rolls back; a replay commits only
-when something differs, so rebuilding a correct projection writes nothing. Readers see
-the old projection until the commit.
+A replay works in a session of its own. There it creates temporary tables named like the
+projections (jobs, predictions, outputs, job_activity); PostgreSQL looks in a session's
+temporary schema first, so the rebuild functions the live service has (sql/rebuild.sql)
+write into them, and the step rollups the jobs are derived from read them. Nothing else
+sees those tables, and they go when the session ends, however it ends.
+
+1. snapshot: a snapshot in which no append is in flight (a second session holds a SHARE
+   lock on events for a moment and exports its snapshot), and W, the greatest position in
+   it: every event at or below W is in the snapshot, every later one is above W.
+2. predictions, outputs, jobs: the set-based rebuild of that snapshot. Webhooks go on.
+3. indexes: the temporary tables' keys, built after their rows.
+4. catch-up and compare: the streams with events above W are rebuilt again, from a new
+   quiet snapshot, until few were left; then the keys of the rows that differ from the
+   live ones are listed, in that same snapshot.
+5. cut-over: one transaction, under the lock appends wait for: the streams changed since
+   are rebuilt once more, then only the rows that differ are inserted, updated or deleted.
+   This is the only time appends wait.
+
+The fold is order-independent, so the result equals a stop-the-world rebuild. `check`
+stops after the comparison. A replay killed or failing anywhere leaves the live projection
+as it was: nothing is written to it before the cut-over commits.
 """
 
 from __future__ import annotations
@@ -14,32 +31,34 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import sql
 
-from service.db import queries
+from service.errors import ServiceError
+from service.scratch import TABLES, Difference, Scratch
 
-# table -> (key columns, filter for one stream's rows, {0} being the stream parameter)
-TABLES: dict[str, tuple[tuple[str, ...], str]] = {
-    "jobs": (("id",), "id = stream_job_id({0})"),
-    "predictions": (("id",), "job_id = stream_job_id({0}) OR (job_id IS NULL AND id = {0})"),
-    "outputs": (("prediction_id", "index"), "job_id = stream_job_id({0})"),
-    "job_activity": (("job_id",), "job_id = stream_job_id({0})"),
-}
+__all__ = ["TABLES", "Difference", "ReplayBusy", "ReplayResult", "Step", "replay"]
+
 PHASES = ("predictions", "outputs", "jobs")
 # What a running replay reports in application_name, for /metrics (service/metrics.py).
-STAGES = ("snapshot", *PHASES, "compare")
-SAMPLE = 20
+STAGES = ("snapshot", *PHASES, "indexes", "compare", "write", "cut-over")
+# Share of a full replay's time each stage takes (scripts/bench/replay.py at 1,000,000
+# events over a live projection), for the estimate of the time left.
+WEIGHTS = {"snapshot": 0.01, "predictions": 0.5, "outputs": 0.05, "jobs": 0.25, "indexes": 0.08,
+           "compare": 0.08, "write": 0.02, "cut-over": 0.01}
+# Streams written per transaction by a replay in batches (each holds their advisory locks).
+WRITE_BATCH = 500
+# Held for the whole replay: a second one is refused while it runs.
+_REPLAY_LOCK = 7_215_002
+# Catch up again before comparing while the last round had more events than this.
+_SMALL_DELTA = 2_000
+_CATCH_UP_ROUNDS = 4
 
 
-@dataclass
-class Difference:
-    table: str
-    key: tuple
-    kind: str  # missing (live has it, rebuild does not), extra, or changed
-    columns: list[str] = field(default_factory=list)
+class ReplayBusy(ServiceError):
+    """Another replay is running."""
 
-    def __str__(self) -> str:
-        what = f" ({', '.join(self.columns)})" if self.columns else ""
-        return f"{self.table} {'/'.join(map(str, self.key))}: {self.kind}{what}"
+    code = "replay_busy"
+    status = 409
 
 
 @dataclass
@@ -51,123 +70,283 @@ class ReplayResult:
     differences: int
     samples: list[Difference]
     committed: bool
-    # seconds per step (lock, snapshot, clear, each phase, diff, commit), for benchmarks
+    # seconds per stage, for benchmarks; "cut-over" is the time appends waited
     timings: dict[str, float] = field(default_factory=dict)
+    caught_up: int = 0  # events recorded while the replay ran, folded in after the snapshot
 
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cut_over_ms(self) -> float:
+        return self.timings.get("cut-over", 0.0) * 1000
 
-Progress = Callable[[str, int], None]
+
+@dataclass
+class Step:
+    """One finished stage, as the progress callback hears of it."""
+
+    stage: str
+    number: int
+    rows: int
+    seconds: float  # since the replay started
+    events: int
+    left: float  # estimated seconds to go
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+Progress = Callable[[Step], None]
+
+
+@dataclass
+class _Run:
+    conn: psycopg.Connection
+    other: psycopg.Connection
+    streams: list[str] | None
+    scratch: Scratch
+    report: Progress
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    watermark: int = 0
+    events: int = 0
+    caught_up: int = 0
+
+    def stage(self, name: str, rows: int = 0) -> None:
+        done = sum(WEIGHTS[s] for s in STAGES[: STAGES.index(name) + 1])
+        elapsed = time.perf_counter() - self.started
+        self.report(Step(name, STAGES.index(name) + 1, rows, elapsed, self.events,
+                         elapsed * (1 - done) / done))
 
 
 def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool = False,
-           progress: Progress | None = None) -> ReplayResult:
-    """Rebuild all projections (or one stream's) from events; with check, change nothing."""
-    started = time.perf_counter()
-    report = progress or (lambda phase, n: None)
-    counts: dict[str, int] = {}
-    timings: dict[str, float] = {}
-    with _timed(timings, "commit"), conn.transaction() as tx:
-        with _timed(timings, "lock"):
-            events = _lock_and_count(conn, stream)
-        with _timed(timings, "snapshot"):
-            _announce(conn, stream, "snapshot")
-            _snapshot(conn, stream)
-        with _timed(timings, "clear"):
-            conn.execute("SELECT clear_projections(%s)", (stream,))
-        for phase in PHASES:
-            with _timed(timings, phase):
-                _announce(conn, stream, phase)
-                counts[phase] = conn.execute(f"SELECT rebuild_{phase}(%s) AS n", (stream,)).fetchone()["n"]
-            report(phase, counts[phase])
-        with _timed(timings, "diff"):
-            _announce(conn, stream, "compare")
-            total, samples = _differences(conn, stream)
-        committed = bool(total) and not check
-        if not committed:
-            raise psycopg.Rollback(tx)
-    timings["commit"] -= sum(v for k, v in timings.items() if k != "commit")
-    return ReplayResult(events, counts["jobs"], counts["predictions"],
-                        time.perf_counter() - started, total, samples, committed, timings)
+           batches: int = 0, progress: Progress | None = None) -> ReplayResult:
+    """Rebuild all projections (or one stream's) from events; with check, change nothing.
+
+    With batches, the rows that differ are written before the cut-over, that many streams at
+    a time (see _write_ahead; WRITE_BATCH is a good size): appends then never wait long
+    however many rows differ (after a change of the fold's rules, every row may), but a
+    replay stopped midway leaves the streams it wrote rebuilt and the others as they were;
+    without it, a stopped replay leaves everything as it was.
+
+    Runs on `conn`'s session (left in autocommit, with no temporary tables, when done) and
+    on a second session opened with the same parameters."""
+    saved = conn.autocommit
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()
+    conn.autocommit = True
+    try:
+        with _second_session(conn) as other, _exclusive(conn):
+            schema = conn.execute("SELECT current_schema() AS s").fetchone()["s"]
+            run = _Run(conn, other, None if stream is None else [stream], Scratch(conn, schema),
+                       progress or (lambda step: None))
+            try:
+                return _replay(run, check, batches)
+            finally:
+                run.scratch.drop()
+    finally:
+        conn.autocommit = saved
 
 
-def _announce(conn: psycopg.Connection, stream: str | None, stage: str) -> None:
-    """Name the stage in this session's application_name until the transaction ends, so a
-    scrape of /metrics from any process sees how far the replay is."""
-    name = f"rjs-replay:{'job' if stream else 'all'}:{STAGES.index(stage) + 1}:{len(STAGES)}:{stage}"
-    conn.execute("SELECT set_config('application_name', %s, true)", (name,))
+def _replay(run: _Run, check: bool, batches: int) -> ReplayResult:
+    _rebuild(run)
+    _index(run)
+    total, samples = _catch_up_and_compare(run)
+    committed = bool(total) and not check
+    if committed:
+        total = _write_ahead(run, batches) + _cut_over(run)
+    return ReplayResult(run.events, run.scratch.count("jobs"), run.scratch.count("predictions"),
+                        time.perf_counter() - run.started, total, samples, committed,
+                        run.timings, run.caught_up)
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the seconds the block takes to timings[name]."""
+def _second_session(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+    """The session that takes the brief locks and exports snapshots."""
+    params = conn.info.get_parameters()
+    if conn.info.password:
+        params["password"] = conn.info.password
+    with psycopg.connect(**params, autocommit=True, row_factory=conn.row_factory) as other:
+        yield other
+
+
+@contextmanager
+def _exclusive(conn: psycopg.Connection) -> Iterator[None]:
+    if not conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_REPLAY_LOCK,)).fetchone()["ok"]:
+        holder = conn.execute("""
+            SELECT a.pid, round(extract(epoch FROM now() - a.backend_start)) AS seconds
+            FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+            WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted""",
+                              (_REPLAY_LOCK,)).fetchone()
+        who = f" (server process {holder['pid']}, for {holder['seconds']:.0f} s)" if holder else ""
+        raise ReplayBusy(f"another replay is running{who}; wait for it to finish, then try again")
+    try:
+        yield
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_REPLAY_LOCK,))
+        conn.execute("RESET application_name")
+
+
+@contextmanager
+def _timed(run: _Run, name: str) -> Iterator[None]:
+    """Add the seconds the block takes to the stage's timing, and name the stage in this
+    session's application_name, so a scrape of /metrics from any process sees it."""
+    _announce(run.conn, run.streams, name)
     started = time.perf_counter()
     try:
         yield
     finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _lock_and_count(conn: psycopg.Connection, stream: str | None) -> int:
-    if stream is None:
-        conn.execute(queries["lock_events_for_replay"])
+def _announce(conn: psycopg.Connection, streams: list[str] | None, stage: str) -> None:
+    """Name the stage in this session's application_name until the replay ends."""
+    name = f"rjs-replay:{'job' if streams else 'all'}:{STAGES.index(stage) + 1}:{len(STAGES)}:{stage}"
+    conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+
+
+def _quiesce(conn: psycopg.Connection, streams: list[str] | None) -> None:
+    """Wait until no append is in flight (for these streams), and keep new ones waiting
+    until the transaction ends: the lock append_event takes, in a conflicting mode."""
+    if streams is None:
+        conn.execute("LOCK TABLE events IN SHARE MODE")
     else:
-        conn.execute(queries["lock_stream"], {"stream": stream})
-    return conn.execute(queries["event_count"], {"stream": stream}).fetchone()["n"]
+        # in stream order, as a group of appends takes them (sql/store.sql), so they
+        # cannot deadlock on each other
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(s, 0)) "
+                     "FROM (SELECT s FROM unnest(%s::text[]) s ORDER BY s) o", (streams,))
 
 
-def _rows_of(table: str, stream: str | None) -> str:
-    """SQL for the rows of `table` that a replay of `stream` (None: all) rebuilds."""
-    return f"SELECT * FROM {table} WHERE " + (
-        "true" if stream is None else TABLES[table][1].format("%(stream)s"))
+def _begin_quiet_snapshot(run: _Run) -> int:
+    """Begin a REPEATABLE READ transaction on the replay's session, in a snapshot no
+    append was in flight in; return the greatest position it holds."""
+    with run.other.transaction():
+        _quiesce(run.other, run.streams)
+        exported = run.other.execute("SELECT pg_export_snapshot() AS s").fetchone()["s"]
+        run.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        run.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
+    return run.conn.execute("SELECT coalesce(max(position), 0) AS w FROM events").fetchone()["w"]
 
 
-def _snapshot(conn: psycopg.Connection, stream: str | None) -> None:
-    for table in TABLES:
-        conn.execute(f"CREATE TEMP TABLE replay_old_{table} ON COMMIT DROP AS "
-                     + _rows_of(table, stream), {"stream": stream})
+def _rebuild(run: _Run) -> None:
+    conn = run.conn
+    try:
+        # Local buffers for the scratch tables; only possible before the session's first
+        # temporary table (a session that replayed before keeps what it had).
+        conn.execute("SET temp_buffers = '256MB'")
+    except psycopg.errors.InvalidParameterValue:
+        pass
+    try:
+        with _timed(run, "snapshot"):
+            run.watermark = _begin_quiet_snapshot(run)
+            run.scratch.create()
+            run.events = _count_events(run, 0, run.watermark)
+        run.stage("snapshot")
+        for phase in PHASES:
+            with _timed(run, phase):
+                rows = conn.execute(f"SELECT rebuild_{phase}(%s::text[]) AS n",
+                                    (run.streams,)).fetchone()["n"]
+            run.stage(phase, rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        raise
 
 
-def _differences(conn: psycopg.Connection, stream: str | None) -> tuple[int, list[Difference]]:
-    total: int = 0
-    samples: list[Difference] = []
-    for table, (keys, _) in TABLES.items():
-        count, rows = _compare(conn, table, keys, stream, SAMPLE - len(samples))
-        total += count
-        samples.extend(_describe(table, keys, row["old"], row["new"]) for row in rows)
+def _index(run: _Run) -> None:
+    with _timed(run, "indexes"):
+        run.scratch.index()
+    run.stage("indexes")
+
+
+def _count_events(run: _Run, after: int, upto: int) -> int:
+    return run.conn.execute(
+        "SELECT count(*) AS n FROM events WHERE position > %(after)s AND position <= %(upto)s "
+        "AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]))",
+        {"after": after, "upto": upto, "streams": run.streams}).fetchone()["n"]
+
+
+def _catch_up(run: _Run, upto: int, *, compare: bool = False) -> int:
+    """Rebuild again, in the scratch tables, the streams with events in (watermark, upto];
+    return how many such events there were. With compare, also list those streams' rows
+    that differ from the live ones."""
+    changed = run.conn.execute(
+        "SELECT array_agg(DISTINCT stream) AS streams, count(*) AS n FROM events "
+        "WHERE position > %(after)s AND position <= %(upto)s "
+        "AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]))",
+        {"after": run.watermark, "upto": upto, "streams": run.streams}).fetchone()
+    if changed["n"]:
+        run.conn.execute("SELECT clear_projections(%(s)s::text[])", {"s": changed["streams"]})
+        for phase in PHASES:
+            run.conn.execute(f"SELECT rebuild_{phase}(%(s)s::text[])", {"s": changed["streams"]})
+        if compare:
+            run.scratch.list_differences(changed["streams"])
+    run.watermark = upto
+    run.events += changed["n"]
+    run.caught_up += changed["n"]
+    return changed["n"]
+
+
+def _catch_up_and_compare(run: _Run) -> tuple[int, list[Difference]]:
+    with _timed(run, "compare"):
+        for round_ in range(_CATCH_UP_ROUNDS):
+            upto = _begin_quiet_snapshot(run)
+            try:
+                more = _catch_up(run, upto)
+                if more <= _SMALL_DELTA or round_ == _CATCH_UP_ROUNDS - 1:
+                    run.scratch.clear_differences()
+                    run.scratch.list_differences(run.streams)
+                    total, samples = run.scratch.differences()
+                    run.conn.execute("COMMIT")
+                    break
+                run.conn.execute("COMMIT")
+            except BaseException:
+                run.conn.execute("ROLLBACK")
+                raise
+    run.stage("compare", total)
     return total, samples
 
 
-def _compare(conn: psycopg.Connection, table: str, keys: tuple[str, ...], stream: str | None,
-             limit: int) -> tuple[int, list[dict]]:
-    """How many keys differ between the snapshot and the rebuilt rows, and the first
-    `limit` of them as (old, new) JSON. The comparison stays in the database: a full
-    replay differs in every row, and shipping them all would cost more than the rebuild."""
-    def on(a: str, b: str) -> str:
-        return " AND ".join(f"{a}.{k} = {b}.{k}" for k in keys)
-
-    new_rows = _rows_of(table, stream)
-    rows = conn.execute(f"""
-        WITH diff AS (
-            SELECT {", ".join(f"coalesce(o.{k}, n.{k}) AS {k}" for k in keys)},
-                   count(*) OVER () AS total
-            FROM replay_old_{table} o FULL JOIN ({new_rows}) n ON {on("o", "n")}
-            WHERE o.{keys[0]} IS NULL OR n.{keys[0]} IS NULL OR ROW(o.*) IS DISTINCT FROM ROW(n.*)
-            ORDER BY {", ".join(keys)} LIMIT {max(limit, 1)})
-        SELECT d.total, to_jsonb(o) AS old, to_jsonb(n) AS new
-        FROM diff d
-        LEFT JOIN replay_old_{table} o ON {on("o", "d")}
-        LEFT JOIN ({new_rows}) n ON {on("n", "d")}
-        ORDER BY {", ".join(f"d.{k}" for k in keys)}""", {"stream": stream}).fetchall()
-    return (rows[0]["total"] if rows else 0), rows[: max(limit, 0)]
+def _cut_over(run: _Run) -> int:
+    """The short transaction: fold in what arrived since the comparison, then write only
+    the rows that differ. Returns how many rows were inserted, updated or deleted."""
+    with _timed(run, "cut-over"), run.conn.transaction():
+        _quiesce(run.conn, run.streams)
+        _catch_up(run, run.conn.execute("SELECT coalesce(max(position), 0) AS w FROM events")
+                  .fetchone()["w"], compare=True)
+        run.scratch.live_names_first()
+        changed = run.scratch.apply()
+    run.stage("cut-over", changed)
+    return changed
 
 
-def _describe(table: str, keys: tuple[str, ...], old: dict | None, new: dict | None) -> Difference:
-    key = tuple((old or new)[k] for k in keys)
-    if new is None:
-        return Difference(table, key, "missing from rebuild")
-    if old is None:
-        return Difference(table, key, "only in rebuild")
-    return Difference(table, key, "changed", [c for c in old if old[c] != new.get(c)])
+def _write_ahead(run: _Run, batches: int) -> int:
+    """In batches, write the differing rows before the cut-over, some streams at a time:
+    each batch under its streams' advisory locks (appends to other streams go on), and only
+    for streams with no event since the comparison (the cut-over takes the others). Each
+    stream's rows change in one transaction, so none is ever shown half rebuilt."""
+    written = 0
+    with _timed(run, "write"):
+        if batches:
+            streams = run.scratch.streams_differing()
+            for lo in range(0, len(streams), batches):
+                written += _write_batch(run, streams[lo:lo + batches])
+    run.stage("write", written)
+    return written
+
+
+def _write_batch(run: _Run, streams: list[str]) -> int:
+    with run.conn.transaction():
+        _quiesce(run.conn, streams)
+        moved = {r["stream"] for r in run.conn.execute(
+            "SELECT DISTINCT stream FROM events WHERE stream = ANY (%s::text[]) AND position > %s",
+            (streams, run.watermark))}
+        ready = [s for s in streams if s not in moved]
+        run.scratch.live_names_first()
+        written = run.scratch.apply(ready)
+        run.scratch.forget(ready)
+    return written

@@ -314,7 +314,8 @@ def supabase_app(server_url: str, template_db: str) -> Iterator[str]:
 
 def test_with_supabase_keys_set_live_updates_come_from_the_event_stream(browser, supabase_app):
     """Before, these settings switched the page to Supabase Realtime with the anon key, which
-    since sql/009_supabase.sql receives nothing: the page said "live" and stayed still."""
+    since migration 009 (sql/supabase_security.sql) receives nothing: the page said "live" and
+    stayed still."""
     context = browser.new_context(viewport=DESKTOP, base_url=supabase_app)
     elsewhere: list[str] = []
     errors: list[str] = []

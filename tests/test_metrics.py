@@ -83,18 +83,19 @@ def test_a_running_replay_shows_its_phase(app, client, db_url):
         _announce(replaying, None, "outputs")
         samples = scrape(client)
     assert value(samples, "rjs_replay_running") == 1
-    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="5") == 3
+    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="8") == 3
     assert value(samples, "rjs_replay_seconds", scope="all") >= 0
-    assert value(scrape(client), "rjs_replay_running") == 0  # the name ends with the transaction
+    assert value(scrape(client), "rjs_replay_running") == 0  # the name ends with the session
 
 
 def test_replay_names_each_stage_and_leaves_the_session_as_it_was(db_url):
     with db.connect(db_url, autocommit=True) as conn:
         seen: list[str] = []
-        replay(conn, check=True, progress=lambda phase, n: seen.append(
+        replay(conn, check=True, progress=lambda step: seen.append(
             conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"]))
-        assert seen == ["rjs-replay:all:2:5:predictions", "rjs-replay:all:3:5:outputs",
-                        "rjs-replay:all:4:5:jobs"]
+        assert seen == ["rjs-replay:all:1:8:snapshot", "rjs-replay:all:2:8:predictions",
+                        "rjs-replay:all:3:8:outputs", "rjs-replay:all:4:8:jobs",
+                        "rjs-replay:all:5:8:indexes", "rjs-replay:all:6:8:compare"]
         assert not conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"] \
             .startswith("rjs-replay")
 

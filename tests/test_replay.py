@@ -56,7 +56,7 @@ def test_replay_of_a_random_workload_equals_the_live_projection(conn):
     assert snapshot(conn) == live
 
 
-# The grouping pass of rebuild_predictions, as sql/012_rebuild_speed.sql writes it.
+# The grouping pass of rebuild_predictions, as sql/rebuild.sql writes it.
 GROUPING = """
     SELECT f.id, max(f.state_key COLLATE "C"), count(*)
     FROM events e

@@ -1,6 +1,6 @@
-"""sql/009_supabase.sql on a database laid out like a Supabase project (tests/supabase.py):
-privileges, row-level security checked the way PostgREST runs requests, the Realtime
-publication, and job broadcasts."""
+"""sql/supabase_security.sql and migration 009 on a database laid out like a Supabase project
+(tests/supabase.py): privileges, row-level security checked the way PostgREST runs requests,
+the Realtime publication, and job broadcasts."""
 
 from __future__ import annotations
 

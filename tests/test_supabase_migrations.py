@@ -1,9 +1,11 @@
 """supabase/migrations mirrors sql/ (scripts/supabase_migrations.py), and applying the mirror
-the way `supabase db push` does gives the same database as the service's migrate command."""
+the way `supabase db push` does gives the same database as the service's migrate command:
+on a new project, and on one that pushed the mirror of the old layout (release abbdd43)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,29 +14,10 @@ import pytest
 
 from scripts import supabase_migrations
 from service import db, migrations
+from tests.catalog import catalog
 from tests.conftest import _admin, with_database
-from tests.supabase import create_project
-
-# What a schema is made of, to compare two databases: columns, constraints, indexes,
-# functions with their bodies, triggers, policies, privileges, publication membership.
-FINGERPRINT = """
-SELECT 'column' AS kind, table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable AS item
-FROM information_schema.columns WHERE table_schema = 'public'
-UNION ALL SELECT 'constraint', conrelid::regclass || ' ' || pg_get_constraintdef(oid)
-FROM pg_constraint WHERE connamespace = 'public'::regnamespace
-UNION ALL SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public'
-UNION ALL SELECT 'function', p.oid::regprocedure || ' ' || md5(pg_get_functiondef(p.oid))
-FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.prokind IN ('f', 'p')
-UNION ALL SELECT 'trigger', tgrelid::regclass || ' ' || pg_get_triggerdef(oid)
-FROM pg_trigger WHERE NOT tgisinternal
-UNION ALL SELECT 'policy', schemaname || '.' || tablename || ' ' || policyname || ' ' || cmd || ' '
-    || array_to_string(roles, ',') || ' ' || coalesce(qual, '') || ' ' || coalesce(with_check, '')
-FROM pg_policies
-UNION ALL SELECT 'privilege', c.relname || ' ' || coalesce(c.relacl::text, '') || ' ' || c.relrowsecurity
-FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace
-UNION ALL SELECT 'published', tablename FROM pg_publication_tables WHERE pubname = 'supabase_realtime'
-ORDER BY 1, 2
-"""
+from tests.supabase import OWNER, create_project
+from tests.test_migrations import apply_legacy
 
 
 def test_the_mirror_agrees_with_sql():
@@ -47,17 +30,46 @@ def test_the_mirror_names_sort_in_migration_order_and_keep_the_sql_unchanged():
     assert names == sorted(names) and len(set(n[:14] for n in names)) == len(names)
     for m in migrations.discover():
         assert m.sql.rstrip() in supabase_migrations.mirror_text(m)
+    snapshot = supabase_migrations.snapshots()[-1]
+    assert snapshot.name > names[-1] and snapshot.name[:12] == names[-1][:12]
+    text = snapshot.read_text()
+    places = [text.index(f.sql.rstrip()) for f in migrations.repeatables()]
+    assert places == sorted(places)
 
 
-def test_a_stale_or_extra_mirror_file_is_reported(tmp_path: Path):
-    supabase_migrations.write(tmp_path)
-    first = sorted(tmp_path.iterdir())[0]
+@pytest.fixture
+def sql_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(migrations.SQL_DIR, tmp_path / "sql"))
+
+
+def test_a_stale_or_extra_mirror_file_is_reported(tmp_path: Path, sql_copy: Path):
+    mirror = tmp_path / "mirror"
+    supabase_migrations.write(mirror, sql_copy)
+    first = sorted(mirror.iterdir())[0]
     first.write_text(first.read_text() + "-- edited\n")
-    (tmp_path / "20990101000000_mine.sql").write_text("SELECT 1;\n")
-    assert supabase_migrations.differences(tmp_path) == [
+    (mirror / "20990101000000_mine.sql").write_text("SELECT 1;\n")
+    assert supabase_migrations.differences(mirror, sql_copy) == [
         f"differs from sql/: {first.name}", "not from sql/: 20990101000000_mine.sql"]
-    assert supabase_migrations.write(tmp_path) == ["removed 20990101000000_mine.sql", f"wrote {first.name}"]
-    assert supabase_migrations.differences(tmp_path) == []
+    assert supabase_migrations.write(mirror, sql_copy) == [
+        "removed 20990101000000_mine.sql", f"wrote {first.name}"]
+    assert supabase_migrations.differences(mirror, sql_copy) == []
+
+
+def test_a_change_of_a_repeatable_file_is_a_new_snapshot_and_the_earlier_stays(tmp_path: Path,
+                                                                               sql_copy: Path):
+    mirror = tmp_path / "mirror"
+    supabase_migrations.write(mirror, sql_copy)
+    first = supabase_migrations.snapshots(mirror)
+    assert [p.name for p in first] == ["20250101001501_repeatables.sql"]
+    kept = first[0].read_text()
+    fold = sql_copy / "fold.sql"
+    fold.write_text(fold.read_text() + "\n-- a change\n")
+    assert supabase_migrations.differences(mirror, sql_copy) == ["missing: 20250101001502_repeatables.sql"]
+    assert supabase_migrations.write(mirror, sql_copy) == ["wrote 20250101001502_repeatables.sql"]
+    assert first[0].read_text() == kept
+    assert "-- a change" in (mirror / "20250101001502_repeatables.sql").read_text()
+    assert supabase_migrations.differences(mirror, sql_copy) == []
+    assert supabase_migrations.write(mirror, sql_copy) == []
 
 
 def push(conn: psycopg.Connection) -> None:
@@ -83,8 +95,40 @@ def test_db_push_of_the_mirror_builds_what_migrate_builds_and_migrate_then_has_n
         pushed, supabase_url):
     with db.connect(pushed, autocommit=True) as conn:
         assert migrations.migrate(conn) == []
-        by_push = conn.execute(FINGERPRINT).fetchall()
+        by_push = catalog(conn)
     with db.connect(supabase_url, autocommit=True) as conn:
-        by_migrate = conn.execute(FINGERPRINT).fetchall()
-    assert len(by_push) > 200
+        by_migrate = catalog(conn)
+    assert len(by_push) > 400
     assert by_push == by_migrate
+
+
+def push_after_legacy(conn: psycopg.Connection) -> None:
+    """A project that pushed the old layout's mirror (each old file and its record), then
+    pushes the new mirror: `supabase db push` applies only the files it has no record of, by
+    name, so the versioned files are skipped and the snapshot is applied."""
+    apply_legacy(conn)
+    pushed = {supabase_migrations.mirror_name(m) for m in migrations.discover()}
+    for path in sorted(supabase_migrations.MIRROR_DIR.glob("*.sql")):
+        if path.name not in pushed:
+            with conn.transaction():
+                conn.execute(path.read_text())
+
+
+def test_a_project_that_pushed_the_old_mirror_pushes_the_snapshot_to_the_catalog_migrate_builds(
+        server_url, supabase_url):
+    name = f"rjs_supabase_push_legacy_{os.getpid()}"
+    url = with_database(server_url, name)
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        create_project(server_url, url, name, apply=push_after_legacy)
+        with db.connect(url, autocommit=True) as conn:
+            conn.execute(f"SET ROLE {OWNER}")
+            assert migrations.migrate(conn) == []  # re-founds the old records, applies nothing
+            by_push = catalog(conn)
+        with db.connect(supabase_url, autocommit=True) as conn:
+            by_migrate = catalog(conn)
+        assert by_push == by_migrate
+    finally:
+        with _admin(server_url) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

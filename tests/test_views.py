@@ -1,4 +1,4 @@
-"""The history views (sql/004_history_views.sql) over a known workload built through the
+"""The history views (sql/history_views.sql) over a known workload built through the
 real append path: every expected number below follows from the timestamps in the events."""
 
 from __future__ import annotations

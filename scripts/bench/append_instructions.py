@@ -16,7 +16,8 @@ counts, it does not time). With --what-if, also appends in a database where the 
 work (derived job columns, the post-event hook) is taken out of the transaction, as a
 worker would do it later: what that design, which the design card rules out, would cost.
 With --variant FILE, also appends on a database where FILE's SQL ran after the migrations:
-a change to try before writing its migration, or a statement taken out to see its cost.
+a change to try (e.g. an edited copy of sql/fold.sql: its CREATE OR REPLACE statements
+replace the functions), or a statement taken out to see its cost.
 
 Needs valgrind (Debian: `apt-get install -y valgrind`) and a PostgreSQL server's programs
 (initdb, postgres: `pg_config --bindir`, /usr/lib/postgresql/*/bin, or the embedded

@@ -5,8 +5,8 @@ INSERT … ON CONFLICT (event_key) DO NOTHING, committed, into `recorded_events`
 the events table (its keys, indexes and checks) that ingest.py makes. No fold, no logging,
 no metrics, no validation beyond the parse. A service that commits each webhook on its
 own cannot beat this, so this/bare bounds its ratio; one that commits webhooks arriving
-together as one group (ours, since sql/015) shares the commit and can. Run under the project's
-gunicorn config:
+together as one group (ours: append_webhooks in sql/store.sql) shares the commit and can.
+Run under the project's gunicorn config:
 
     DATABASE_URL=… REPLICATE_WEBHOOK_SECRET=whsec_… \\
         gunicorn -c gunicorn.conf.py --pythonpath scripts/bench recorded_app:app

@@ -25,7 +25,7 @@ from common import PROMPTS, default_database_url, scratch_database, server, serv
 from psycopg.types.json import Jsonb
 
 from service import db
-from service.replay import PHASES, TABLES, ReplayResult, replay
+from service.replay import PHASES, STAGES, TABLES, ReplayResult, Step, replay
 
 GENERATE_SQL = (Path(__file__).with_name("generate_events.sql")).read_text()
 SCAN_SQL = "SELECT sum(length(data::text)) FROM events"
@@ -94,9 +94,10 @@ def scan_seconds(url: str) -> float:
 def run_replay(url: str) -> ReplayResult:
     started = time.perf_counter()
 
-    def progress(phase: str, rows: int) -> None:
-        print(f"  {phase} rebuilt: {rows:,} rows ({time.perf_counter() - started:.1f} s so far)",
-              flush=True)
+    def progress(step: Step) -> None:
+        print(f"  [{step.number}/{len(STAGES)}] {step.stage}: {step.rows:,} rows "
+              f"({time.perf_counter() - started:.1f} s so far, {step.rate:,.0f} events/s, "
+              f"about {step.left:.0f} s left)", flush=True)
 
     with db.connect(url) as conn:
         return replay(conn, progress=progress)
@@ -119,8 +120,10 @@ def report(result: ReplayResult, scans: list[float]) -> None:
     for name, seconds in result.timings.items():
         print(f"  {name:<12} {seconds:8.2f} s {100 * seconds / result.seconds:5.1f} %")
     overhead = sum(v for k, v in result.timings.items() if k not in PHASES)
-    print(f"  {'(overhead: lock/count, snapshot, clear, diff, commit)':<12} {overhead:.2f} s "
+    print(f"  {'(outside the three rebuild phases)':<12} {overhead:.2f} s "
           f"{100 * overhead / result.seconds:.1f} %")
+    print(f"cut-over: {result.cut_over_ms:.0f} ms (the only time appends waited), "
+          f"{result.differences:,} rows written")
 
 
 def check_projection(url: str) -> None:
@@ -191,8 +194,10 @@ def main() -> None:
             print("replaying again, over the projection just built (as a replay on a live "
                   "service runs: snapshot and compare every row; nothing differs, nothing is written)")
             again = run_replay(url)
+            scan = min(scans)
             print(f"replay over a live projection: {again.seconds:.2f} s = {again.events_per_second:,.0f} "
-                  f"events/s, {again.differences:,} rows differed, committed={again.committed}; "
+                  f"events/s, {again.seconds / scan:.2f} x the scan ({scan:.2f} s), "
+                  f"{again.differences:,} rows differed, committed={again.committed}; "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in again.timings.items()))
         print("scratch database dropped")
 

@@ -3,7 +3,7 @@
 What may differ is only where and when each database saw an event: recording times
 (jobs.created_at, updated_at, canceled_at; predictions.first_seen_at, updated_at;
 outputs.recorded_at), positions (jobs.last_position), and the position suffix that breaks
-ties in fold keys (sql/003_fold.sql). Every other column must be equal, row for row.
+ties in fold keys (sql/fold.sql). Every other column must be equal, row for row.
 """
 
 from __future__ import annotations

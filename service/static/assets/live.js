@@ -3,7 +3,7 @@
 // "everything" ("*"), so what was missed while disconnected is refetched. Not Supabase
 // Realtime: this page signs in with an API key and shows every job, while Realtime checks
 // row-level security for a Supabase role, and the public anon key sees no job at all
-// (sql/009_supabase.sql): a subscription with it would receive nothing.
+// (sql/supabase_security.sql): a subscription with it would receive nothing.
 
 import { authHeaders } from "./api.js";
 

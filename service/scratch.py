@@ -1,0 +1,200 @@
+"""A replay's scratch tables: the projections rebuilt in its own session, compared with the
+live ones, and the rows that differ written to them (service/replay.py runs the stages).
+
+The scratch tables are temporary tables named like the projections. PostgreSQL looks in a
+session's temporary schema first, so in the replay's session the rebuild functions
+(sql/rebuild.sql) write into them and the step rollups the jobs are derived from read them,
+with the very SQL the live service runs. Live tables are always named with their schema
+here. The keys of the rows that differ are kept in replay_diff_<table>, with their stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import psycopg
+from psycopg import sql
+
+
+class Table(NamedTuple):
+    keys: tuple[str, ...]
+    rows_of: str  # its rows of some streams, {0} being the streams (a text[])
+    stream: str  # the stream a row belongs to, {0} and {1} being the two sides compared
+
+
+TABLES: dict[str, Table] = {
+    "jobs": Table(("id",), "id = ANY (stream_job_ids({0}))", "coalesce({0}.id, {1}.id)::text"),
+    "predictions": Table(
+        ("id",), "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND id = ANY ({0}))",
+        "coalesce({1}.job_id::text, {0}.job_id::text, {1}.id, {0}.id)"),
+    "outputs": Table(
+        ("prediction_id", "index"),
+        "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND prediction_id = ANY ({0}))",
+        "coalesce({1}.job_id::text, {0}.job_id::text, {1}.prediction_id, {0}.prediction_id)"),
+    "job_activity": Table(("job_id",), "job_id = ANY (stream_job_ids({0}))",
+                          "coalesce({0}.job_id, {1}.job_id)::text"),
+}
+SAMPLE = 20
+
+
+@dataclass
+class Difference:
+    table: str
+    key: tuple
+    kind: str  # missing (live has it, rebuild does not), extra, or changed
+    columns: list[str] | None = None
+
+    def __str__(self) -> str:
+        what = f" ({', '.join(self.columns)})" if self.columns else ""
+        return f"{self.table} {'/'.join(map(str, self.key))}: {self.kind}{what}"
+
+
+def _names(keys: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, keys))
+
+
+def _on(keys: tuple[str, ...], a: str, b: str) -> sql.Composable:
+    return sql.SQL(" AND ").join(sql.SQL("{}.{} = {}.{}").format(
+        sql.Identifier(a), sql.Identifier(k), sql.Identifier(b), sql.Identifier(k)) for k in keys)
+
+
+def _temp(name: str) -> sql.Composable:
+    return sql.SQL("pg_temp.{}").format(sql.Identifier(name))
+
+
+def _diff(table: str) -> sql.Composable:
+    return _temp(f"replay_diff_{table}")
+
+
+@dataclass
+class Scratch:
+    conn: psycopg.Connection
+    schema: str  # the live tables'
+
+    def create(self) -> None:
+        """Empty tables shaped like the projections, without indexes (built after the rows)."""
+        for table in TABLES:
+            self.conn.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
+                sql.Identifier(table), sql.Identifier(self.schema, table)))
+
+    def index(self) -> None:
+        for table, spec in TABLES.items():
+            # The key's index also records the row count the planner needs (no ANALYZE).
+            self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                _temp(table), _names(spec.keys)))
+            self.conn.execute(sql.SQL(
+                "CREATE TEMP TABLE {} AS SELECT {}, ''::text AS stream FROM {} LIMIT 0").format(
+                sql.Identifier(f"replay_diff_{table}"), _names(spec.keys), _temp(table)))
+
+    def drop(self) -> None:
+        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            self.conn.execute("ROLLBACK")
+        for table in TABLES:
+            self.conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(_temp(table), _diff(table)))
+
+    def count(self, table: str) -> int:
+        return self.conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(_temp(table))).fetchone()["n"]
+
+    def _rows(self, table: str, live: bool, streams: list[str] | None) -> sql.Composable:
+        """The rows of a live or scratch table that belong to `streams` (None: all)."""
+        name = sql.Identifier(self.schema, table) if live else _temp(table)
+        where = sql.SQL("true") if streams is None else sql.SQL(TABLES[table].rows_of.format("{s}")).format(
+            s=sql.SQL("{}::text[]").format(sql.Literal(streams)))
+        return sql.SQL("(SELECT * FROM {} WHERE {})").format(name, where)
+
+    def clear_differences(self) -> None:
+        for table in TABLES:
+            self.conn.execute(sql.SQL("TRUNCATE {}").format(_diff(table)))
+
+    def list_differences(self, streams: list[str] | None) -> None:
+        """Add the keys of the rows of `streams` (None: all) whose live and rebuilt versions
+        differ, or exist on one side only."""
+        for table, (keys, _, stream) in TABLES.items():
+            self.conn.execute(sql.SQL("""
+                INSERT INTO {diff}
+                SELECT {cols}, {stream} FROM {live} o FULL JOIN {new} n ON {on}
+                WHERE o.{k} IS NULL OR n.{k} IS NULL OR ROW(o.*) IS DISTINCT FROM ROW(n.*)""").format(
+                diff=_diff(table), on=_on(keys, "o", "n"), stream=sql.SQL(stream.format("o", "n")),
+                cols=sql.SQL(", ").join(sql.SQL("coalesce(o.{0}, n.{0})").format(sql.Identifier(k))
+                                        for k in keys),
+                live=self._rows(table, True, streams), new=self._rows(table, False, streams),
+                k=sql.Identifier(keys[0])))
+
+    def differences(self) -> tuple[int, list[Difference]]:
+        """How many rows differ, and the first SAMPLE of them described."""
+        total, samples = 0, []
+        for table, spec in TABLES.items():
+            keys = spec.keys
+            rows = self.conn.execute(sql.SQL("""
+                SELECT count(*) OVER () AS total, to_jsonb(o) AS old, to_jsonb(n) AS new
+                FROM (SELECT DISTINCT {keys} FROM {diff} ORDER BY {keys}) d
+                LEFT JOIN {live} o ON {on_o}
+                LEFT JOIN {new} n ON {on_n}
+                LIMIT {limit}""").format(
+                keys=_names(keys), diff=_diff(table), live=sql.Identifier(self.schema, table),
+                new=_temp(table), on_o=_on(keys, "o", "d"), on_n=_on(keys, "n", "d"),
+                limit=sql.Literal(max(SAMPLE - len(samples), 1)))).fetchall()
+            total += rows[0]["total"] if rows else 0
+            samples += [_describe(table, keys, r["old"], r["new"]) for r in rows[: SAMPLE - len(samples)]]
+        return total, samples
+
+    def streams_differing(self) -> list[str]:
+        """The streams with rows listed as differing, in order (indexed for batches)."""
+        for table in TABLES:
+            self.conn.execute(sql.SQL("CREATE INDEX ON {} (stream)").format(_diff(table)))
+        listed = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT stream FROM {}").format(_diff(t)) for t in TABLES)
+        return [r["stream"] for r in self.conn.execute(sql.SQL(
+            "SELECT stream FROM ({}) s GROUP BY stream ORDER BY stream").format(listed))]
+
+    def forget(self, streams: list[str]) -> None:
+        """Drop the listed differences of these streams (written)."""
+        for table in TABLES:
+            self.conn.execute(sql.SQL("DELETE FROM {} WHERE stream = ANY (%s::text[])").format(_diff(table)),
+                              (streams,))
+
+    def live_names_first(self) -> None:
+        """Until the transaction ends, unqualified names are the live tables again, for the
+        triggers that writing them fires."""
+        path = self.conn.execute("SELECT current_setting('search_path') AS p").fetchone()["p"]
+        self.conn.execute(sql.SQL("SET LOCAL search_path = {}, pg_temp").format(sql.SQL(path)))
+
+    def apply(self, streams: list[str] | None = None) -> int:
+        """Write the listed rows (of `streams` only, if given) that differ into the live
+        tables; return how many were inserted, updated or deleted."""
+        return sum(self._apply(table, spec.keys, streams) for table, spec in TABLES.items())
+
+    def _apply(self, table: str, keys: tuple[str, ...], streams: list[str] | None) -> int:
+        columns = [r["attname"] for r in self.conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum", (f"pg_temp.{table}",))]
+        only = sql.SQL("true") if streams is None else sql.SQL("stream = ANY ({}::text[])").format(
+            sql.Literal(streams))
+        names = {"live": sql.Identifier(self.schema, table), "new": _temp(table),
+                 "diff": sql.SQL("(SELECT DISTINCT {} FROM {} WHERE {}) d").format(
+                     _names(keys), _diff(table), only),
+                 "on_ld": _on(keys, "l", "d"), "on_nd": _on(keys, "n", "d"), "on_ln": _on(keys, "l", "n"),
+                 "cols": _names(tuple(columns)),
+                 "new_cols": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in columns)}
+        deleted = self.conn.execute(sql.SQL("""
+            DELETE FROM {live} l USING {diff}
+            WHERE {on_ld} AND NOT EXISTS (SELECT FROM {new} n WHERE {on_ln})""").format(**names)).rowcount
+        updated = self.conn.execute(sql.SQL("""
+            UPDATE {live} l SET ({cols}) = ROW({new_cols})
+            FROM {diff} JOIN {new} n ON {on_nd}
+            WHERE {on_ld} AND ROW(l.*) IS DISTINCT FROM ROW(n.*)""").format(**names)).rowcount
+        inserted = self.conn.execute(sql.SQL("""
+            INSERT INTO {live} ({cols})
+            SELECT {new_cols} FROM {diff} JOIN {new} n ON {on_nd}
+            WHERE NOT EXISTS (SELECT FROM {live} l WHERE {on_ln})""").format(**names)).rowcount
+        return deleted + updated + inserted
+
+
+def _describe(table: str, keys: tuple[str, ...], old: dict | None, new: dict | None) -> Difference:
+    key = tuple((old or new)[k] for k in keys)
+    if new is None:
+        return Difference(table, key, "missing from rebuild")
+    if old is None:
+        return Difference(table, key, "only in rebuild")
+    return Difference(table, key, "changed", [c for c in old if old[c] != new.get(c)])

@@ -1,0 +1,2 @@
+-- Holds no data. The fold (how events become the projections) is defined in sql/fold.sql
+-- and the set-based rebuild in sql/rebuild.sql; migrate re-applies them when they change.

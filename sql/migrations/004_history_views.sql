@@ -1,0 +1,3 @@
+-- Holds no data. The history views (job_history, job_timeline, model_daily_summary,
+-- orphan_predictions) and their helper functions are defined in sql/history_views.sql;
+-- migrate re-applies it when it changes.

@@ -1,0 +1,2 @@
+-- Holds no data. How a Replicate webhook is recorded (webhook_stream, append_webhook) is
+-- defined in sql/store.sql; migrate re-applies it when it changes.

@@ -1,0 +1,2 @@
+-- Holds no data. The work the live fold enqueues (on_event_applied) is defined in
+-- sql/queue.sql; migrate re-applies it when it changes.

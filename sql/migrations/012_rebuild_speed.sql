@@ -1,0 +1,3 @@
+-- Holds no data. The parallel rebuild of predictions (prediction_facts in sql/fold.sql,
+-- rebuild_predictions in sql/rebuild.sql) lives in those files; migrate re-applies them
+-- when they change.

@@ -1,0 +1,2 @@
+-- Holds no data. The live path's functions (touch_job, apply_prediction_event,
+-- apply_event) are defined in sql/fold.sql; migrate re-applies it when it changes.

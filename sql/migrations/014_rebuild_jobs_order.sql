@@ -1,0 +1,2 @@
+-- Holds no data. rebuild_jobs, which writes the jobs rows in the order of the
+-- jobs_created_at index, is defined in sql/rebuild.sql; migrate re-applies it when it changes.

@@ -1,0 +1,2 @@
+-- Holds no data. Group commit of webhooks (append_webhooks) is defined in sql/store.sql;
+-- migrate re-applies it when it changes.
