@@ -134,9 +134,10 @@ def replay_command(check: bool, stream: str | None, batches: bool) -> None:
 
 
 def _summarise(result: replays.ReplayResult, check: bool) -> None:
-    click.echo(f"{plural(result.events, 'event')} ({result.caught_up:,} recorded during the replay), "
-               f"{plural(result.jobs, 'job')}, {plural(result.predictions, 'prediction')} "
-               f"in {result.seconds:.2f} s ({result.events_per_second:,.0f} events/s)")
+    click.echo(f"{plural(result.events, 'event')}, {plural(result.jobs, 'job')}, "
+               f"{plural(result.predictions, 'prediction')} in {result.seconds:.2f} s "
+               f"({result.events_per_second:,.0f} events/s); {result.caught_up:,} of the events "
+               "were recorded while it ran")
     for difference in result.samples:
         click.echo(f"  {difference}")
     if result.differences > len(result.samples):

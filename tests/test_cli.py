@@ -133,7 +133,7 @@ def test_replay_counts_one_of_a_thing_in_the_singular(app, client):
     result = app.test_cli_runner().invoke(args=["replay"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("1 event, 1 job, 0 predictions in "), result.stdout
-    assert "rebuilt jobs (1 row)" in result.stderr
+    assert "] jobs: 1 row, " in result.stderr
     assert " 1 rows" not in result.output and " 1 jobs" not in result.output
 
 
