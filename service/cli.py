@@ -67,6 +67,11 @@ def _connect(**kwargs: object) -> psycopg.Connection:
     except psycopg.OperationalError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = lines[0] if lines else type(exc).__name__
+        # The app's pool is trying the same server in the background and logs each failure;
+        # stopped first, none of its lines can come after this command's one line.
+        pool = current_app.extensions.get("db_pool")
+        if pool is not None:
+            pool.close(timeout=5)
         raise SettingError(f"cannot connect to the database at DATABASE_URL {redact(url)}: "
                            f"{reason}") from exc
 
