@@ -110,6 +110,7 @@ class _Run:
     scratch: Scratch
     report: Progress
     started: float = field(default_factory=time.perf_counter)
+    wall_started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
     watermark: int = 0
     events: int = 0
@@ -194,7 +195,7 @@ def _exclusive(conn: psycopg.Connection) -> Iterator[None]:
 def _timed(run: _Run, name: str) -> Iterator[None]:
     """Add the seconds the block takes to the stage's timing, and name the stage in this
     session's application_name, so a scrape of /metrics from any process sees it."""
-    _announce(run.conn, run.streams, name)
+    _announce(run.conn, run.streams, name, run.wall_started)
     started = time.perf_counter()
     try:
         yield
@@ -202,9 +203,12 @@ def _timed(run: _Run, name: str) -> Iterator[None]:
         run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - started
 
 
-def _announce(conn: psycopg.Connection, streams: list[str] | None, stage: str) -> None:
-    """Name the stage in this session's application_name until the replay ends."""
-    name = f"rjs-replay:{'job' if streams else 'all'}:{STAGES.index(stage) + 1}:{len(STAGES)}:{stage}"
+def _announce(conn: psycopg.Connection, streams: list[str] | None, stage: str,
+              started: float | None = None) -> None:
+    """Name the stage, and when the replay started (Unix seconds), in this session's
+    application_name until the replay ends."""
+    name = (f"rjs-replay:{'job' if streams else 'all'}:{STAGES.index(stage) + 1}:{len(STAGES)}:{stage}"
+            f":{int(started or time.time())}")
     conn.execute("SELECT set_config('application_name', %s, false)", (name,))
 
 

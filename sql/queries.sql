@@ -291,8 +291,11 @@ SELECT kind, status, count(*) AS n,
 FROM tasks WHERE status IN ('queued', 'running') GROUP BY kind, status ORDER BY kind, status;
 
 -- metrics_replay --
--- Replays running now: each names its phase in application_name (rjs-replay:scope:n:phases:name).
-SELECT application_name, extract(epoch FROM now() - xact_start) AS seconds
+-- Replays running now: each names its phase in application_name
+-- (rjs-replay:scope:n:phases:name:started, started in Unix seconds).
+SELECT application_name,
+       extract(epoch FROM now()) - coalesce(nullif(split_part(application_name, ':', 6), '')::numeric,
+                                            extract(epoch FROM backend_start)) AS seconds
 FROM pg_stat_activity WHERE application_name LIKE 'rjs-replay:%%';
 
 -- metrics_events --
