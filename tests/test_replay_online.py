@@ -260,7 +260,7 @@ def wait_until_waiting(conn, pid: int, stage: str) -> None:
     while time.monotonic() < deadline:
         row = conn.execute("SELECT wait_event_type, application_name FROM pg_stat_activity "
                            "WHERE pid = %s", (pid,)).fetchone()
-        if row and row["wait_event_type"] == "Lock" and row["application_name"].endswith(f":{stage}"):
+        if row and row["wait_event_type"] == "Lock" and f":{stage}:" in row["application_name"]:
             return
         time.sleep(0.02)
     pytest.fail(f"the replay never waited in its {stage} stage")
