@@ -4,11 +4,14 @@
 Two ways to hear about changes, the same lines either way:
 
 - **Supabase Realtime**, when SUPABASE_URL and SUPABASE_ANON_KEY are set: sign in as a user
-  (an access token, or email and password through supabase-py's auth), read the job through
-  PostgREST (row-level security: only its owner sees it), then join the *private* Realtime
-  channel `job:<id>` and print each Broadcast the database sends there (the jobs trigger of
+  (an access token, or email and password through supabase-py's auth), join the *private*
+  Realtime channel `job:<id>`, read the job through PostgREST (row-level security: only its
+  owner sees it) and print each Broadcast the database sends there (the jobs trigger of
   sql/009_supabase.sql). Realtime lets only the job's owner join (the policy on
-  realtime.messages), so another user is refused, not left waiting. See service/realtime_follow.py.
+  realtime.messages), so another user is refused, not left waiting. Where the project has no
+  such policy, or with `--via changes`, it follows Realtime's Postgres Changes of the job's row
+  instead, after checking through PostgREST that the user may see it. See
+  service/realtime_follow.py.
 - **The service's own stream** otherwise (the embedded default): read GET /api/jobs/<id>, then
   listen to the Server-Sent Events of /api/dashboard/stream (service/changes.py) and read the
   job again whenever it is named.
@@ -153,11 +156,11 @@ def follow(job_id: str, config: dict[str, Any], *, url: str | None = None, api_k
     """Follow the job until it ends; its final status."""
     printer = Printer(echo)
     supabase = bool(config.get("SUPABASE_URL") and config.get("SUPABASE_ANON_KEY"))
-    if via == "realtime" or (via == "auto" and supabase):
+    if via in ("realtime", "changes") or (via == "auto" and supabase):
         from service.realtime_follow import SupabaseUser, follow_realtime
 
         user = SupabaseUser.from_settings(config, token=token, email=email, password=password)
-        follow_realtime(user, job_id, printer)
+        follow_realtime(user, job_id, printer, feature="changes" if via == "changes" else "broadcast")
     else:
         base = (url or config.get("PUBLIC_BASE_URL") or "http://127.0.0.1:8000").rstrip("/")
         keys = config.get("API_KEYS") or ()
@@ -167,9 +170,12 @@ def follow(job_id: str, config: dict[str, Any], *, url: str | None = None, api_k
 
 @click.command("follow")
 @click.argument("job_id", type=click.UUID)
-@click.option("--via", type=click.Choice(["auto", "realtime", "sse"]), default="auto", show_default=True,
-              help="Supabase Realtime (when SUPABASE_URL and SUPABASE_ANON_KEY are set) or the "
-                   "service's own event stream.")
+@click.option("--via", type=click.Choice(["auto", "realtime", "changes", "sse"]), default="auto",
+              show_default=True,
+              help="realtime: Supabase Realtime's Broadcast on the private channel job:<id>, or Postgres "
+                   "Changes when the project has no policy for it; changes: Postgres Changes only; sse: "
+                   "the service's own event stream. auto: realtime when SUPABASE_URL and "
+                   "SUPABASE_ANON_KEY are set, else sse.")
 @click.option("--url", envvar="SERVICE_URL", help="The running service, for sse "
               "[default: PUBLIC_BASE_URL, else http://127.0.0.1:8000].")
 @click.option("--api-key", envvar="FOLLOW_API_KEY", help="Bearer key for the service [default: the "

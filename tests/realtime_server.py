@@ -13,6 +13,12 @@ answering as their documented APIs do, over one base URL like a project's.
   row-level security, in a transaction that is rolled back. Joined, a channel receives each
   row the database writes to realtime.messages for its topic (realtime.broadcast_changes, from
   our migrations' triggers) as a `broadcast` message.
+- Postgres Changes, when started with `wal=True` (needs wal_level = logical and wal2json:
+  tests/pg15.py): a join's config.postgres_changes bindings are answered with their ids and a
+  `system` message ("Subscribed to PostgreSQL", or Realtime's error), then each change the
+  WAL really holds reaches the subscribers Realtime would send it to, as a `postgres_changes`
+  message {data: {schema, table, commit_timestamp, type, columns, record, old_record, errors},
+  ids} (tests/realtime_changes.py: row-level security decides, per subscriber).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
 from service import db
+from tests.realtime_changes import Binding, WalReader
 from tests.supabase import acting_as
 
 ANON_KEY = "sb_publishable_LocalProjectAnonKey0123456789"
@@ -40,12 +47,15 @@ _NAME = __import__("re").compile(r"[a-z_][a-z0-9_]*")
 
 
 class SupabaseServer:
-    def __init__(self, database_url: str, secret: str | None = None) -> None:
+    def __init__(self, database_url: str, secret: str | None = None, wal: bool = False) -> None:
         self.database_url = database_url
         self.secret = secret or uuid.uuid4().hex * 2
         self.users: dict[str, tuple[str, str]] = {}  # email -> (password, user id)
         self.joins: list[dict[str, Any]] = []        # every phx_join, as received
         self.broadcasts: list[dict[str, Any]] = []   # every broadcast sent: topic and payload
+        self.changes: list[dict[str, Any]] = []      # every postgres_changes sent: topic, payload
+        self.sockets: set[_Socket] = set()
+        self.wal = WalReader(database_url) if wal else None
         self.loop = asyncio.new_event_loop()
         self.ws_port = self._start_realtime()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Http,), {"owner": self}))
@@ -70,21 +80,41 @@ class SupabaseServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.loop.call_soon_threadsafe(self._stop.set)
+        self._stopped.wait(10)
+        if self.wal:
+            self.wal.close()
 
     def _start_realtime(self) -> int:
         started: list[int] = []
         ready = threading.Event()
 
+        self._stopped = threading.Event()
+
         async def main() -> None:
             self._stop = asyncio.Event()
+            pumping = asyncio.create_task(self._pump()) if self.wal else None
             async with serve(lambda ws: _Socket(self, ws).run(), "127.0.0.1", 0) as server:
                 started.append(server.sockets[0].getsockname()[1])
                 ready.set()
                 await self._stop.wait()
+            if pumping:
+                pumping.cancel()
+                await asyncio.gather(pumping, return_exceptions=True)
+            self._stopped.set()
 
         threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True).start()
         ready.wait(10)
         return started[0]
+
+
+    async def _pump(self) -> None:
+        """Read the WAL every 50 ms; send each change to the channels Realtime would send it to."""
+        assert self.wal is not None
+        while True:
+            for change in await asyncio.to_thread(self.wal.changes):
+                for sock in list(self.sockets):
+                    await sock.send_change(change)
+            await asyncio.sleep(0.05)
 
 
 class _Http(BaseHTTPRequestHandler):
@@ -184,12 +214,14 @@ class _Socket:
 
     async def run(self) -> None:
         delivering = asyncio.create_task(self.deliver())
+        self.owner.sockets.add(self)
         try:
             async for raw in self.ws:
                 await self.handle(json.loads(raw))
         except websockets.ConnectionClosed:
             pass
         finally:
+            self.owner.sockets.discard(self)
             delivering.cancel()
 
     async def handle(self, message: dict[str, Any]) -> None:
@@ -211,13 +243,41 @@ class _Socket:
         except jwt.InvalidTokenError as exc:
             return await self.reply(topic, ref, "error", {"reason": f"InvalidJWTToken: {exc}"})
         name = topic.removeprefix("realtime:")
-        private = bool(payload.get("config", {}).get("private"))
-        if private and not await asyncio.to_thread(self.may_read, name, claims):
-            reason = f"Unauthorized: You do not have permissions to read from this Channel topic: {name}"
+        config = payload.get("config", {})
+        bindings = [Binding.from_join(spec) for spec in config.get("postgres_changes") or []]
+        if bindings and self.owner.wal is None:
+            return await self.reply(topic, ref, "error", {"reason": "this local server was started "
+                                                          "without a WAL reader (wal=True)"})
+        if config.get("private") and not await asyncio.to_thread(self.may_read, name, claims):
+            reason = f"You do not have permissions to read from this Channel topic: {name}"
             return await self.reply(topic, ref, "error", {"reason": reason})
         after = await asyncio.to_thread(self.last_message_id)
-        self.channels[topic] = {"name": name, "claims": claims, "after": after, "sent": set()}
-        await self.reply(topic, ref, "ok", {"postgres_changes": []})
+        self.channels[topic] = {"name": name, "claims": claims, "after": after, "sent": set(),
+                                "bindings": bindings}
+        await self.reply(topic, ref, "ok", {"postgres_changes": [b.reply() for b in bindings]})
+        if bindings:
+            await self.start_changes(topic, name, bindings)
+
+    async def start_changes(self, topic: str, name: str, bindings: list[Binding]) -> None:
+        """Realtime's second answer to a join with bindings: subscribed, or why not (and none)."""
+        assert self.owner.wal is not None
+        problems = [p for b in bindings if (p := await asyncio.to_thread(self.owner.wal.refusal, b))]
+        if problems:
+            self.channels[topic]["bindings"] = []
+        status, message = ("error", problems[0]) if problems else ("ok", "Subscribed to PostgreSQL")
+        await self.send(topic, "system", {"channel": name, "extension": "postgres_changes",
+                                          "message": message, "status": status})
+
+    async def send_change(self, change: dict[str, Any]) -> None:
+        assert self.owner.wal is not None
+        for topic, channel in list(self.channels.items()):
+            if not channel["bindings"]:
+                continue
+            payload = await asyncio.to_thread(self.owner.wal.message, change, channel["bindings"],
+                                              channel["claims"])
+            if payload is not None and topic in self.channels:
+                await self.send(topic, "postgres_changes", payload)
+                self.owner.changes.append({"topic": topic, "payload": payload})
 
     def may_read(self, topic: str, claims: dict[str, Any]) -> bool:
         """Realtime's check: can the user SELECT a broadcast row of this topic? (rolled back)"""

@@ -5,9 +5,10 @@ authenticated, service_role with BYPASSRLS, the authenticator login PostgREST us
 non-superuser `postgres`-like owner that applies the migrations, `auth.uid()` /
 `auth.jwt()` reading `request.jwt.claims` as Supabase's do, the `supabase_realtime`
 publication (already holding another table of the project), the `realtime` schema with
-`realtime.topic()`, `realtime.messages` and a `broadcast_changes` that records its calls,
-and the default privileges older projects have (everything on new tables to the API
-roles). The project's migrations are then applied unchanged, by that owner.
+`realtime.topic()`, `realtime.messages`, a `broadcast_changes` that records its calls and the
+`realtime.cast` Postgres Changes uses, and the default privileges older projects have
+(everything on new tables to the API roles). The project's migrations are then applied
+unchanged, by that owner.
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ BEGIN
             jsonb_build_object('old_record', to_jsonb(old), 'record', to_jsonb(new),
                                'operation', operation, 'table', table_name, 'schema', table_schema),
             true);
+END $$;
+
+-- As Supabase's: Realtime's Postgres Changes cast each WAL value to jsonb with it.
+CREATE FUNCTION realtime.cast(val text, type_ regtype) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    res jsonb;
+BEGIN
+    EXECUTE format('SELECT to_jsonb(%L::%s)', val, type_) INTO res;
+    RETURN res;
 END $$;
 
 -- What older projects do: every table the owner creates is granted to the API roles.

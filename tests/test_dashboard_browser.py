@@ -271,6 +271,10 @@ def test_the_dashboard_works_at_phone_width(browser, stack):
 def test_keyboard_reaches_the_controls_in_order(page, stack):
     page.goto("/#/")
     expect(page.locator("table.jobs")).to_be_visible()
+    # Refresh is disabled while a load runs, and a disabled button is not in the tab order:
+    # wait until the first load has finished (it says when it was updated, and re-enables it)
+    expect(page.locator("#updated")).to_have_text(re.compile(r"^Updated "))
+    expect(page.locator("#refresh")).to_be_enabled()
     page.keyboard.press("Tab")
     expect(page.locator(".skip-link")).to_be_focused()
     names = []
