@@ -54,7 +54,7 @@ WEBHOOK_GROUP_SIZE = Histogram("rjs_webhook_group_size",
 # written to the socket).
 WEBHOOK_STAGES = ("queue", "dispatch", "verify", "group_wait", "database", "wake", "respond")
 WEBHOOK_STAGE_SECONDS = Histogram(
-    "rjs_webhook_stage_seconds", "Time a recorded webhook spent in each stage of its request, by stage.",
+    "rjs_webhook_stage_seconds", "Time a webhook answered 200 spent in each stage of its request, by stage.",
     ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 _STAGE_CHILDREN = {stage: WEBHOOK_STAGE_SECONDS.labels(stage) for stage in WEBHOOK_STAGES}
 
