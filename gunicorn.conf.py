@@ -5,10 +5,13 @@ HOST, WEB_TIMEOUT). On a HOST other than loopback the service must have a creden
 (API_KEYS, Supabase user tokens) or ALLOW_OPEN_API=true: on_starting refuses otherwise.
 Requests are short: a webhook records one event, the API reads the projection, so a few
 threaded workers per core serve a lot; slow work is in the worker.
-Eight threads a process: webhooks that arrive together are committed together (group
+Sixteen threads a process: webhooks that arrive together are committed together (group
 commit, service/groups.py), so a thread waiting on a commit costs the database nothing
 and more of them make larger groups (scripts/bench/ingest.py measured 1.9 webhooks per
-commit with four threads, 2.2-3.4 with eight, and less database CPU per webhook).
+commit with four threads, 2.2-3.4 with eight, and less database CPU per webhook). And a
+request that finds every thread busy waits in gunicorn's queue for one: with eight threads
+and 16 connections that queue was half of a webhook's time (11 ms of 20 at the median,
+issue 17); with sixteen, 0.6 ms.
 """
 
 import gc
@@ -19,11 +22,48 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+
+from gunicorn.workers.gthread import ThreadWorker
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", max(2, multiprocessing.cpu_count())))
-worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "8"))
+
+
+class TimedThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker, and each request's WSGI environ says when a thread took it
+    up (`gunicorn.taken_at`, time.perf_counter) and how long it had waited for one
+    (`gunicorn.queued_seconds`): from the moment the worker's main loop handed the readable
+    connection to the thread pool. The webhook endpoint's stage timings start there
+    (rjs_webhook_stage_seconds in /metrics). Two clock readings and a dict entry a request.
+    The Flask app stays in `worker.application` (`worker.wsgi` is the stamping wrapper)."""
+
+    _local = threading.local()
+
+    def enqueue_req(self, conn):
+        conn.queued_at = time.perf_counter()
+        super().enqueue_req(conn)
+
+    def handle(self, conn):
+        taken = self._local.taken = time.perf_counter()
+        self._local.queued = taken - getattr(conn, "queued_at", taken)
+        return super().handle(conn)
+
+    def load_wsgi(self):
+        super().load_wsgi()
+        self.application = app = self.wsgi
+        local = self._local
+
+        def stamped(environ, start_response):
+            environ["gunicorn.taken_at"], environ["gunicorn.queued_seconds"] = local.taken, local.queued
+            return app(environ, start_response)
+
+        self.wsgi = stamped
+
+
+worker_class = TimedThreadWorker
+threads = int(os.environ.get("WEB_THREADS", "16"))
 # A request that takes longer than this is stuck (the database statement timeout is 30 s).
 timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
 graceful_timeout = 20
@@ -89,7 +129,7 @@ def post_worker_init(worker):
     def stopping(signum, frame):
         from service.health import shutting_down
 
-        shutting_down(worker.wsgi).set()
+        shutting_down(getattr(worker, "application", worker.wsgi)).set()
         stop(signum, frame)
 
     signal.signal(signal.SIGTERM, stopping)

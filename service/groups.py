@@ -9,6 +9,7 @@ at once, as before. Every caller still returns only after its own item has commi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,10 +19,10 @@ Record = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class _Slot:
-    __slots__ = ("item", "outcome", "done", "woken")
+    __slots__ = ("item", "outcome", "done", "woken", "times")
 
-    def __init__(self, item: Any) -> None:
-        self.item, self.outcome, self.done = item, None, False
+    def __init__(self, item: Any, times: list[float] | None) -> None:
+        self.item, self.outcome, self.done, self.times = item, None, False, times
         self.woken = threading.Lock()  # held until the slot's caller is to go on
         self.woken.acquire()
 
@@ -35,6 +36,10 @@ class GroupCommit:
     outcome, and hands the lead to the longest-waiting caller left, if any. Each waiting
     caller is woken once: with its outcome, or to lead. Each raises its own item's
     exception, in its own thread.
+
+    A caller that passes `times` (a list) gets appended to it, as time.perf_counter
+    readings, when its group started recording and when it had recorded: its wait for a
+    group, and its group's time in the database.
     """
 
     def __init__(self, record: Record, max_size: int = 32) -> None:
@@ -49,8 +54,8 @@ class GroupCommit:
         with self._lock:
             return len(self._waiting)
 
-    def submit(self, item: Any) -> Any:
-        slot = _Slot(item)
+    def submit(self, item: Any, times: list[float] | None = None) -> Any:
+        slot = _Slot(item, times)
         with self._lock:
             leading = not self._running
             if leading:
@@ -69,14 +74,18 @@ class GroupCommit:
         with self._lock:
             taken = self._max_size - 1
             group, self._waiting = [slot, *self._waiting[:taken]], self._waiting[taken:]
+        started = time.perf_counter()
         try:
             outcomes = list(self._record([s.item for s in group]))
             if len(outcomes) != len(group):
                 raise RuntimeError(f"a group of {len(group)} recorded {len(outcomes)} results")
         except BaseException as exc:  # each waiting caller must hear of it, not only this one
             outcomes = [exc] * len(group)
+        recorded = time.perf_counter()
         for member, outcome in zip(group, outcomes, strict=True):
             member.outcome, member.done = outcome, True
+            if member.times is not None:
+                member.times += (started, recorded)
             if member is not slot:
                 member.woken.release()
         with self._lock:

@@ -46,6 +46,24 @@ WEBHOOK_ACK_SECONDS = Histogram("rjs_webhook_ack_seconds",
 WEBHOOK_GROUP_SIZE = Histogram("rjs_webhook_group_size",
                                "Webhooks recorded together in one transaction (group commit).",
                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+# Where a webhook's time goes, stage by stage (service/webhooks.py, `Stages`): queue (waiting
+# for a gunicorn thread), dispatch (the thread parsing the request to the handler starting),
+# verify (reading the body, the signature, the JSON), group_wait (waiting for the group
+# ahead to commit), database (its own group's statement and commit), wake (the group
+# committed to this thread running again), respond (the log line, metrics, the response
+# written to the socket).
+WEBHOOK_STAGES = ("queue", "dispatch", "verify", "group_wait", "database", "wake", "respond")
+WEBHOOK_STAGE_SECONDS = Histogram(
+    "rjs_webhook_stage_seconds", "Time a webhook answered 200 spent in each stage of its request, by stage.",
+    ["stage"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+_STAGE_CHILDREN = {stage: WEBHOOK_STAGE_SECONDS.labels(stage) for stage in WEBHOOK_STAGES}
+
+
+def observe_stages(seconds: dict[str, float]) -> None:
+    for stage, value in seconds.items():
+        _STAGE_CHILDREN[stage].observe(value)
+
+
 RATE_LIMITED = Counter("rjs_rate_limited", "Requests refused 429 by the rate limit, by surface.", ["surface"])
 TASKS = Counter("rjs_tasks", "Queue tasks run by the worker, by kind and outcome.", ["kind", "outcome"])
 TASK_SECONDS = Histogram("rjs_task_seconds", "Time a worker spent running one task, by kind.", ["kind"],

@@ -69,20 +69,54 @@ def replicate() -> tuple[dict, int]:
     verify_signature(signing_secret(), signed, raw)
     body = parse_prediction(raw)
     job = _job_param(request.args.get("job"))
+    item = group_item(signed["webhook-id"], job, raw, body, _metadata(job))
+    times = [started, time.perf_counter()]  # then the group's start and end (GroupCommit.submit)
     with translated_errors():  # the database's refusal of this webhook, raised here
-        row = current_app.extensions["webhook_groups"].submit(
-            group_item(signed["webhook-id"], job, raw, body, _metadata(job)))
+        row = current_app.extensions["webhook_groups"].submit(item, times)
+    times.append(time.perf_counter())
     status = "duplicate" if row["duplicate"] else "recorded"
     if row["duplicate"]:
         after_this_request(_count_duplicate)
-    elapsed = time.perf_counter() - started
+    stages = Stages(request.environ, times)
+    after_this_request(stages.on_response)
     (metrics.WEBHOOKS_DUPLICATE if row["duplicate"] else metrics.WEBHOOKS_RECORDED).inc()
-    metrics.WEBHOOK_ACK_SECONDS.observe(elapsed)
+    metrics.WEBHOOK_ACK_SECONDS.observe(times[-1] - started)
     logger.info("webhook %s", status, extra={
         "action": "webhook", "webhook_id": signed["webhook-id"], "prediction_id": body["id"],
         "prediction_status": body["status"], "job_id": row["stream"] if job else None,
-        "position": row["position"], "ms": round(elapsed * 1000, 1)})
+        "position": row["position"], "ms": round((times[-1] - started) * 1000, 1),
+        "stages_ms": stages.milliseconds()})
     return {"status": status, "position": row["position"]}, 200
+
+
+class Stages:
+    """A recorded webhook's time, stage by stage (metrics.WEBHOOK_STAGES), from perf_counter
+    readings: the handler's start, the webhook verified, its group started and recorded,
+    the handler running again; the thread's taking up the request and its wait for a
+    thread, when gunicorn.conf.py's worker stamped them in the environ; and the response
+    written (when the WSGI server closes it). Observed into rjs_webhook_stage_seconds once
+    the response is out, off the webhook's way."""
+
+    __slots__ = ("seconds", "resumed")
+
+    def __init__(self, environ: Mapping[str, Any], times: Sequence[float]) -> None:
+        started, verified, group_started, recorded, self.resumed = times
+        self.seconds = {"verify": verified - started, "group_wait": group_started - verified,
+                        "database": recorded - group_started, "wake": self.resumed - recorded}
+        if "gunicorn.taken_at" in environ:
+            self.seconds["queue"] = environ["gunicorn.queued_seconds"]
+            self.seconds["dispatch"] = started - environ["gunicorn.taken_at"]
+
+    def milliseconds(self) -> dict[str, float]:
+        return {stage: round(value * 1000, 2) for stage, value in self.seconds.items()}
+
+    def on_response(self, response: Response) -> Response:
+        response.call_on_close(self._written)
+        return response
+
+    def _written(self) -> None:
+        self.seconds["respond"] = time.perf_counter() - self.resumed
+        metrics.observe_stages(self.seconds)
 
 
 def read_body(limit: int) -> bytes:

@@ -104,3 +104,25 @@ def test_many_threads_each_get_their_own_result_and_every_item_is_recorded_once(
     assert results == [("done", i) for i in range(3000)]
     assert sorted(recorded) == list(range(3000))
     assert groups.waiting == 0
+
+
+def test_a_caller_that_asks_is_told_when_its_group_started_and_when_it_had_recorded():
+    recorder = Recorder()
+    groups = GroupCommit(recorder)
+    first_times: list[float] = []
+    second_times: list[float] = []
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(groups.submit, 1, first_times)
+        assert recorder.entered.wait(10)
+        submitted = time.perf_counter()
+        second = pool.submit(groups.submit, 2, second_times)
+        wait_for("the second to queue", lambda: groups.waiting == 1, 10)
+        time.sleep(0.05)
+        released = time.perf_counter()
+        recorder.release.set()
+        assert (first.result(), second.result()) == (10, 20)
+    first_started, first_recorded = first_times
+    second_started, second_recorded = second_times
+    assert first_started < submitted < released <= first_recorded  # the first group held it up
+    assert first_recorded <= second_started <= second_recorded  # then its own group ran
+    assert groups.submit(3) == 30  # and a caller that does not ask is told nothing

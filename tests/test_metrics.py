@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import create_app, db, queue
@@ -14,6 +15,7 @@ from service.replay import _announce, replay
 from service.worker import Context, Worker
 from tests.conftest import new_job_id, payload
 from tests.signing import SECRET, signed
+from tests.waiting import wait_for
 from tests.workload import create_job
 
 
@@ -62,6 +64,51 @@ def test_webhooks_are_counted_by_outcome_with_their_acknowledgement_time(client,
     assert delta("rjs_webhook_ack_seconds_sum") > 0
     assert value(after, "rjs_events_last_position") == 2
     assert value(after, "rjs_database_up") == 1
+
+
+def test_each_webhook_answered_200_is_timed_stage_by_stage(client, conn):
+    before = scrape(client)
+    create_job(conn, job := new_job_id())
+    body, headers = signed(payload("processing_sdxl_partial_logs"))
+    for _ in range(2):  # closed, as a WSGI server closes a response once it is written
+        with client.post(f"/webhooks/replicate?job={job}", data=body, headers=headers) as response:
+            assert response.status_code == 200
+    raw, refused_headers = signed(b"[1]")
+    assert client.post("/webhooks/replicate", data=raw, headers=refused_headers).status_code == 400
+    after = scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    for stage in ("verify", "group_wait", "database", "wake", "respond"):
+        assert delta("rjs_webhook_stage_seconds_count", stage=stage) == 2, stage
+    assert delta("rjs_webhook_stage_seconds_sum", stage="database") > 0
+    # no gunicorn (the test client): nothing says how long a request waited for a thread
+    assert delta("rjs_webhook_stage_seconds_count", stage="queue") == 0
+
+
+def test_under_gunicorn_a_webhook_is_timed_from_its_wait_for_a_thread(db_url, tmp_path):
+    """gunicorn.conf.py's worker stamps each request: queue and dispatch are timed too."""
+    from tests.test_exposure import clean_env, free_port, gunicorn, running
+
+    port = free_port()
+    env = clean_env(db_url, tmp_path, PORT=str(port), REPLICATE_WEBHOOK_SECRET=SECRET)
+    body, headers = signed(payload("processing_sdxl_partial_logs"))
+    with running(gunicorn(env), port) as base:
+        assert requests.post(f"{base}/webhooks/replicate", data=body, headers=headers,
+                             timeout=30).status_code == 200
+        samples: dict = {}
+
+        def respond_timed() -> bool:  # observed once the answer is written, so just after it
+            text = requests.get(f"{base}/metrics", timeout=30).text
+            samples.update({(s.name, tuple(sorted(s.labels.items()))): s.value
+                            for family in text_string_to_metric_families(text) for s in family.samples})
+            return value(samples, "rjs_webhook_stage_seconds_count", stage="respond") == 1
+
+        wait_for("the webhook's stages in /metrics", respond_timed, 10)
+    for stage in ("queue", "dispatch", "verify", "database", "respond"):
+        assert value(samples, "rjs_webhook_stage_seconds_count", stage=stage) == 1, stage
+    assert 0 <= value(samples, "rjs_webhook_stage_seconds_sum", stage="queue") < 5
 
 
 def test_queue_depth_and_the_oldest_ready_task_come_from_the_tasks_table(client, conn):

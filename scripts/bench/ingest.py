@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import stages
 from common import (
     PROMPTS,
     RECORDED_TABLE,
@@ -111,6 +112,9 @@ def parse_args() -> argparse.Namespace:
                         help="LOG_LEVEL=WARNING and no gunicorn access log, for both servers")
     parser.add_argument("--no-replay-check", action="store_true",
                         help="skip checking that the projections equal a rebuild from events")
+    parser.add_argument("--mix", choices=("both", "real", "orphans"), default="both",
+                        help="the service's workload: the real mix (80%% of predictions in jobs), "
+                             "orphans only (no job: the cheapest path), or both, side by side")
     parser.add_argument("--seed", type=int, default=20240611)
     parser.add_argument("--database-url", default=default_database_url(),
                         help="server to create the scratch database on (default: DATABASE_URL, "
@@ -145,8 +149,9 @@ class Plan:
 class Workload:
     """Generates webhook streams from the real payloads; ids never repeat across plans."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, job_share: float = JOB_SHARE) -> None:
         self.rng = random.Random(seed)
+        self.job_share = job_share
         self.tag = f"{seed:x}{secrets.token_hex(3)}"
         self.serial = 0
         self.bodies = templates()
@@ -169,7 +174,7 @@ class Workload:
                 return pending.pop()
             lifecycle = rng.choices([names for _, names in LIFECYCLES],
                                     weights=[share for share, _ in LIFECYCLES])[0]
-            if rng.random() >= JOB_SHARE:
+            if rng.random() >= self.job_share:
                 plan.predictions += 1
                 return [self.prediction_id(), "", list(lifecycle)]
             job = str(uuid.UUID(int=rng.getrandbits(128), version=4))
@@ -363,6 +368,7 @@ class Load:
     exhausted: bool
     cpu: CpuMeter | None = None
     groups: str | None = None
+    breakdown: stages.Breakdown | None = None
 
     @property
     def rate(self) -> float:
@@ -424,7 +430,8 @@ class Target:
 
 
 def measure(target: Target, workload: Workload, args: argparse.Namespace, secret: str,
-            tmp: Path) -> tuple[Load, Plan, dict]:
+            tmp: Path, label: str | None = None) -> tuple[Load, Plan, dict]:
+    label = label or target.name
     log = tmp / f"{target.name}.log"
     with gunicorn(target.app, target.env, log, args.quiet_logs) as (port, master):
         warm_plan = workload.plan(math.ceil(args.warmup * args.warmup_max_rate))
@@ -435,42 +442,29 @@ def measure(target: Target, workload: Workload, args: argparse.Namespace, secret
         rate = warm.rate if not warm.exhausted else args.warmup_max_rate * 2
         n = math.ceil(rate * args.seconds * args.headroom) + 1000
         plan = workload.plan(n)
-        print(f"  {target.name}: warm-up {warm.rate:,.0f} requests/s; generating {n:,} requests "
+        print(f"  {label}: warm-up {warm.rate:,.0f} requests/s; generating {n:,} requests "
               f"({plan.predictions:,} predictions, {plan.jobs:,} jobs)", flush=True)
         before = {}
         if target.database_url:
             record_setup(target.database_url, plan)
             before = counts(target.database_url)
         requests = signed_requests(plan.webhooks, secret, port)
+        metrics_before = stages.scrape(port) if target.database_url else {}
+        log_offset = log.stat().st_size
         with CpuMeter(master, target.server_url, target.database) as cpu:
             load = run_wrk(requests, port, args.seconds, args.connections, args.threads, tmp / "wrk")
         load.cpu = cpu
-        load.groups = group_sizes(port) if target.database_url else None
+        if target.database_url:
+            during = stages.delta(metrics_before, stages.scrape(port), "rjs_webhook_")
+            load.groups = stages.group_sizes(during)
+            with open(log, "rb") as f:
+                f.seek(log_offset)
+                load.breakdown = stages.Breakdown.read(f.read().decode(errors="replace").splitlines(), during)
         del requests
     problems = [line for line in log.read_text(errors="replace").splitlines() if _is_error(line)]
     if problems:
-        print(f"  {target.name}: {len(problems)} error lines in the server log, e.g. {problems[0][:200]}")
+        print(f"  {label}: {len(problems)} error lines in the server log, e.g. {problems[0][:200]}")
     return load, plan, before
-
-
-def group_sizes(port: int) -> str | None:
-    """How many webhooks each commit recorded during the run (the service's group commit,
-    rjs_webhook_group_size in /metrics, summed over its worker processes), or None."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("rjs_webhook_group_size"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    count = values.get("rjs_webhook_group_size_count")
-    if not count:
-        return None
-    alone = values.get('rjs_webhook_group_size_bucket{le="1.0"}', 0)
-    return (f"{values['rjs_webhook_group_size_sum'] / count:.2f} webhooks per commit on average "
-            f"over {count:,.0f} commits; {alone / count:.0%} of the commits held one webhook")
 
 
 def counts(url: str) -> dict:
@@ -521,63 +515,75 @@ def check_store(url: str, load: Load, before: dict, tag: str, replay_check: bool
 def gunicorn_settings() -> str:
     spec = {}
     exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), spec)
-    return (f"workers={spec['workers']} worker_class={spec['worker_class']} threads={spec['threads']} "
+    worker = getattr(spec["worker_class"], "__name__", spec["worker_class"])
+    return (f"workers={spec['workers']} worker_class={worker} threads={spec['threads']} "
             f"keepalive={spec['keepalive']} max_requests={spec['max_requests']}")
 
 
-def report(app: Load, bare: Load, alone: Load, check: Check, args: argparse.Namespace) -> None:
-    loads = (("service (wsgi:app)", app), ("bare Flask handler", bare), ("verify + record alone", alone))
+def report(services: list[tuple[str, Load, Check]], bare: Load, alone: Load) -> None:
+    loads = [*((name, load) for name, load, _ in services),
+             ("bare Flask handler", bare), ("verify + record alone", alone)]
     print()
-    print(f"{'':<26}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'requests':>10}{'non-200':>9}"
+    print(f"{'':<30}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'requests':>10}{'non-200':>9}"
           f"{'errors':>8}")
     for name, load in loads:
-        print(f"{name:<26}{load.rate:>12,.0f}{load.p50_ms:>10.1f}{load.p99_ms:>10.1f}"
+        print(f"{name:<30}{load.rate:>12,.0f}{load.p50_ms:>10.1f}{load.p99_ms:>10.1f}"
               f"{load.requests:>10,}{load.non_200:>9,}{sum(load.errors.values()):>8,}")
-    throughput = app.rate / bare.rate
-    p99 = app.p99_ms / bare.p99_ms
-    p50 = app.p50_ms / bare.p50_ms
-    print(f"{'ratio service / bare':<26}{throughput:>11.2f}x{p50:>9.2f}x{p99:>9.2f}x")
-    print(f"{'ceiling: record / bare':<26}{alone.rate / bare.rate:>11.2f}x"
+    for name, load, _ in services:
+        print(f"{'ratio ' + name.removeprefix('service, ') + ' / bare':<30}{load.rate / bare.rate:>11.2f}x"
+              f"{load.p50_ms / bare.p50_ms:>9.2f}x{load.p99_ms / bare.p99_ms:>9.2f}x")
+    print(f"{'ceiling: record / bare':<30}{alone.rate / bare.rate:>11.2f}x"
           f"{alone.p50_ms / bare.p50_ms:>9.2f}x{alone.p99_ms / bare.p99_ms:>9.2f}x"
           "  (verify + one idempotent INSERT committed per request, no fold)")
-    print("CPU per request (us):      gunicorn  postgres       wrk     total   cores busy")
+    print(f"CPU per request (us):{'gunicorn':>17}{'postgres':>10}{'wrk':>10}{'total':>10}   cores busy")
     for name, load in loads:
         if load.cpu:
             used = (load.cpu.gunicorn_seconds, load.cpu.postgres_seconds, load.cpu.wrk_seconds)
             per = [seconds / load.requests * 1e6 for seconds in used]
-            busy = sum(used) / load.seconds
-            print(f"  {name:<24}{per[0]:>8,.0f}{per[1]:>10,.0f}{per[2]:>10,.0f}{sum(per):>10,.0f}"
-                  f"{busy:>10.2f} of {os.cpu_count()}")
-    if app.groups:
-        print(f"group commit (service): {app.groups}")
-    if app.cpu and bare.cpu:
-        def total(load: Load) -> float:
-            return load.cpu.gunicorn_seconds + load.cpu.postgres_seconds + load.cpu.wrk_seconds
-
-        cpu_ratio = (total(bare) / bare.requests) / (total(app) / app.requests)
-        print(f"CPU ratio (bare's CPU per request / the service's): {cpu_ratio:.2f}x, what the throughput "
-              "ratio tends to when both are CPU-bound; other load on the machine moves it less")
-    print(f"goal: throughput >= {GOAL_THROUGHPUT}x: {'met' if throughput >= GOAL_THROUGHPUT else 'NOT met'}; "
-          f"p99 <= {GOAL_P99:.0f}x: {'met' if p99 <= GOAL_P99 else 'NOT met'}")
-    for name, load in (("service", app), ("bare", bare), ("record alone", alone)):
-        if load.non_200:
-            print(f"  {name} non-200 responses: {dict(load.statuses)}")
-        if any(load.errors.values()):
-            print(f"  {name} socket errors: {load.errors}")
-        if load.exhausted:
-            print(f"  WARNING: {name} used up its pre-generated requests before the end: its rate "
-                  "is understated; rerun with a larger --headroom")
+            print(f"  {name:<28}{per[0]:>8,.0f}{per[1]:>10,.0f}{per[2]:>10,.0f}{sum(per):>10,.0f}"
+                  f"{sum(used) / load.seconds:>10.2f} of {os.cpu_count()}")
+    for name, load, _ in services:
+        ratio = cpu_per_request(bare) / cpu_per_request(load)
+        print(f"CPU ratio, bare's CPU per request / {name}'s: {ratio:.2f}x "
+              "(what the throughput ratio tends to when both are CPU-bound)")
+    for name, load, _ in services:
+        print(f"\n{name}: group commit: {load.groups}\n{name}: where a webhook's time went "
+              "(the measured run's log lines; the slowest 1% by time in server):")
+        load.breakdown.print(load.p50_ms, load.p99_ms)
     print()
-    print(f"events: {check.events:,} rows in events afterwards; {check.run_events:,} webhooks recorded "
+    met = True
+    for name, load, check in services:
+        met = report_goals(name, load, bare, check) and met
+    print(f"result: {'all goals met' if met else 'NOT all goals met'}")
+
+
+def cpu_per_request(load: Load) -> float:
+    return (load.cpu.gunicorn_seconds + load.cpu.postgres_seconds + load.cpu.wrk_seconds) / load.requests
+
+
+def report_goals(name: str, app: Load, bare: Load, check: Check) -> bool:
+    throughput, p99 = app.rate / bare.rate, app.p99_ms / bare.p99_ms
+    verdict = "met" if throughput >= GOAL_THROUGHPUT else "NOT met"
+    print(f"{name}: goal throughput >= {GOAL_THROUGHPUT}x: {verdict} "
+          f"({throughput:.2f}x of bare's {bare.rate:,.0f}/s); p99 <= {GOAL_P99:.0f}x: "
+          f"{'met' if p99 <= GOAL_P99 else 'NOT met'} ({p99:.2f}x of bare's {bare.p99_ms:.1f} ms)")
+    for what, load in ((name, app), ("bare", bare)):
+        if load.non_200:
+            print(f"  {what} non-200 responses: {dict(load.statuses)}")
+        if any(load.errors.values()):
+            print(f"  {what} socket errors: {load.errors}")
+        if load.exhausted:
+            print(f"  WARNING: {what} used up its pre-generated requests before the end: its rate "
+                  "is understated; rerun with a larger --headroom")
+    print(f"  events: {check.events:,} rows in events afterwards; {check.run_events:,} webhooks recorded "
           f"during the measured run, {check.acknowledged:,} of them acknowledged with 200")
-    print(f"        lost (200 but not in events): {check.lost}; duplicated: {check.duplicated}; "
+    print(f"  lost (200 but not in events): {check.lost}; duplicated: {check.duplicated}; "
           f"recorded without a 200 seen (in flight when the run stopped): {check.unacknowledged_recorded}")
     if check.differences is not None:
         same = "equal" if check.differences == 0 else f"DIFFER in {check.differences} rows from"
-        print(f"        projections {same} a rebuild from the events (replay check)")
-    ok = (check.lost == 0 and check.duplicated == 0 and app.non_200 == 0
-          and not check.differences and throughput >= GOAL_THROUGHPUT and p99 <= GOAL_P99)
-    print(f"result: {'all goals met' if ok else 'NOT all goals met'}")
+        print(f"  projections {same} a rebuild from the events (replay check)")
+    return (check.lost == 0 and check.duplicated == 0 and app.non_200 == 0 and not check.differences
+            and throughput >= GOAL_THROUGHPUT and p99 <= GOAL_P99)
 
 
 def main() -> None:
@@ -585,7 +591,9 @@ def main() -> None:
     if not shutil.which("wrk"):
         sys.exit("this benchmark needs the load generator wrk: apt-get install -y wrk")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    workload = Workload(args.seed)
+    mixes = {"real": ("service, real mix", JOB_SHARE), "orphans": ("service, orphans only", 0.0)}
+    workloads = [(label, Workload(args.seed + i, share))
+                 for i, (key, (label, share)) in enumerate(mixes.items()) if args.mix in (key, "both")]
     logs = "LOG_LEVEL=WARNING, no access log" if args.quiet_logs else \
         "project default (LOG_LEVEL=INFO, access log as gunicorn.conf.py sets it, to a file)"
     with server(args.database_url) as (server_url, where), tempfile.TemporaryDirectory(
@@ -608,11 +616,14 @@ def main() -> None:
                            server_url, name)
             with db.connect(url, autocommit=True) as conn:
                 conn.execute(RECORDED_TABLE)
-            app_load, plan, before = measure(service, workload, args, secret, tmp)
-            check = check_store(url, app_load, before, workload.tag, not args.no_replay_check)
-            bare_load, _, _ = measure(bare, workload, args, secret, tmp)
-            alone_load, _, _ = measure(alone, workload, args, secret, tmp)
-            report(app_load, bare_load, alone_load, check, args)
+            services = []
+            for label, workload in workloads:
+                load, _, before = measure(service, workload, args, secret, tmp, label)
+                services.append((label, load, check_store(url, load, before, workload.tag,
+                                                          not args.no_replay_check)))
+            bare_load, _, _ = measure(bare, workloads[0][1], args, secret, tmp)
+            alone_load, _, _ = measure(alone, workloads[0][1], args, secret, tmp)
+            report(services, bare_load, alone_load)
         print("scratch database dropped")
 
 
@@ -620,7 +631,8 @@ LIFECYCLE_TEXT = (
     "real Replicate payloads (" + ", ".join(TEMPLATES.values()) + ") with fresh prediction ids; "
     "per prediction 75% starting>processing>more logs>succeeded, 15% starting>processing>failed, "
     "10% starting>canceled; 80% of predictions in jobs of 1-4 (job.created and prediction.submitted "
-    "recorded first, webhook URL ?job=&step=1&index=), 20% orphans; 256 predictions in flight")
+    "recorded first, webhook URL ?job=&step=1&index=), 20% orphans (--mix orphans: all orphans); "
+    "256 predictions in flight")
 
 if __name__ == "__main__":
     main()
