@@ -5,7 +5,10 @@ The scratch tables are temporary tables named like the projections. PostgreSQL l
 session's temporary schema first, so in the replay's session the rebuild functions
 (sql/rebuild.sql) write into them and the step rollups the jobs are derived from read them,
 with the very SQL the live service runs. Live tables are always named with their schema
-here. The keys of the rows that differ are kept in replay_diff_<table>, with their stream.
+here. The keys of the rows that differ are kept in replay_diff_<table>, with their stream
+and the change that writes them (i: insert, u: update, d: delete): the live rows of a stream
+change only through appends, so what was listed holds until one of its events arrives, and
+then its entries are listed again.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ class Table(NamedTuple):
     keys: tuple[str, ...]
     rows_of: str  # its rows of some streams, {0} being the streams (a text[])
     stream: str  # the stream a row belongs to, {0} and {1} being the two sides compared
+    order: str = ""  # the order new rows are written in (n: the rebuilt rows), if any
+
+
 
 
 TABLES: dict[str, Table] = {
-    "jobs": Table(("id",), "id = ANY (stream_job_ids({0}))", "coalesce({0}.id, {1}.id)::text"),
+    # jobs in the order of its created_at indexes, as rebuild_jobs writes them (sql/rebuild.sql)
+    "jobs": Table(("id",), "id = ANY (stream_job_ids({0}))", "coalesce({0}.id, {1}.id)::text",
+                  "n.created_at DESC, n.id DESC"),
     "predictions": Table(
         ("id",), "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND id = ANY ({0}))",
         "coalesce({1}.job_id::text, {0}.job_id::text, {1}.id, {0}.id)"),
@@ -84,7 +92,8 @@ class Scratch:
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                 _temp(table), _names(spec.keys)))
             self.conn.execute(sql.SQL(
-                "CREATE TEMP TABLE {} AS SELECT {}, ''::text AS stream FROM {} LIMIT 0").format(
+                "CREATE TEMP TABLE {} AS SELECT {}, ''::text AS stream, ''::\"char\" AS change "
+                "FROM {} LIMIT 0").format(
                 sql.Identifier(f"replay_diff_{table}"), _names(spec.keys), _temp(table)))
 
     def drop(self) -> None:
@@ -108,18 +117,26 @@ class Scratch:
             self.conn.execute(sql.SQL("TRUNCATE {}").format(_diff(table)))
 
     def list_differences(self, streams: list[str] | None) -> None:
-        """Add the keys of the rows of `streams` (None: all) whose live and rebuilt versions
-        differ, or exist on one side only."""
-        for table, (keys, _, stream) in TABLES.items():
+        """List the keys of the rows of `streams` (None: all) whose live and rebuilt versions
+        differ, or exist on one side only, in place of what was listed for them before."""
+        if streams is not None:
+            self.forget(streams)
+        for table, (keys, _, stream, _) in TABLES.items():
             self.conn.execute(sql.SQL("""
                 INSERT INTO {diff}
-                SELECT {cols}, {stream} FROM {live} o FULL JOIN {new} n ON {on}
+                SELECT {cols}, {stream},
+                       CASE WHEN o.{k} IS NULL THEN 'i' WHEN n.{k} IS NULL THEN 'd' ELSE 'u' END
+                FROM {live} o FULL JOIN {new} n ON {on}
                 WHERE o.{k} IS NULL OR n.{k} IS NULL OR ROW(o.*) IS DISTINCT FROM ROW(n.*)""").format(
                 diff=_diff(table), on=_on(keys, "o", "n"), stream=sql.SQL(stream.format("o", "n")),
                 cols=sql.SQL(", ").join(sql.SQL("coalesce(o.{0}, n.{0})").format(sql.Identifier(k))
                                         for k in keys),
                 live=self._rows(table, True, streams), new=self._rows(table, False, streams),
                 k=sql.Identifier(keys[0])))
+        if streams is None:  # all listed: by stream from here on (cut-over, batches)
+            for table in TABLES:
+                self.conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (stream)").format(
+                    sql.Identifier(f"replay_diff_{table}_stream"), _diff(table)))
 
     def differences(self) -> tuple[int, list[Difference]]:
         """How many rows differ, and the first SAMPLE of them described."""
@@ -128,7 +145,7 @@ class Scratch:
             keys = spec.keys
             rows = self.conn.execute(sql.SQL("""
                 SELECT count(*) OVER () AS total, to_jsonb(o) AS old, to_jsonb(n) AS new
-                FROM (SELECT DISTINCT {keys} FROM {diff} ORDER BY {keys}) d
+                FROM (SELECT {keys} FROM {diff} ORDER BY {keys}) d
                 LEFT JOIN {live} o ON {on_o}
                 LEFT JOIN {new} n ON {on_n}
                 LIMIT {limit}""").format(
@@ -140,9 +157,7 @@ class Scratch:
         return total, samples
 
     def streams_differing(self) -> list[str]:
-        """The streams with rows listed as differing, in order (indexed for batches)."""
-        for table in TABLES:
-            self.conn.execute(sql.SQL("CREATE INDEX ON {} (stream)").format(_diff(table)))
+        """The streams with rows listed as differing, in order."""
         listed = sql.SQL(" UNION ALL ").join(
             sql.SQL("SELECT stream FROM {}").format(_diff(t)) for t in TABLES)
         return [r["stream"] for r in self.conn.execute(sql.SQL(
@@ -163,31 +178,31 @@ class Scratch:
     def apply(self, streams: list[str] | None = None) -> int:
         """Write the listed rows (of `streams` only, if given) that differ into the live
         tables; return how many were inserted, updated or deleted."""
-        return sum(self._apply(table, spec.keys, streams) for table, spec in TABLES.items())
+        return sum(self._apply(table, spec, streams) for table, spec in TABLES.items())
 
-    def _apply(self, table: str, keys: tuple[str, ...], streams: list[str] | None) -> int:
+    def _apply(self, table: str, spec: Table, streams: list[str] | None) -> int:
+        keys = spec.keys
         columns = [r["attname"] for r in self.conn.execute(
             "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
             "AND NOT attisdropped ORDER BY attnum", (f"pg_temp.{table}",))]
-        only = sql.SQL("true") if streams is None else sql.SQL("stream = ANY ({}::text[])").format(
+        only = sql.SQL("true") if streams is None else sql.SQL("d.stream = ANY ({}::text[])").format(
             sql.Literal(streams))
-        names = {"live": sql.Identifier(self.schema, table), "new": _temp(table),
-                 "diff": sql.SQL("(SELECT DISTINCT {} FROM {} WHERE {}) d").format(
-                     _names(keys), _diff(table), only),
-                 "on_ld": _on(keys, "l", "d"), "on_nd": _on(keys, "n", "d"), "on_ln": _on(keys, "l", "n"),
+        names = {"live": sql.Identifier(self.schema, table), "new": _temp(table), "diff": _diff(table),
+                 "only": only, "on_ld": _on(keys, "l", "d"), "on_nd": _on(keys, "n", "d"),
                  "cols": _names(tuple(columns)),
-                 "new_cols": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in columns)}
+                 "new_cols": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(c)) for c in columns),
+                 "order": sql.SQL(f"ORDER BY {spec.order}" if spec.order else "")}
         deleted = self.conn.execute(sql.SQL("""
-            DELETE FROM {live} l USING {diff}
-            WHERE {on_ld} AND NOT EXISTS (SELECT FROM {new} n WHERE {on_ln})""").format(**names)).rowcount
+            DELETE FROM {live} l USING {diff} d
+            WHERE d.change = 'd' AND {only} AND {on_ld}""").format(**names)).rowcount
         updated = self.conn.execute(sql.SQL("""
             UPDATE {live} l SET ({cols}) = ROW({new_cols})
-            FROM {diff} JOIN {new} n ON {on_nd}
-            WHERE {on_ld} AND ROW(l.*) IS DISTINCT FROM ROW(n.*)""").format(**names)).rowcount
+            FROM {diff} d JOIN {new} n ON {on_nd}
+            WHERE d.change = 'u' AND {only} AND {on_ld}""").format(**names)).rowcount
         inserted = self.conn.execute(sql.SQL("""
             INSERT INTO {live} ({cols})
-            SELECT {new_cols} FROM {diff} JOIN {new} n ON {on_nd}
-            WHERE NOT EXISTS (SELECT FROM {live} l WHERE {on_ln})""").format(**names)).rowcount
+            SELECT {new_cols} FROM {diff} d JOIN {new} n ON {on_nd}
+            WHERE d.change = 'i' AND {only} {order}""").format(**names)).rowcount
         return deleted + updated + inserted
 
 
