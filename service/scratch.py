@@ -143,17 +143,17 @@ class Scratch:
         total, samples = 0, []
         for table, spec in TABLES.items():
             keys = spec.keys
+            total += self.conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(_diff(table))
+                                       ).fetchone()["n"]
             rows = self.conn.execute(sql.SQL("""
-                SELECT count(*) OVER () AS total, to_jsonb(o) AS old, to_jsonb(n) AS new
-                FROM (SELECT {keys} FROM {diff} ORDER BY {keys}) d
+                SELECT to_jsonb(o) AS old, to_jsonb(n) AS new
+                FROM (SELECT {keys} FROM {diff} ORDER BY {keys} LIMIT {limit}) d
                 LEFT JOIN {live} o ON {on_o}
-                LEFT JOIN {new} n ON {on_n}
-                LIMIT {limit}""").format(
+                LEFT JOIN {new} n ON {on_n}""").format(
                 keys=_names(keys), diff=_diff(table), live=sql.Identifier(self.schema, table),
                 new=_temp(table), on_o=_on(keys, "o", "d"), on_n=_on(keys, "n", "d"),
-                limit=sql.Literal(max(SAMPLE - len(samples), 1)))).fetchall()
-            total += rows[0]["total"] if rows else 0
-            samples += [_describe(table, keys, r["old"], r["new"]) for r in rows[: SAMPLE - len(samples)]]
+                limit=sql.Literal(max(SAMPLE - len(samples), 0)))).fetchall()
+            samples += [_describe(table, keys, r["old"], r["new"]) for r in rows]
         return total, samples
 
     def streams_differing(self) -> list[str]:
