@@ -80,7 +80,10 @@ def test_a_two_step_jobs_counts_agree_and_its_outputs_say_their_step(db_url):
 # --- the reconciler and a job that waits for nothing ------------------------------------------
 
 @pytest.fixture
-def app(db_url):
+def app(db_url, monkeypatch):
+    # /metrics shows this process's counters: not another process's files, which a test that
+    # loads gunicorn.conf.py may have named in the environment
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_API_TOKEN": "unused",
                       "REPLICATE_API_BASE_URL": "http://127.0.0.1:9/v1", "RECONCILE_AFTER_SECONDS": 1})
     yield app
