@@ -213,7 +213,7 @@ def worker_command(once: bool) -> None:
 @with_appcontext
 @one_line_errors()
 def reconcile_command() -> None:
-    """Poll Replicate once about quiet jobs and retry failed submissions."""
+    """Poll Replicate once about quiet jobs, retry failed submissions, end stalled jobs."""
     from service.reconciler import reconcile
 
     require_migrated()
@@ -225,11 +225,13 @@ def reconcile_command() -> None:
 _RECONCILED = {"polled": ("prediction", "polled, changed"),
                "unchanged": ("prediction", "polled, unchanged"),
                "poll_failed": ("prediction", "could not be polled"),
-               "resubmitted": ("submission", "retried")}
+               "resubmitted": ("submission", "retried"),
+               "stalled": ("stalled job", "ended"),
+               "stalled_unexplained": ("stalled job", "left alone: nothing to record (see the log)")}
 
 
 def reconciled(done: dict[str, int]) -> str:
     """One line, e.g. `1 prediction polled, changed; 2 submissions retried`."""
     parts = [f"{plural(n, _RECONCILED[kind][0])} {_RECONCILED[kind][1]}" if kind in _RECONCILED
              else f"{kind}: {n:,}" for kind, n in done.items() if n]
-    return "; ".join(parts) or "nothing to do: no quiet job, no failed submission"
+    return "; ".join(parts) or "nothing to do: no quiet job, no failed submission, no stalled job"

@@ -137,7 +137,28 @@ def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str, owner: str | Non
     if row is None:
         raise NotFound(f"no job {job_id}")
     predictions = conn.execute(queries["job_predictions_view"], {"job_id": str(job_id)}).fetchall()
-    return schemas.JobSchema().dump({**_shown(row), "predictions": predictions})
+    return schemas.JobSchema().dump({**_shown(row), "predictions": predictions,
+                                     "steps": steps(row, predictions)})
+
+
+_FAILED = ("failed", "canceled", "aborted")
+
+
+def steps(row: dict[str, Any], predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's progress per step. A prediction without a step counts in step 1, as in the
+    fold (sql/fold.sql, job_step_rollups); step 2, when `then` is set, runs one prediction."""
+    then, expected = row["next_step"], row["predictions_expected"]
+    totals = {1: expected - 1, 2: 1} if then is not None else {1: expected}
+    targets = {1: row, 2: then or {}}
+    return [{"step": n, "target": _target(targets[n]), "total": total,
+             "succeeded": sum(1 for p in predictions if (p["step"] or 1) == n and p["status"] == "succeeded"),
+             "failed": sum(1 for p in predictions if (p["step"] or 1) == n and p["status"] in _FAILED),
+             "processed": sum(1 for o in row["outputs"] if o.get("step", 1) == n)}
+            for n, total in totals.items()]
+
+
+def _target(spec: dict[str, Any]) -> str | None:
+    return spec.get("model") or spec.get("deployment") or spec.get("version")
 
 
 def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None,

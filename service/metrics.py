@@ -69,8 +69,13 @@ TASKS = Counter("rjs_tasks", "Queue tasks run by the worker, by kind and outcome
 TASK_SECONDS = Histogram("rjs_task_seconds", "Time a worker spent running one task, by kind.", ["kind"],
                          buckets=_SLOW)
 RECONCILER_ACTIONS = Counter("rjs_reconciler_actions",
-                             "What the reconciler did: polled, unchanged, poll_failed, resubmitted.",
+                             "What the reconciler did: polled, unchanged, poll_failed, resubmitted, "
+                             "stalled, stalled_unexplained.",
                              ["action"])
+STALLED_JOBS = Counter("rjs_stalled_jobs",
+                       "Unfinished jobs the reconciler found with nothing running or queued (a lost task "
+                       "or a bug), by outcome: ended (it recorded the failures that end them) or "
+                       "unexplained (nothing to record; found again at every pass).", ["outcome"])
 
 
 class MetricsUnauthorized(ServiceError):

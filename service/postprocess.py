@@ -52,7 +52,7 @@ class ProcessOutput:
             events.append(conn, key=f"failed:{p['prediction_id']}:{p['index']}", stream=task.job_id,
                           type="output.failed",
                           data={"prediction_id": p["prediction_id"], "index": p["index"],
-                                "source_url": _loggable(p["source_url"]), "error": reason,
+                                "source_url": loggable_url(p["source_url"]), "error": reason,
                                 "attempts": task.attempts},
                           metadata={"source": "worker", "task_id": task.id})
             queue.fail(conn, task, ctx.worker, reason)
@@ -71,7 +71,7 @@ def _store(ctx: Context, task: Task, fetched: downloads.Downloaded,
     return original, processed
 
 
-def _loggable(url: str) -> str:
+def loggable_url(url: str) -> str:
     """A data: URI can be megabytes; keep its header only."""
     return url.split(",", 1)[0] + ",…" if url.startswith("data:") else url
 

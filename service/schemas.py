@@ -221,10 +221,19 @@ class JobListQuerySchema(Schema):
 
 
 class ProgressSchema(Schema):
-    total = fields.Integer(**_describe("predictions the job runs (count)"))
+    total = fields.Integer(**_describe("predictions the job runs: count, and one more for `then`"))
     succeeded = fields.Integer()
     failed = fields.Integer(**_describe("predictions failed, canceled or aborted"))
     processed = fields.Integer(**_describe("outputs downloaded, resized and stored"))
+
+
+class StepProgressSchema(Schema):
+    step = fields.Integer(**_describe("1, or 2 for the job's `then`"))
+    target = fields.String(allow_none=True, **_describe("the step's model, else deployment, else version"))
+    total = fields.Integer(**_describe("predictions the step runs"))
+    succeeded = fields.Integer()
+    failed = fields.Integer(**_describe("predictions failed, canceled or aborted (or refused)"))
+    processed = fields.Integer(**_describe("the step's outputs processed"))
 
 
 class PredictionSchema(Schema):
@@ -240,7 +249,8 @@ class PredictionSchema(Schema):
 
 class OutputSchema(Schema):
     prediction_id = fields.String()
-    index = fields.Integer()
+    step = fields.Integer(**_describe("the job's step whose prediction made it: 1, or 2 for `then`"))
+    index = fields.Integer(**_describe("its place in the prediction's output"))
     source_url = fields.String(allow_none=True, **_describe("where Replicate delivered it"))
     url = fields.String(allow_none=True, **_describe("where the processed file is stored"))
     width = fields.Integer(allow_none=True)
@@ -267,6 +277,8 @@ class JobSummarySchema(Schema):
 
 class JobSchema(JobSummarySchema):
     predictions = fields.List(fields.Nested(PredictionSchema))
+    steps = fields.List(fields.Nested(StepProgressSchema), **_describe(
+        "progress step by step: one step, or two with `then`; they add up to progress"))
 
 
 class JobListSchema(Schema):

@@ -65,11 +65,12 @@ RETURN CASE type
         THEN jsonb_build_object('id', data ->> 'prediction_id', 'status', 'failed',
                                 'error', data ->> 'error') END END;
 
--- The step of a job a prediction belongs to: our own record says it, and a webhook's
--- query string (?job=<id>&step=<n>) repeats it.
+-- The step of a job a prediction belongs to: our own record says it (of a prediction
+-- submitted, or of one a refused submission stands in for), and a webhook's query string
+-- (?job=<id>&step=<n>) repeats it.
 CREATE OR REPLACE FUNCTION prediction_step(type text, data jsonb, metadata jsonb) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN small_int(CASE WHEN type = 'prediction.submitted' THEN data ->> 'step'
+RETURN small_int(CASE WHEN type IN ('prediction.submitted', 'prediction.submit_failed') THEN data ->> 'step'
                       ELSE metadata -> 'query' ->> 'step' END);
 
 -- Every URL in an output, however nested (string, list, list of lists, dict of file objects).
@@ -283,7 +284,9 @@ END $$;
 -- A job as job.created describes it, with what the caller knows of its stream (when it
 -- was canceled, how many submissions failed for good). The owner is kept when it is a
 -- canonical uuid (stream_job_id checks exactly that), else NULL rather than an error that
--- would stop a replay. The derived columns start as "pending, nothing counted".
+-- would stop a replay. predictions_expected counts every prediction the job runs: `count`
+-- in step 1, and one more for a second step (`then`). The derived columns start as
+-- "pending, nothing counted".
 CREATE OR REPLACE FUNCTION job_facts(
     stream text, data jsonb, created_at timestamptz, canceled_at timestamptz, submit_failures integer
 ) RETURNS SETOF jobs
@@ -298,7 +301,7 @@ AS $$
            coalesce(data -> 'input', '{}'::jsonb),
            data -> 'then',
            coalesce(data -> 'metadata', '{}'::jsonb),
-           'pending', coalesce(small_int(data ->> 'count'), 1),
+           'pending', coalesce(small_int(data ->> 'count'), 1) + (data -> 'then' IS NOT NULL)::integer,
            0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
            canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
            stream_job_id(data ->> 'owner_id')
@@ -420,7 +423,8 @@ END;
 -- are taken once (n, pulled up into the caller, where a rebuild's whole-row arguments
 -- become plain columns) and the status once, in a subquery that OFFSET 0 keeps whole, so
 -- status, error and completed_at refer to its result rather than repeating the whole
--- status expression (both steps' states).
+-- status expression (both steps' states). predictions_expected is step 1's: the job's
+-- column less the one prediction of a second step.
 CREATE OR REPLACE FUNCTION job_derived_values(
     canceled_at timestamptz, predictions_expected integer, has_next boolean,
     r1 job_step_rollups, o1 job_step_output_rollups,
@@ -510,7 +514,7 @@ BEGIN
     SELECT CASE WHEN e.type = 'job.canceled' THEN least(j.canceled_at, e.recorded_at)
                 ELSE j.canceled_at END AS canceled_at,
            j.submit_failures + is_final_submit_failure(e.type, e.data)::integer AS submit_failures,
-           j.predictions_expected,
+           j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
            j.next_step IS NOT NULL AS has_next,
            j.outputs_processed + j.outputs_failed > 0
                OR e.type IN ('output.processed', 'output.failed') AS has_outputs
@@ -531,7 +535,7 @@ BEGIN
     v_r2 := r2[1];
     v_o1 := o1[1];
     v_o2 := o2[1];
-    SELECT * INTO d FROM job_derived_values(c.canceled_at, c.predictions_expected, c.has_next,
+    SELECT * INTO d FROM job_derived_values(c.canceled_at, c.first_step_expected, c.has_next,
                                             v_r1, v_o1, v_r2, v_o2);
     UPDATE jobs j
     SET (canceled_at, submit_failures, status, predictions_submitted, predictions_succeeded,
@@ -577,7 +581,8 @@ BEGIN
                                      s.submit_failures) j
         WHERE s.stream = e.stream
         ON CONFLICT (id) DO NOTHING
-        RETURNING v_derive OR predictions_expected < 1 INTO v_derive;  -- NULL: no new row
+        RETURNING v_derive OR predictions_expected - (next_step IS NOT NULL)::integer < 1
+            INTO v_derive;  -- NULL: no new row
     ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
                      'prediction.submit_failed') THEN
         v_status := apply_prediction_event(e);

@@ -76,7 +76,9 @@ RETURN CASE type
     WHEN 'job.created' THEN 'created: ' || concat_ws(', ',
         coalesce(data ->> 'model', data ->> 'deployment', data ->> 'version', 'no model'),
         history_count(coalesce(small_int(data ->> 'count'), 1), 'prediction'),
-        coalesce(data ->> 'aspect_ratio', '1:1'))
+        coalesce(data ->> 'aspect_ratio', '1:1'),
+        'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
+                            data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')

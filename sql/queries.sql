@@ -86,22 +86,76 @@ ORDER BY a.updated_at
 LIMIT %(limit)s;
 
 -- failed_submissions --
--- Submissions that gave up on transient errors, whose job still waits for them.
+-- Submissions that gave up on transient errors, whose job still waits for them: a job
+-- waits in 'processing' for its second step. A refusal for good (its slot holds the failed
+-- prediction unsubmitted-<job>-<step>-<index>, sql/fold.sql) is not tried again.
 SELECT t.job_id::text AS job_id, t.payload
 FROM tasks t JOIN jobs j ON j.id = t.job_id
 WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
-  AND j.status IN ('pending', 'queued', 'running')
+  AND j.status IN ('pending', 'queued', 'running', 'processing')
   AND coalesce((t.payload ->> 'round')::int, 0) + 1 < %(rounds)s
   AND t.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
   AND NOT EXISTS (
       SELECT 1 FROM tasks r
       WHERE r.task_key = format('submit:%%s:%%s:%%s:r%%s', t.job_id, t.payload ->> 'step',
                                 t.payload ->> 'index', coalesce((t.payload ->> 'round')::int, 0) + 1))
+  AND NOT EXISTS (
+      SELECT 1 FROM predictions p
+      WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step', t.payload ->> 'index'))
 LIMIT %(limit)s;
+
+-- stalled_jobs --
+-- Unfinished jobs with nothing under way: quiet, no prediction unfinished, no task queued
+-- or running, no failed submission still to be tried again (failed_submissions' rule).
+-- The fold cannot leave a job so (every slot and output ends, by a result or a failure);
+-- a job found so lost a task, or met a bug, and the reconciler settles what it lacks.
+SELECT j.id::text AS job_id, j.status, j.predictions_expected, j.next_step IS NOT NULL AS has_next
+FROM jobs j
+JOIN job_activity a ON a.job_id = j.id
+WHERE j.status IN ('pending', 'queued', 'running', 'processing')
+  AND a.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
+  AND NOT EXISTS (
+      SELECT 1 FROM predictions p
+      WHERE p.job_id = j.id AND p.status NOT IN ('succeeded', 'failed', 'canceled', 'aborted'))
+  AND NOT EXISTS (
+      SELECT 1 FROM tasks t
+      WHERE t.job_id = j.id
+        AND (t.status IN ('queued', 'running')
+             OR (t.kind = 'submit_prediction' AND t.status = 'failed'
+                 AND coalesce((t.payload ->> 'round')::int, 0) + 1 < %(rounds)s
+                 AND NOT EXISTS (
+                     SELECT 1 FROM predictions p
+                     WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step',
+                                         t.payload ->> 'index')))))
+ORDER BY a.updated_at
+LIMIT %(limit)s;
+
+-- unprocessed_outputs --
+-- A job's outputs that no output event settled: each URL of a succeeded prediction with no
+-- outputs row.
+SELECT p.id AS prediction_id, u.ordinality - 1 AS index, u.url AS source_url
+FROM predictions p
+CROSS JOIN LATERAL jsonb_array_elements_text(p.output_urls) WITH ORDINALITY AS u(url, ordinality)
+WHERE p.job_id = %(job_id)s::uuid AND p.status = 'succeeded'
+  AND NOT EXISTS (SELECT 1 FROM outputs o WHERE o.prediction_id = p.id AND o.index = u.ordinality - 1)
+ORDER BY p.id, u.ordinality;
+
+-- submission_slots --
+-- What a job's stream says of each slot (step, index) it submitted or tried to: submitted,
+-- or refused (with the error, and whether for good), in order.
+SELECT type, data ->> 'step' AS step, data ->> 'index' AS index, data ->> 'error' AS error,
+       coalesce(data -> 'final' = 'true'::jsonb, false) AS final
+FROM events
+WHERE stream = %(stream)s AND type IN ('prediction.submitted', 'prediction.submit_failed')
+ORDER BY position;
+
+-- job_predictions_by_step --
+-- A job's predictions, each with the step it counts in (job_step_rollups' coalesce).
+SELECT id, coalesce(step, 1) AS step FROM predictions WHERE job_id = %(job_id)s::uuid;
 
 -- job_view --
 -- One job as the jobs API shows it, from the projection only; with an owner, only theirs.
-SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
+SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata, next_step,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
        outputs, error, created_at, started_at, completed_at,
        (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at

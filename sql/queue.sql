@@ -131,7 +131,8 @@ BEGIN
         LEFT JOIN job_step_rollups r1 ON r1.job_id = j.id AND r1.step = 1
         LEFT JOIN job_step_output_rollups o1 ON o1.job_id = j.id AND o1.step = 1
         WHERE j.id = v_job AND j.next_step IS NOT NULL AND j.status <> 'canceled'
-          AND job_step_state(j.predictions_expected, coalesce(r1.submitted, 0), coalesce(r1.started, 0),
+          -- step 1 needs all of predictions_expected but step 2's one
+          AND job_step_state(j.predictions_expected - 1, coalesce(r1.submitted, 0), coalesce(r1.started, 0),
                              coalesce(r1.succeeded, 0), coalesce(r1.failed, 0),
                              coalesce(r1.outputs_expected, 0), coalesce(o1.processed, 0),
                              coalesce(o1.failed, 0)) = 'done';

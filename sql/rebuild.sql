@@ -195,7 +195,8 @@ DECLARE
 BEGIN
     -- s: each job stream's statistics, once (OFFSET 0: ask which streams are jobs once per
     -- stream, not once per event), for job_activity and for the jobs rows alike.
-    -- b: each job as job.created describes it (OFFSET 0: hand job_derived_values plain
+    -- b: each job as job.created describes it, and how many of its predictions_expected
+    -- are step 1's (all but a second step's one) (OFFSET 0: hand job_derived_values plain
     -- columns, since an argument that is an expression used more than once keeps the
     -- functions it calls from being inlined, and a call per job costs more than the rest).
     -- When one stream is rebuilt, the rollups are filtered to its job, so they group only
@@ -217,7 +218,7 @@ BEGIN
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
                b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id
-        FROM (SELECT j.*
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -227,7 +228,7 @@ BEGIN
         LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %3$s
         LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %4$s
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
-        CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.predictions_expected,
+        CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),

@@ -74,6 +74,11 @@ CHANGED_SINCE_LEGACY = {
     # tables shadow the live ones (sql/fold.sql)
     "job_step_rollups", "job_step_output_rollups", "job_step_rollups_rows",
     "job_step_output_rollups_rows",
+    # issue 21: a refused submission's prediction has its step, and a job's
+    # predictions_expected counts a second step's prediction too (sql/fold.sql, sql/queue.sql)
+    "prediction_step", "job_facts", "touch_job", "apply_event", "on_event_applied",
+    # issue 21: job.created's timeline line names a second step (sql/history_views.sql)
+    "history_event_summary",
 }
 
 

@@ -141,11 +141,12 @@ def test_counts_and_the_reconcile_summary_read_as_english():
     assert [plural(n, "job") for n in (0, 1, 2, 1000)] == ["0 jobs", "1 job", "2 jobs", "1,000 jobs"]
     assert reconciled({"polled": 1, "unchanged": 0, "poll_failed": 2, "resubmitted": 1}) == (
         "1 prediction polled, changed; 2 predictions could not be polled; 1 submission retried")
-    assert reconciled({"resubmitted": 0}) == "nothing to do: no quiet job, no failed submission"
+    assert reconciled({"resubmitted": 0}) == \
+        "nothing to do: no quiet job, no failed submission, no stalled job"
 
 
 def test_reconcile_says_what_it_did(app):
     app.config.update(REPLICATE_API_TOKEN="t", REPLICATE_API_BASE_URL="http://127.0.0.1:1/v1")
     result = app.test_cli_runner().invoke(args=["reconcile"])
     assert result.exit_code == 0, result.output
-    assert result.stdout == "nothing to do: no quiet job, no failed submission\n"
+    assert result.stdout == "nothing to do: no quiet job, no failed submission, no stalled job\n"

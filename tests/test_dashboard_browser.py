@@ -181,6 +181,28 @@ def test_the_detail_shows_both_images_and_the_timeline(page, stack):
     page.screenshot(path=str(DOCS / "dashboard-detail.png"))
 
 
+def test_a_two_step_job_shows_its_steps_apart_and_counts_both(page, stack):
+    merge = {"model": "black-forest-labs/flux-kontext-pro",
+             "input": {"prompt": "in a cafe", "input_image": "{{outputs[0]}}"}}
+    job = finished_job(stack, model="black-forest-labs/flux-schnell", input={"prompt": "a product"},
+                       aspect_ratio="3:4", then=merge)
+    page.goto(f"/#/jobs/{job['id']}")
+    steps = page.locator("li.step")
+    expect(steps).to_have_count(2)
+    expect(steps.nth(0)).to_contain_text("Step 1 black-forest-labs/flux-schnell")
+    expect(steps.nth(0)).to_contain_text("1/1 predictions, 1 output processed")
+    expect(steps.nth(1)).to_contain_text("Step 2 black-forest-labs/flux-kontext-pro")
+    expect(steps.nth(1)).to_contain_text("1/1 predictions, 1 output processed")
+    expect(page.locator("#progress-title + .progress")).to_have_attribute("aria-valuemax", "2")
+    for step in (1, 2):
+        section = page.locator(f'section.step-images[data-step="{step}"]')
+        expect(section.locator('img[data-kind="Processed"]')).to_have_count(1)
+    wait_for_images(page)
+    page.screenshot(path=str(DOCS / "dashboard-two-step.png"), full_page=True)
+    page.goto("/#/")
+    expect(row(page, job["id"])).to_contain_text("2/2 predictions")
+
+
 def test_redelivered_webhooks_are_marked_and_counted(page, stack):
     job = finished_job(stack, model="black-forest-labs/flux-schnell", input={"prompt": "x"}, count=3)
     redelivered = [d for d in stack.sim.webhook_log if d.response_code == 200]

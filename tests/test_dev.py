@@ -76,7 +76,7 @@ def test_a_flask_command_in_another_terminal_reaches_the_runs_simulator(db_url, 
         # Another terminal, in the directory of .flaskenv: no REPLICATE_* variable set by hand.
         reconciled = flask("reconcile", env=other, cwd=tmp_path)
         assert reconciled.returncode == 0, reconciled.stderr
-        assert reconciled.stdout == "nothing to do: no quiet job, no failed submission\n"
+        assert reconciled.stdout == "nothing to do: no quiet job, no failed submission, no stalled job\n"
         # A variable the user set wins over the file.
         mine = flask("reconcile", env=dict(other, REPLICATE_API_BASE_URL="ftp://elsewhere"), cwd=tmp_path)
         assert_one_line_error(mine, "REPLICATE_API_BASE_URL", "ftp://elsewhere")

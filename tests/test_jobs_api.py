@@ -236,11 +236,13 @@ def test_get_shows_predictions_and_outputs_from_the_projection(client, conn):
     assert done["created_at"] == "2023-08-16T18:57:08.360785+00:00"  # earliest report wins
     assert by_id["p-run"]["status"] == "processing" and by_id["p-run"]["completed_at"] is None
     assert body["outputs"] == [{
-        "prediction_id": "p-done", "index": 0, "width": 768, "height": 1024,
+        "prediction_id": "p-done", "step": 1, "index": 0, "width": 768, "height": 1024,
         "source_url": "https://replicate.delivery/p-done/out-0.png", "url": "file:///outputs/p-done/0.png"}]
     assert set(body) == {"id", "status", "model", "version", "deployment", "aspect_ratio", "postprocess",
                          "progress", "predictions", "outputs", "error", "metadata", "created_at",
-                         "started_at", "completed_at", "updated_at"}
+                         "started_at", "completed_at", "updated_at", "steps"}
+    assert body["steps"] == [{"step": 1, "target": body["model"], "total": 2, "succeeded": 1, "failed": 0,
+                              "processed": 1}]
 
 
 def test_a_failed_job_shows_its_error(client, conn):

@@ -37,7 +37,7 @@ export function mountDetail(main, target, ctx) {
     renderHead(head, job, ctx, refresh);
     renderProgress(progress, job);
     renderPredictions(predictions, job, target.params.get("prediction"));
-    renderImages(images, outputs.outputs, figures);
+    renderImages(images, outputs.outputs, figures, twoSteps(job) ? job.steps : null);
     renderTimeline(timeline, events, openRaw, rawCache, abort.signal);
   }
 
@@ -93,7 +93,20 @@ function renderProgress(el, job) {
     h("dl", { class: "facts compact" },
       fact("Predictions", `${p.succeeded} succeeded, ${p.failed} failed, ${p.total} in all`),
       fact("Success rate", h("span", { dataset: { successRate: "" } }, rate)),
-      fact("Outputs processed", String(p.processed))));
+      fact("Outputs processed", String(p.processed))),
+    twoSteps(job) ? h("ol", { class: "steps" }, job.steps.map(renderStep)) : null);
+}
+
+const twoSteps = (job) => (job.steps || []).length > 1;
+
+// One step of a two-step job: what it runs and how far it got, apart from the other step.
+function renderStep(s) {
+  return h("li", { class: "step", dataset: { step: s.step } },
+    h("strong", {}, `Step ${s.step}`), " ", h("code", {}, s.target || "–"), " ",
+    progressBar(s.succeeded, s.failed, s.total, `Step ${s.step}: ${s.succeeded} of ${s.total} predictions succeeded`),
+    h("span", { class: "step-text" },
+      `${s.succeeded}/${s.total} predictions${s.failed ? `, ${s.failed} failed` : ""}, `
+      + `${s.processed} output${s.processed === 1 ? "" : "s"} processed`));
 }
 
 function renderPredictions(el, job, highlight) {
@@ -135,24 +148,34 @@ function image(url, alt, label, recorded, figures) {
   return figure;
 }
 
-function renderImages(el, outputs, figures) {
-  const items = outputs.map((o) => {
-    const name = `output ${o.index + 1} of prediction ${o.prediction_id}${o.step > 1 ? ` (step ${o.step})` : ""}`;
-    if (o.status !== "processed") {
-      return h("li", { class: "pair failed" }, h("p", {}, h("strong", {}, `${name}: `), "failed — ", o.error || ""));
-    }
-    const original = o.original_url || o.source_url;
-    return h("li", { class: "pair" },
-      h("h3", {}, name[0].toUpperCase() + name.slice(1)),
-      h("div", { class: "shots" },
-        image(original, `Original ${name}, as the model made it`, "Original", null, figures),
-        image(o.url, `Processed ${name}, ${o.width} by ${o.height} pixels`, "Processed", [o.width, o.height], figures)),
-      h("p", { class: "muted" }, [o.plan ? `${o.plan.action} to ${o.plan.width} × ${o.plan.height}` : null,
-        o.format, bytes(o.bytes), o.original_bytes ? `original ${bytes(o.original_bytes)}` : null]
-        .filter(Boolean).join(" · ")));
-  });
-  replace(el, h("h2", { id: "images-title" }, "Images"),
-    items.length ? h("ul", { class: "pairs" }, items) : h("p", { class: "muted" }, "No outputs processed yet."));
+// The outputs, under a heading per step when the job has two.
+function renderImages(el, outputs, figures, steps) {
+  const pairs = (list, heading) => h("ul", { class: "pairs" }, list.map((o) => pair(o, figures, heading)));
+  const body = !outputs.length ? h("p", { class: "muted" }, "No outputs processed yet.")
+    : !steps ? pairs(outputs)
+      : steps.map((s) => {
+        const own = outputs.filter((o) => (o.step || 1) === s.step);
+        return h("section", { class: "step-images", dataset: { step: s.step } },
+          h("h3", {}, `Step ${s.step} `, h("code", {}, s.target || "–")),
+          own.length ? pairs(own, "h4") : h("p", { class: "muted" }, "No outputs processed yet."));
+      });
+  replace(el, h("h2", { id: "images-title" }, "Images"), body);
+}
+
+function pair(o, figures, heading = "h3") {
+  const name = `output ${o.index + 1} of prediction ${o.prediction_id}${o.step > 1 ? ` (step ${o.step})` : ""}`;
+  if (o.status !== "processed") {
+    return h("li", { class: "pair failed" }, h("p", {}, h("strong", {}, `${name}: `), "failed — ", o.error || ""));
+  }
+  const original = o.original_url || o.source_url;
+  return h("li", { class: "pair" },
+    h(heading, {}, name[0].toUpperCase() + name.slice(1)),
+    h("div", { class: "shots" },
+      image(original, `Original ${name}, as the model made it`, "Original", null, figures),
+      image(o.url, `Processed ${name}, ${o.width} by ${o.height} pixels`, "Processed", [o.width, o.height], figures)),
+    h("p", { class: "muted" }, [o.plan ? `${o.plan.action} to ${o.plan.width} × ${o.plan.height}` : null,
+      o.format, bytes(o.bytes), o.original_bytes ? `original ${bytes(o.original_bytes)}` : null]
+      .filter(Boolean).join(" · ")));
 }
 
 const KINDS = {

@@ -215,11 +215,12 @@ RETURN CASE type
         THEN jsonb_build_object('id', data ->> 'prediction_id', 'status', 'failed',
                                 'error', data ->> 'error') END END;
 
--- The step of a job a prediction belongs to: our own record says it, and a webhook's
--- query string (?job=<id>&step=<n>) repeats it.
+-- The step of a job a prediction belongs to: our own record says it (of a prediction
+-- submitted, or of one a refused submission stands in for), and a webhook's query string
+-- (?job=<id>&step=<n>) repeats it.
 CREATE OR REPLACE FUNCTION prediction_step(type text, data jsonb, metadata jsonb) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN small_int(CASE WHEN type = 'prediction.submitted' THEN data ->> 'step'
+RETURN small_int(CASE WHEN type IN ('prediction.submitted', 'prediction.submit_failed') THEN data ->> 'step'
                       ELSE metadata -> 'query' ->> 'step' END);
 
 -- Every URL in an output, however nested (string, list, list of lists, dict of file objects).
@@ -433,7 +434,9 @@ END $$;
 -- A job as job.created describes it, with what the caller knows of its stream (when it
 -- was canceled, how many submissions failed for good). The owner is kept when it is a
 -- canonical uuid (stream_job_id checks exactly that), else NULL rather than an error that
--- would stop a replay. The derived columns start as "pending, nothing counted".
+-- would stop a replay. predictions_expected counts every prediction the job runs: `count`
+-- in step 1, and one more for a second step (`then`). The derived columns start as
+-- "pending, nothing counted".
 CREATE OR REPLACE FUNCTION job_facts(
     stream text, data jsonb, created_at timestamptz, canceled_at timestamptz, submit_failures integer
 ) RETURNS SETOF jobs
@@ -448,7 +451,7 @@ AS $$
            coalesce(data -> 'input', '{}'::jsonb),
            data -> 'then',
            coalesce(data -> 'metadata', '{}'::jsonb),
-           'pending', coalesce(small_int(data ->> 'count'), 1),
+           'pending', coalesce(small_int(data ->> 'count'), 1) + (data -> 'then' IS NOT NULL)::integer,
            0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
            canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
            stream_job_id(data ->> 'owner_id')
@@ -570,7 +573,8 @@ END;
 -- are taken once (n, pulled up into the caller, where a rebuild's whole-row arguments
 -- become plain columns) and the status once, in a subquery that OFFSET 0 keeps whole, so
 -- status, error and completed_at refer to its result rather than repeating the whole
--- status expression (both steps' states).
+-- status expression (both steps' states). predictions_expected is step 1's: the job's
+-- column less the one prediction of a second step.
 CREATE OR REPLACE FUNCTION job_derived_values(
     canceled_at timestamptz, predictions_expected integer, has_next boolean,
     r1 job_step_rollups, o1 job_step_output_rollups,
@@ -660,7 +664,7 @@ BEGIN
     SELECT CASE WHEN e.type = 'job.canceled' THEN least(j.canceled_at, e.recorded_at)
                 ELSE j.canceled_at END AS canceled_at,
            j.submit_failures + is_final_submit_failure(e.type, e.data)::integer AS submit_failures,
-           j.predictions_expected,
+           j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
            j.next_step IS NOT NULL AS has_next,
            j.outputs_processed + j.outputs_failed > 0
                OR e.type IN ('output.processed', 'output.failed') AS has_outputs
@@ -681,7 +685,7 @@ BEGIN
     v_r2 := r2[1];
     v_o1 := o1[1];
     v_o2 := o2[1];
-    SELECT * INTO d FROM job_derived_values(c.canceled_at, c.predictions_expected, c.has_next,
+    SELECT * INTO d FROM job_derived_values(c.canceled_at, c.first_step_expected, c.has_next,
                                             v_r1, v_o1, v_r2, v_o2);
     UPDATE jobs j
     SET (canceled_at, submit_failures, status, predictions_submitted, predictions_succeeded,
@@ -727,7 +731,8 @@ BEGIN
                                      s.submit_failures) j
         WHERE s.stream = e.stream
         ON CONFLICT (id) DO NOTHING
-        RETURNING v_derive OR predictions_expected < 1 INTO v_derive;  -- NULL: no new row
+        RETURNING v_derive OR predictions_expected - (next_step IS NOT NULL)::integer < 1
+            INTO v_derive;  -- NULL: no new row
     ELSIF e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
                      'prediction.submit_failed') THEN
         v_status := apply_prediction_event(e);
@@ -946,7 +951,8 @@ DECLARE
 BEGIN
     -- s: each job stream's statistics, once (OFFSET 0: ask which streams are jobs once per
     -- stream, not once per event), for job_activity and for the jobs rows alike.
-    -- b: each job as job.created describes it (OFFSET 0: hand job_derived_values plain
+    -- b: each job as job.created describes it, and how many of its predictions_expected
+    -- are step 1's (all but a second step's one) (OFFSET 0: hand job_derived_values plain
     -- columns, since an argument that is an expression used more than once keeps the
     -- functions it calls from being inlined, and a call per job costs more than the rest).
     -- When one stream is rebuilt, the rollups are filtered to its job, so they group only
@@ -968,7 +974,7 @@ BEGIN
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
                b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id
-        FROM (SELECT j.*
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -978,7 +984,7 @@ BEGIN
         LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %3$s
         LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %4$s
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
-        CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.predictions_expected,
+        CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
@@ -1067,7 +1073,9 @@ RETURN CASE type
     WHEN 'job.created' THEN 'created: ' || concat_ws(', ',
         coalesce(data ->> 'model', data ->> 'deployment', data ->> 'version', 'no model'),
         history_count(coalesce(small_int(data ->> 'count'), 1), 'prediction'),
-        coalesce(data ->> 'aspect_ratio', '1:1'))
+        coalesce(data ->> 'aspect_ratio', '1:1'),
+        'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
+                            data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')
@@ -1393,7 +1401,8 @@ BEGIN
         LEFT JOIN job_step_rollups r1 ON r1.job_id = j.id AND r1.step = 1
         LEFT JOIN job_step_output_rollups o1 ON o1.job_id = j.id AND o1.step = 1
         WHERE j.id = v_job AND j.next_step IS NOT NULL AND j.status <> 'canceled'
-          AND job_step_state(j.predictions_expected, coalesce(r1.submitted, 0), coalesce(r1.started, 0),
+          -- step 1 needs all of predictions_expected but step 2's one
+          AND job_step_state(j.predictions_expected - 1, coalesce(r1.submitted, 0), coalesce(r1.started, 0),
                              coalesce(r1.succeeded, 0), coalesce(r1.failed, 0),
                              coalesce(r1.outputs_expected, 0), coalesce(o1.processed, 0),
                              coalesce(o1.failed, 0)) = 'done';
@@ -1720,13 +1729,13 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'a2ecacc4a30d8e680ed7efa2be04b0095675addd39e593a5e9f0f020e41bb99e')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'c2083b49755697eba41ea14660412d01a436ad324eef716ec73b6daf0cf0d5d3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '059b9a0ef72453ff07ce67ca4e132a33ab07720c1f190b47117720358db2c246')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '1caa49a36d053e2e2fe9371457a31cfc1ca93495ae1d776c38c7fa6863bc38ca')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'b1bba7e1a34ed06d421349356513bf727d396ee035b519ef3ffeb79e88918966')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', '6712019d39d6c8adad4196d348b5b9681e86e446a072351f5b3694b610a7498e')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', 'afa49fd7bbd34233922a27ddfd695818a7d04566fbe48e87a259f6a3c428e33d')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', '12f02d27058c5e0105acfb4f5a80a5f14c50da11b6d6a58b1dd3a4a0cff0f746')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('dashboard.sql', '20eabd2914fcbee482e0e6256d912aa0e1ad305ca8276dcae26334db6165234d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
