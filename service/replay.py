@@ -51,6 +51,9 @@ WRITE_BATCH = 500
 _REPLAY_LOCK = 7_215_002
 # Catch up again before comparing while the last round had more events than this.
 _SMALL_DELTA = 2_000
+# After the comparison, catch up again while a round saw more events than this: the cut-over
+# folds in the rest with appends waiting.
+_TINY_DELTA = 50
 _CATCH_UP_ROUNDS = 4
 
 
@@ -296,23 +299,40 @@ def _catch_up(run: _Run, upto: int, *, compare: bool = False) -> int:
 
 
 def _catch_up_and_compare(run: _Run) -> tuple[int, list[Difference]]:
+    """Catch up until few events came in during a round, then list every row that differs;
+    then catch up again, listing only the changed streams' rows, until the events that
+    arrive during a round are so few that the cut-over, which takes them under the lock,
+    is short."""
     with _timed(run, "compare"):
-        for round_ in range(_CATCH_UP_ROUNDS):
-            upto = _begin_quiet_snapshot(run)
-            try:
-                more = _catch_up(run, upto)
-                if more <= _SMALL_DELTA or round_ == _CATCH_UP_ROUNDS - 1:
-                    run.scratch.clear_differences()
-                    run.scratch.list_differences(run.streams)
-                    total, samples = run.scratch.differences()
-                    run.conn.execute("COMMIT")
-                    break
-                run.conn.execute("COMMIT")
-            except BaseException:
-                run.conn.execute("ROLLBACK")
-                raise
+        for _ in range(_CATCH_UP_ROUNDS):
+            if _in_quiet_snapshot(run, lambda upto: _catch_up(run, upto)) <= _SMALL_DELTA:
+                break
+        _in_quiet_snapshot(run, lambda upto: _list_all(run, upto))
+        for _ in range(_CATCH_UP_ROUNDS):
+            if _in_quiet_snapshot(run, lambda upto: _catch_up(run, upto, compare=True)) <= _TINY_DELTA:
+                break
+        total, samples = run.scratch.differences()
     run.stage("compare", total)
     return total, samples
+
+
+def _in_quiet_snapshot(run: _Run, work: Callable[[int], int]) -> int:
+    """Run work(greatest position) in a transaction in a quiet snapshot; return its result."""
+    upto = _begin_quiet_snapshot(run)
+    try:
+        result = work(upto)
+        run.conn.execute("COMMIT")
+        return result
+    except BaseException:
+        run.conn.execute("ROLLBACK")
+        raise
+
+
+def _list_all(run: _Run, upto: int) -> int:
+    caught_up = _catch_up(run, upto)
+    run.scratch.clear_differences()
+    run.scratch.list_differences(run.streams)
+    return caught_up
 
 
 def _cut_over(run: _Run) -> int:

@@ -91,6 +91,8 @@ class Scratch:
             # The key's index also records the row count the planner needs (no ANALYZE).
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                 _temp(table), _names(spec.keys)))
+            if table in ("predictions", "outputs"):  # a job's rows, as catching up reads them
+                self.conn.execute(sql.SQL("CREATE INDEX ON {} (job_id)").format(_temp(table)))
             self.conn.execute(sql.SQL(
                 "CREATE TEMP TABLE {} AS SELECT {}, ''::text AS stream, ''::\"char\" AS change "
                 "FROM {} LIMIT 0").format(

@@ -53,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=int, default=300, help="webhooks per second")
     parser.add_argument("--baseline", type=int, default=20, help="seconds of webhooks with no replay")
     parser.add_argument("--senders", type=int, default=32, help="sending threads (connections)")
+    parser.add_argument("--differ", type=int, default=1000,
+                        help="jobs rows made wrong before the replay, so that its cut-over has rows "
+                             "to write while webhooks wait for it")
     parser.add_argument("--seed", type=int, default=20261206)
     parser.add_argument("--database-url", default=default_database_url(),
                         help="server to create the scratch database on (default: DATABASE_URL, "
@@ -183,6 +186,9 @@ def main() -> None:
             print("building the live projection (a first replay)", flush=True)
             with db.connect(url) as conn:
                 replay(conn)
+                conn.execute("UPDATE jobs SET outputs_processed = outputs_processed + 1 "
+                             "WHERE id IN (SELECT id FROM jobs ORDER BY id LIMIT %s)", (args.differ,))
+                conn.commit()
             plan = Workload(args.seed).plan(args.rate * (args.baseline + 600))
             record_setup(url, plan)
             env = {"DATABASE_URL": url, "REPLICATE_WEBHOOK_SECRET": secret}
