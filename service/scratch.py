@@ -87,16 +87,21 @@ class Scratch:
                 sql.Identifier(table), sql.Identifier(self.schema, table)))
 
     def index(self) -> None:
+        """Keys, a job's rows, and statistics: catching up a few jobs, in the cut-over
+        above all, plans its reads of the scratch tables from them (rebuild_jobs for 30
+        jobs of a million events: 354 ms without statistics, 5 ms with)."""
+        self.conn.execute("SET default_statistics_target = 10")  # a small sample is enough
         for table, spec in TABLES.items():
-            # The key's index also records the row count the planner needs (no ANALYZE).
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                 _temp(table), _names(spec.keys)))
-            if table in ("predictions", "outputs"):  # a job's rows, as catching up reads them
+            if table in ("predictions", "outputs"):
                 self.conn.execute(sql.SQL("CREATE INDEX ON {} (job_id)").format(_temp(table)))
+            self.conn.execute(sql.SQL("ANALYZE {}").format(_temp(table)))
             self.conn.execute(sql.SQL(
                 "CREATE TEMP TABLE {} AS SELECT {}, ''::text AS stream, ''::\"char\" AS change "
                 "FROM {} LIMIT 0").format(
                 sql.Identifier(f"replay_diff_{table}"), _names(spec.keys), _temp(table)))
+        self.conn.execute("RESET default_statistics_target")
 
     def drop(self) -> None:
         if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
