@@ -145,7 +145,7 @@ def _replay(conn: psycopg.Connection) -> Iterator[Metric]:
 
 def _events(conn: psycopg.Connection) -> Iterator[Metric]:
     last = GaugeMetricFamily("rjs_events_last_position", "Position of the newest event.")
-    last.add_metric([], conn.execute(queries["metrics_events"]).fetchone()["position"])
+    last.add_metric([], conn.execute(queries["newest_position"]).fetchone()["position"])
     yield last
 
 

@@ -10,11 +10,14 @@ sees those tables, and they go when the session ends, however it ends.
    lock on events for a moment and exports its snapshot), and W, the greatest position in
    it: every event at or below W is in the snapshot, every later one is above W.
 2. predictions, outputs, jobs: the set-based rebuild of that snapshot. Webhooks go on.
-3. indexes: the temporary tables' keys, built after their rows.
-4. catch-up and compare: the streams with events above W are rebuilt again, from a new
-   quiet snapshot, until few were left; then the keys of the rows that differ from the
-   live ones are listed, in that same snapshot.
-5. cut-over: one transaction, under the lock appends wait for: the streams changed since
+3. indexes: the temporary tables' keys and statistics, built after their rows.
+4. compare: the streams with events above W are rebuilt again, from a new quiet snapshot,
+   until few arrived during a round; then the rows that differ from the live ones are
+   listed, in that same snapshot; then catching up goes on, listing only the changed
+   streams' rows again, until a round sees at most a few dozen events.
+5. write (only in batches): the listed rows, a few hundred streams at a time, each batch
+   under those streams' locks.
+6. cut-over: one transaction, under the lock appends wait for: the streams changed since
    are rebuilt once more, then only the rows that differ are inserted, updated or deleted.
    This is the only time appends wait.
 
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from service.db import queries
 from service.errors import ServiceError
 from service.scratch import TABLES, Difference, Scratch
 
@@ -136,8 +140,8 @@ def replay(conn: psycopg.Connection, *, stream: str | None = None, check: bool =
     replay stopped midway leaves the streams it wrote rebuilt and the others as they were;
     without it, a stopped replay leaves everything as it was.
 
-    Runs on `conn`'s session (left in autocommit, with no temporary tables, when done) and
-    on a second session opened with the same parameters."""
+    Runs on `conn`'s session (left as it was found, with no temporary tables, when done)
+    and on a second session opened with the same parameters."""
     saved = conn.autocommit
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         conn.rollback()
@@ -217,14 +221,11 @@ def _announce(conn: psycopg.Connection, streams: list[str] | None, stage: str,
 
 def _quiesce(conn: psycopg.Connection, streams: list[str] | None) -> None:
     """Wait until no append is in flight (for these streams), and keep new ones waiting
-    until the transaction ends: the lock append_event takes, in a conflicting mode."""
+    until the transaction ends."""
     if streams is None:
-        conn.execute("LOCK TABLE events IN SHARE MODE")
+        conn.execute(queries["lock_events_for_replay"])
     else:
-        # in stream order, as a group of appends takes them (sql/store.sql), so they
-        # cannot deadlock on each other
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(s, 0)) "
-                     "FROM (SELECT s FROM unnest(%s::text[]) s ORDER BY s) o", (streams,))
+        conn.execute(queries["lock_streams"], {"streams": streams})
 
 
 def _begin_quiet_snapshot(run: _Run) -> int:
@@ -235,7 +236,11 @@ def _begin_quiet_snapshot(run: _Run) -> int:
         exported = run.other.execute("SELECT pg_export_snapshot() AS s").fetchone()["s"]
         run.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         run.conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
-    return run.conn.execute("SELECT coalesce(max(position), 0) AS w FROM events").fetchone()["w"]
+    return _newest_position(run.conn)
+
+
+def _newest_position(conn: psycopg.Connection) -> int:
+    return conn.execute(queries["newest_position"]).fetchone()["position"]
 
 
 def _rebuild(run: _Run) -> None:
@@ -271,21 +276,16 @@ def _index(run: _Run) -> None:
 
 
 def _count_events(run: _Run, after: int, upto: int) -> int:
-    return run.conn.execute(
-        "SELECT count(*) AS n FROM events WHERE position > %(after)s AND position <= %(upto)s "
-        "AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]))",
-        {"after": after, "upto": upto, "streams": run.streams}).fetchone()["n"]
+    return run.conn.execute(queries["replay_event_count"],
+                            {"after": after, "upto": upto, "streams": run.streams}).fetchone()["n"]
 
 
 def _catch_up(run: _Run, upto: int, *, compare: bool = False) -> int:
     """Rebuild again, in the scratch tables, the streams with events in (watermark, upto];
     return how many such events there were. With compare, also list those streams' rows
     that differ from the live ones."""
-    changed = run.conn.execute(
-        "SELECT array_agg(DISTINCT stream) AS streams, count(*) AS n FROM events "
-        "WHERE position > %(after)s AND position <= %(upto)s "
-        "AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]))",
-        {"after": run.watermark, "upto": upto, "streams": run.streams}).fetchone()
+    changed = run.conn.execute(queries["replay_changed_streams"],
+                               {"after": run.watermark, "upto": upto, "streams": run.streams}).fetchone()
     if changed["n"]:
         run.conn.execute("SELECT clear_projections(%(s)s::text[])", {"s": changed["streams"]})
         for phase in PHASES:
@@ -340,8 +340,7 @@ def _cut_over(run: _Run) -> int:
     the rows that differ. Returns how many rows were inserted, updated or deleted."""
     with _timed(run, "cut-over"), run.conn.transaction():
         _quiesce(run.conn, run.streams)
-        _catch_up(run, run.conn.execute("SELECT coalesce(max(position), 0) AS w FROM events")
-                  .fetchone()["w"], compare=True)
+        _catch_up(run, _newest_position(run.conn), compare=True)
         run.scratch.live_names_first()
         changed = run.scratch.apply()
     run.stage("cut-over", changed)
@@ -366,9 +365,9 @@ def _write_ahead(run: _Run, batches: int) -> int:
 def _write_batch(run: _Run, streams: list[str]) -> int:
     with run.conn.transaction():
         _quiesce(run.conn, streams)
-        moved = {r["stream"] for r in run.conn.execute(
-            "SELECT DISTINCT stream FROM events WHERE stream = ANY (%s::text[]) AND position > %s",
-            (streams, run.watermark))}
+        moved = set(run.conn.execute(queries["replay_changed_streams"], {
+            "after": run.watermark, "upto": _newest_position(run.conn), "streams": streams,
+        }).fetchone()["streams"] or ())
         ready = [s for s in streams if s not in moved]
         run.scratch.live_names_first()
         written = run.scratch.apply(ready)

@@ -13,7 +13,7 @@ then its entries are listed again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import psycopg
@@ -79,12 +79,19 @@ def _diff(table: str) -> sql.Composable:
 class Scratch:
     conn: psycopg.Connection
     schema: str  # the live tables'
+    # each table's columns, and the session's search_path, read once by create()
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    search_path: str = ""
 
     def create(self) -> None:
         """Empty tables shaped like the projections, without indexes (built after the rows)."""
+        self.search_path = self.conn.execute("SELECT current_setting('search_path') AS p").fetchone()["p"]
         for table in TABLES:
             self.conn.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
                 sql.Identifier(table), sql.Identifier(self.schema, table)))
+            self.columns[table] = [r["attname"] for r in self.conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+                "AND NOT attisdropped ORDER BY attnum", (f"pg_temp.{table}",))]
 
     def index(self) -> None:
         """Keys, a job's rows, and statistics: catching up a few jobs, in the cut-over
@@ -179,8 +186,7 @@ class Scratch:
     def live_names_first(self) -> None:
         """Until the transaction ends, unqualified names are the live tables again, for the
         triggers that writing them fires."""
-        path = self.conn.execute("SELECT current_setting('search_path') AS p").fetchone()["p"]
-        self.conn.execute(sql.SQL("SET LOCAL search_path = {}, pg_temp").format(sql.SQL(path)))
+        self.conn.execute(sql.SQL("SET LOCAL search_path = {}, pg_temp").format(sql.SQL(self.search_path)))
 
     def apply(self, streams: list[str] | None = None) -> int:
         """Write the listed rows (of `streams` only, if given) that differ into the live
@@ -188,10 +194,7 @@ class Scratch:
         return sum(self._apply(table, spec, streams) for table, spec in TABLES.items())
 
     def _apply(self, table: str, spec: Table, streams: list[str] | None) -> int:
-        keys = spec.keys
-        columns = [r["attname"] for r in self.conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum", (f"pg_temp.{table}",))]
+        keys, columns = spec.keys, self.columns[table]
         only = sql.SQL("true") if streams is None else sql.SQL("d.stream = ANY ({}::text[])").format(
             sql.Literal(streams))
         names = {"live": sql.Identifier(self.schema, table), "new": _temp(table), "diff": _diff(table),

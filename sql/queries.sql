@@ -6,17 +6,30 @@
 SELECT event_position AS position, duplicate
 FROM append_event(%(event_key)s, %(stream)s, %(type)s, %(data)s, %(metadata)s);
 
--- event_count --
--- How many events a rebuild of all streams, or of one, reads.
-SELECT count(*) AS n FROM events WHERE %(stream)s::text IS NULL OR stream = %(stream)s;
+-- replay_event_count --
+-- How many events of some streams (NULL: all) lie in (after, upto], the positions a replay reads.
+SELECT count(*) AS n FROM events
+WHERE position > %(after)s AND position <= %(upto)s
+  AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]));
+
+-- replay_changed_streams --
+-- The streams (of some, NULL: all) with events in (after, upto], and how many events: what a
+-- replay catches up.
+SELECT array_agg(DISTINCT stream) AS streams, count(*) AS n FROM events
+WHERE position > %(after)s AND position <= %(upto)s
+  AND (%(streams)s::text[] IS NULL OR stream = ANY (%(streams)s::text[]));
 
 -- lock_events_for_replay --
--- A full replay makes appends wait until it commits (they take ROW EXCLUSIVE).
+-- Wait until no append is in flight, and keep new ones waiting until this transaction ends
+-- (appends take ROW EXCLUSIVE): how a replay takes a quiet snapshot and its cut-over.
 LOCK TABLE events IN SHARE MODE;
 
--- lock_stream --
--- The same lock append_event takes for a stream: a one-job replay makes that job's appends wait.
-SELECT pg_advisory_xact_lock(hashtextextended(%(stream)s, 0));
+-- lock_streams --
+-- The lock append_event takes for each of these streams, in stream order as a group of
+-- appends takes them (sql/store.sql), so the two cannot deadlock: a one-job replay's quiet
+-- snapshot and cut-over, and each batch of a replay in batches.
+SELECT pg_advisory_xact_lock(hashtextextended(s, 0))
+FROM (SELECT s FROM unnest(%(streams)s::text[]) s ORDER BY s) o;
 
 -- job_events --
 -- A job's events in recording order.
@@ -352,8 +365,8 @@ SELECT application_name,
                                             extract(epoch FROM backend_start)) AS seconds
 FROM pg_stat_activity WHERE application_name LIKE 'rjs-replay:%%';
 
--- metrics_events --
--- The newest event's position (0 when there is none).
+-- newest_position --
+-- The newest event's position (0 when there is none): for /metrics, and a replay's watermark.
 SELECT coalesce(max(position), 0) AS position FROM events;
 
 -- readiness --
