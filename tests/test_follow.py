@@ -36,6 +36,17 @@ def parsed(stdout: str) -> list[tuple[str, int, int, int, list[str]]]:
     return lines
 
 
+def followed_to_completion(stdout: str, counts: tuple[int, int, int]) -> list[tuple]:
+    """The follower's lines, checked to go forward only and to end completed with `counts`
+    (done, total, outputs); several lines, so it heard the changes, not just the end."""
+    lines = parsed(stdout)
+    statuses = [line[0] for line in lines]
+    assert statuses[-1] == "completed" and len(lines) >= 3, stdout
+    assert [ORDER.index(s) for s in statuses] == sorted(ORDER.index(s) for s in statuses)
+    assert lines[-1][1:4] == counts
+    return lines
+
+
 def test_the_follower_prints_each_change_until_the_job_completes(db_url):
     with running_stack(db_url, speed=5.0) as stack:
         job = stack.create_job(model="stability-ai/sdxl", input={"prompt": "a lighthouse"}, count=2)

@@ -23,7 +23,7 @@ from tests import pg15 as pg15_cluster
 from tests.realtime_server import ANON_KEY, SupabaseServer
 from tests.stack import running_stack
 from tests.supabase import create_project
-from tests.test_follow import ORDER, follower, parsed
+from tests.test_follow import followed_to_completion, follower, parsed
 from tests.test_follow_realtime import ALICE, BOB, alices_job, env
 
 SHOWN_TO_OWNERS = {"id", "owner_id", "model", "version", "deployment", "aspect_ratio", "status",
@@ -84,11 +84,8 @@ def test_the_owner_follows_a_job_through_postgres_changes(running):
                                                         SUPABASE_PASSWORD=ALICE[1]))
     stdout, stderr = run.communicate(timeout=90)
     assert run.returncode == 0, stderr
-    lines = parsed(stdout)
+    lines = followed_to_completion(stdout, (2, 2, 2))
     statuses = [line[0] for line in lines]
-    assert statuses[-1] == "completed" and len(lines) >= 3, stdout
-    assert [ORDER.index(s) for s in statuses] == sorted(ORDER.index(s) for s in statuses)
-    assert lines[-1][1:4] == (2, 2, 2)
     final = job_row(stack, job_id)
     assert sorted(lines[-1][4]) == sorted(o["url"] for o in final["outputs"])
     # the subscription: one public channel, UPDATEs of this job's row, with Alice's token

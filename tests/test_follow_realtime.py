@@ -14,7 +14,7 @@ import requests
 
 from tests.realtime_server import ANON_KEY, SupabaseServer
 from tests.stack import running_stack
-from tests.test_follow import ORDER, follower, parsed
+from tests.test_follow import followed_to_completion, follower, parsed
 
 ALICE = ("alice@example.com", "alice-password", "6f1c3a0e-1d2b-4c5d-8e9f-0a1b2c3d4e5f")
 BOB = ("bob@example.com", "bob-password", "0b7e6d5c-4a39-4281-9f0e-1d2c3b4a5968")
@@ -55,11 +55,8 @@ def test_the_owner_follows_a_job_through_realtime_broadcasts(stack, project):
     run = follower(job_id, env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
     stdout, stderr = run.communicate(timeout=90)
     assert run.returncode == 0, stderr
-    lines = parsed(stdout)
+    lines = followed_to_completion(stdout, (2, 2, 2))
     statuses = [line[0] for line in lines]
-    assert statuses[-1] == "completed" and len(lines) >= 3, stdout
-    assert [ORDER.index(s) for s in statuses] == sorted(ORDER.index(s) for s in statuses)
-    assert lines[-1][1:4] == (2, 2, 2)
     with stack.app.extensions["db_pool"].connection() as conn:
         urls = [o["url"] for o in conn.execute("SELECT outputs FROM jobs WHERE id = %s",
                                                (job_id,)).fetchone()["outputs"]]
