@@ -38,7 +38,7 @@ import psycopg
 from common import (
     PROMPTS,
     RECORDED_TABLE,
-    default_database_url,
+    add_database_url,
     scratch_database,
     server,
     server_version,
@@ -96,9 +96,7 @@ def parse_args() -> argparse.Namespace:
                         help="alternate append and bare phases this many times (default 4)")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--database-url", default=default_database_url(),
-                        help="server to create the scratch database on (default: DATABASE_URL, "
-                             "else an embedded pgserver)")
+    add_database_url(parser)
     return parser.parse_args()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -92,3 +93,10 @@ def server_version(url: str) -> str:
 
 def default_database_url() -> str | None:
     return os.environ.get("DATABASE_URL", "").strip() or None
+
+
+def add_database_url(parser: argparse.ArgumentParser) -> None:
+    """--database-url: the server a benchmark makes its scratch database on."""
+    parser.add_argument("--database-url", default=default_database_url(),
+                        help="server to create the scratch database on (default: DATABASE_URL, "
+                             "else an embedded pgserver)")

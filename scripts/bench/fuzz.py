@@ -31,7 +31,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
-from common import ROOT, default_database_url, scratch_database, server
+from common import ROOT, add_database_url, scratch_database, server
 
 sys.path.insert(0, str(ROOT))
 
@@ -140,7 +140,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=100_000, help="cases to run, over all families")
     parser.add_argument("--seed", type=int, default=7, help="Hypothesis seed (same seed, same cases)")
-    parser.add_argument("--database-url", default=default_database_url())
+    add_database_url(parser)
     args = parser.parse_args()
     tally = Tally()
     with server(args.database_url) as (server_url, where), \

@@ -33,7 +33,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from common import ROOT, default_database_url, scratch_database, server, server_version
+from common import ROOT, add_database_url, scratch_database, server, server_version
 
 from service import create_app, db, imaging
 from service.cli import handlers, worker_context
@@ -60,9 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images, for a smoke run")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per case (after one warm-up)")
     parser.add_argument("--images", type=int, default=40, help="images per throughput run")
-    parser.add_argument("--database-url", default=default_database_url(),
-                        help="server to create the scratch database on (default: DATABASE_URL, "
-                             "else an embedded pgserver)")
+    add_database_url(parser)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.images = min(args.repeats, 3), min(args.images, 12)

@@ -74,7 +74,7 @@ from common import (
     RECORDED_TABLE,
     ROOT,
     TEMPLATES,
-    default_database_url,
+    add_database_url,
     scratch_database,
     server,
     server_version,
@@ -116,9 +116,7 @@ def parse_args() -> argparse.Namespace:
                         help="the service's workload: the real mix (80%% of predictions in jobs), "
                              "orphans only (no job: the cheapest path), or both, side by side")
     parser.add_argument("--seed", type=int, default=20240611)
-    parser.add_argument("--database-url", default=default_database_url(),
-                        help="server to create the scratch database on (default: DATABASE_URL, "
-                             "else an embedded pgserver)")
+    add_database_url(parser)
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup = 5, 2

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import PROMPTS, default_database_url, scratch_database, server, server_version, templates
+from common import PROMPTS, add_database_url, scratch_database, server, server_version, templates
 from psycopg.types.json import Jsonb
 
 from service import db
@@ -40,9 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=1_000_000, help="events to generate")
     parser.add_argument("--chunk-jobs", type=int, default=10_000, help="jobs generated per statement")
     parser.add_argument("--scans", type=int, default=3, help="times to run the scan baseline")
-    parser.add_argument("--database-url", default=default_database_url(),
-                        help="server to create the scratch database on (default: DATABASE_URL, "
-                             "else an embedded pgserver)")
+    add_database_url(parser)
     return parser.parse_args()
 
 

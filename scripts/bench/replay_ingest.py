@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import default_database_url, scratch_database, server, server_version
+from common import add_database_url, scratch_database, server, server_version
 from ingest import Webhook, Workload, gunicorn, record_setup
 from replay import generate
 
@@ -57,9 +57,7 @@ def parse_args() -> argparse.Namespace:
                         help="jobs rows made wrong before the replay, so that its cut-over has rows "
                              "to write while webhooks wait for it")
     parser.add_argument("--seed", type=int, default=20261206)
-    parser.add_argument("--database-url", default=default_database_url(),
-                        help="server to create the scratch database on (default: DATABASE_URL, "
-                             "else an embedded pgserver)")
+    add_database_url(parser)
     return parser.parse_args()
 
 
