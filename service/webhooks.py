@@ -74,17 +74,18 @@ def replicate() -> tuple[dict, int]:
     with translated_errors():  # the database's refusal of this webhook, raised here
         row = current_app.extensions["webhook_groups"].submit(item, times)
     times.append(time.perf_counter())
+    elapsed = times[-1] - started
     status = "duplicate" if row["duplicate"] else "recorded"
     if row["duplicate"]:
         after_this_request(_count_duplicate)
     stages = Stages(request.environ, times)
     after_this_request(stages.on_response)
     (metrics.WEBHOOKS_DUPLICATE if row["duplicate"] else metrics.WEBHOOKS_RECORDED).inc()
-    metrics.WEBHOOK_ACK_SECONDS.observe(times[-1] - started)
+    metrics.WEBHOOK_ACK_SECONDS.observe(elapsed)
     logger.info("webhook %s", status, extra={
         "action": "webhook", "webhook_id": signed["webhook-id"], "prediction_id": body["id"],
         "prediction_status": body["status"], "job_id": row["stream"] if job else None,
-        "position": row["position"], "ms": round((times[-1] - started) * 1000, 1),
+        "position": row["position"], "ms": round(elapsed * 1000, 1),
         "stages_ms": stages.milliseconds()})
     return {"status": status, "position": row["position"]}, 200
 
