@@ -29,7 +29,7 @@ from service.db import open_pool, resolve_database_url
 
 
 def create_app(overrides: dict | None = None) -> Flask:
-    with cli.building_app():  # a `flask` command says a bad setting in one line
+    with cli.one_line_errors():  # a `flask` command says a bad setting in one line
         return _create_app(overrides)
 
 

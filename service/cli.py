@@ -29,17 +29,9 @@ class SettingError(click.ClickException):
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn a configuration error into the command's one-line error (also a decorator)."""
-    try:
-        yield
-    except ConfigError as exc:
-        raise SettingError(str(exc)) from exc
-
-
-@contextmanager
-def building_app() -> Iterator[None]:
-    """While create_app runs: when a `flask` command is building the app, a configuration
-    error is that command's one-line error; anywhere else (gunicorn, tests) it is raised."""
+    """Inside a `flask` command (also while it builds the app), a configuration error is the
+    command's one-line error; anywhere else (gunicorn, tests) it is raised as it is. Also a
+    decorator."""
     try:
         yield
     except ConfigError as exc:
