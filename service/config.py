@@ -143,6 +143,9 @@ class Settings:
     RECONCILE_INTERVAL_SECONDS: int = 60
     WORKER_POLL_SECONDS: int = 5
     WORKER_LEASE_SECONDS: int = 300
+    # Per job owner (sql/queue.sql, claim_task), 0 = off: predictions in flight, creates a minute
+    OWNER_MAX_RUNNING: int = 0
+    OWNER_RATE_LIMIT_PER_MINUTE: int = 0
     # Downloads, imaging and storage: kept as text here, parsed and range-checked at startup
     # by the module that uses them (downloads.DownloadPolicy, imaging.ImagingSettings,
     # storage.storage_from_config), so each rule lives in one place.
@@ -210,6 +213,8 @@ class Settings:
             RECONCILE_INTERVAL_SECONDS=_int(env, "RECONCILE_INTERVAL_SECONDS", 60, 1, 24 * 3600),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
             WORKER_LEASE_SECONDS=_int(env, "WORKER_LEASE_SECONDS", 300, 3, 24 * 3600),
+            OWNER_MAX_RUNNING=_int(env, "OWNER_MAX_RUNNING", 0, 0, 100_000),
+            OWNER_RATE_LIMIT_PER_MINUTE=_int(env, "OWNER_RATE_LIMIT_PER_MINUTE", 0, 0, 100_000),
             **{name: env.get(name, "").strip() or None for name in _PASSED_THROUGH},
             OUTPUT_ALLOWED_HOSTS=env.get("OUTPUT_ALLOWED_HOSTS", "").strip(),
             STORAGE_BUCKET=env.get("STORAGE_BUCKET", "").strip() or "outputs",

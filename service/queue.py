@@ -48,10 +48,25 @@ def enqueue(conn: psycopg.Connection, kind: str, key: str, job_id: str | None,
     }).fetchone()["id"]
 
 
+@dataclass(frozen=True)
+class OwnerLimits:
+    """Per-owner limits on submissions (OWNER_MAX_RUNNING, OWNER_RATE_LIMIT_PER_MINUTE);
+    None is no limit. Jobs with no owner count as one more owner."""
+
+    max_running: int | None = None
+    per_minute: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> OwnerLimits:
+        return cls(config.get("OWNER_MAX_RUNNING") or None, config.get("OWNER_RATE_LIMIT_PER_MINUTE") or None)
+
+
 def claim(conn: psycopg.Connection, worker: str, lease_seconds: int,
-          kinds: tuple[str, ...] = KINDS) -> Task | None:
+          kinds: tuple[str, ...] = KINDS, limits: OwnerLimits = OwnerLimits()) -> Task | None:
+    """The next task, owners taking turns (sql/queue.sql, claim_task); None when none is ready."""
     row = conn.execute(queries["claim_task"], {
-        "worker": worker, "lease": lease_seconds, "kinds": list(kinds)}).fetchone()
+        "worker": worker, "lease": lease_seconds, "kinds": list(kinds),
+        "max_running": limits.max_running, "per_minute": limits.per_minute}).fetchone()
     return Task.from_row(row) if row else None
 
 

@@ -61,7 +61,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and run one task; False when there was none ready."""
         with self.ctx.pool.connection() as conn:
-            task = queue.claim(conn, self.ctx.worker, self.lease_seconds, tuple(self.handlers))
+            task = queue.claim(conn, self.ctx.worker, self.lease_seconds, tuple(self.handlers),
+                               queue.OwnerLimits.from_config(self.ctx.config))
         if task is None:
             return False
         with self._lease_kept(task):

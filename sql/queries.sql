@@ -52,8 +52,9 @@ SELECT enqueue_task(%(kind)s, %(key)s, %(job_id)s::uuid, %(payload)s,
                     coalesce(%(run_after)s::timestamptz, now()), %(max_attempts)s) AS id;
 
 -- claim_task --
--- Lease the next runnable task of these kinds to this worker.
-SELECT * FROM claim_task(%(worker)s, %(lease)s, %(kinds)s::text[]);
+-- Lease the next runnable task of these kinds to this worker, owners in turn, holding back
+-- the submissions of owners at their limits (NULL: no limit).
+SELECT * FROM claim_task(%(worker)s, %(lease)s, %(kinds)s::text[], %(max_running)s, %(per_minute)s);
 
 -- finish_task --
 -- Mark a claimed task done, failed, or queued again after a delay; false if the lease was lost.

@@ -20,7 +20,16 @@ END $$;
 CREATE OR REPLACE TRIGGER tasks_notify_insert AFTER INSERT ON tasks
     FOR EACH ROW EXECUTE FUNCTION tasks_notify();
 
--- Enqueue once per task_key; returns the task id, new or existing.
+-- The owner a job's tasks are queued under: its owner_id, or the nil uuid for a job with
+-- none (one more owner). See migration 020.
+CREATE OR REPLACE FUNCTION task_owner_key(p_job_id uuid) RETURNS uuid
+LANGUAGE sql STABLE
+RETURN coalesce((SELECT owner_id FROM jobs WHERE id = p_job_id), '00000000-0000-0000-0000-000000000000'::uuid);
+
+-- Enqueue once per task_key; returns the task id, new or existing. The task's fair_rank
+-- puts it one after its owner's last queued task of its kind, and never before the front
+-- of the queue (the lowest rank queued), so an owner that was idle starts at the front
+-- rather than behind another owner's batch, and not ahead of what was already due.
 CREATE OR REPLACE FUNCTION enqueue_task(
     p_kind text, p_task_key text, p_job_id uuid, p_payload jsonb,
     p_run_after timestamptz DEFAULT now(), p_max_attempts integer DEFAULT 8
@@ -28,9 +37,17 @@ CREATE OR REPLACE FUNCTION enqueue_task(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
+    v_owner uuid := task_owner_key(p_job_id);
+    v_rank bigint;
 BEGIN
-    INSERT INTO tasks (kind, task_key, job_id, payload, run_after, max_attempts)
-    VALUES (p_kind, p_task_key, p_job_id, coalesce(p_payload, '{}'::jsonb), p_run_after, p_max_attempts)
+    SELECT greatest(
+        (SELECT fair_rank FROM tasks WHERE status = 'queued' ORDER BY fair_rank LIMIT 1),
+        (SELECT fair_rank + 1 FROM tasks WHERE status = 'queued' AND owner_key = v_owner AND kind = p_kind
+         ORDER BY fair_rank DESC LIMIT 1))
+    INTO v_rank;
+    INSERT INTO tasks (kind, task_key, job_id, payload, run_after, max_attempts, owner_key, fair_rank)
+    VALUES (p_kind, p_task_key, p_job_id, coalesce(p_payload, '{}'::jsonb), p_run_after, p_max_attempts,
+            v_owner, coalesce(v_rank, 0))
     ON CONFLICT (task_key) DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
@@ -39,30 +56,116 @@ BEGIN
     RETURN v_id;
 END $$;
 
+-- How long an owner's next submission must wait under its limits: 0 = it may run now;
+-- NULL = until one of its predictions in flight finishes. In flight: its submissions being
+-- created now (running tasks) and its predictions not yet finished. Creates in the last
+-- minute: its submissions claimed (running) or finished (done, failed) in the last 60 s.
+-- A NULL limit is off.
+CREATE OR REPLACE FUNCTION owner_wait(p_owner uuid, p_max_running integer, p_per_minute integer)
+RETURNS double precision
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_in_flight bigint;
+    v_oldest timestamptz;
+BEGIN
+    IF p_max_running IS NOT NULL THEN
+        SELECT count(*) INTO v_in_flight FROM tasks
+        WHERE owner_key = p_owner AND kind = 'submit_prediction' AND status = 'running';
+        IF v_in_flight < p_max_running THEN
+            v_in_flight := v_in_flight + (
+                SELECT count(*) FROM jobs j JOIN predictions p ON p.job_id = j.id
+                WHERE (j.owner_id = p_owner OR (j.owner_id IS NULL AND p_owner = '00000000-0000-0000-0000-000000000000'))
+                  AND j.status IN ('pending', 'queued', 'running', 'processing')
+                  AND p.status NOT IN ('succeeded', 'failed', 'canceled', 'aborted'));
+        END IF;
+        IF v_in_flight >= p_max_running THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    IF p_per_minute IS NOT NULL THEN
+        -- the p_per_minute-th most recent create: the next may run when it leaves the window
+        SELECT updated_at INTO v_oldest FROM tasks
+        WHERE owner_key = p_owner AND kind = 'submit_prediction' AND status <> 'queued'
+          AND updated_at > now() - interval '60 seconds'
+        ORDER BY updated_at DESC OFFSET p_per_minute - 1 LIMIT 1;
+        IF FOUND THEN
+            RETURN greatest(extract(epoch FROM v_oldest + interval '60 seconds' - now()), 0.01);
+        END IF;
+    END IF;
+    RETURN 0;
+END $$;
+
+-- Superseded: the claim took no owner limits.
+DROP FUNCTION IF EXISTS claim_task(text, integer, text[]);
+
 -- Claim the next runnable task of the given kinds: one whose lease ran out (its worker
--- died) first, else the oldest ready one. Every claim counts as an attempt.
-CREATE OR REPLACE FUNCTION claim_task(p_worker text, p_lease_seconds integer, p_kinds text[])
+-- died) first, else the queued one of lowest fair_rank (see enqueue_task), so owners take
+-- turns. Every claim counts as an attempt.
+--
+-- With owner limits (NULL = off), a submission whose owner is at a limit is not claimed:
+-- it and the owner's other ready submissions are held (still queued, run_after moved on:
+-- to when the rate window lets the next one go, or p_hold_seconds when waiting for a
+-- prediction to finish, which release_held_task cuts short) and the claim goes on to the
+-- next owner. Nothing held is lost, and no worker loops on it: a held task is not ready
+-- again until its run_after. A transaction-scoped advisory lock per limited owner makes
+-- two workers' checks of one owner take turns, so together they never exceed its limits.
+CREATE OR REPLACE FUNCTION claim_task(p_worker text, p_lease_seconds integer, p_kinds text[],
+                                      p_owner_max_running integer DEFAULT NULL,
+                                      p_owner_per_minute integer DEFAULT NULL,
+                                      p_hold_seconds integer DEFAULT 30)
 RETURNS SETOF tasks
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_id bigint;
+    v_task tasks;
+    v_wait double precision;
+    v_limited boolean := p_owner_max_running IS NOT NULL OR p_owner_per_minute IS NOT NULL;
 BEGIN
-    SELECT id INTO v_id FROM tasks
+    SELECT * INTO v_task FROM tasks
     WHERE status = 'running' AND lease_until < now() AND kind = ANY (p_kinds)
     ORDER BY lease_until LIMIT 1 FOR UPDATE SKIP LOCKED;
-    IF v_id IS NULL THEN
-        SELECT id INTO v_id FROM tasks
-        WHERE status = 'queued' AND run_after <= now() AND kind = ANY (p_kinds)
-        ORDER BY run_after, id LIMIT 1 FOR UPDATE SKIP LOCKED;
+    -- a submission taken over from a dead worker was counted against its owner already
+    IF v_task.id IS NULL THEN
+        FOR i IN 1..100 LOOP  -- owners held per claim, at most; the rest wait for the next claim
+            SELECT * INTO v_task FROM tasks
+            WHERE status = 'queued' AND run_after <= now() AND kind = ANY (p_kinds)
+            ORDER BY fair_rank, id LIMIT 1 FOR UPDATE SKIP LOCKED;
+            EXIT WHEN v_task.id IS NULL OR NOT v_limited OR v_task.kind <> 'submit_prediction';
+            PERFORM pg_advisory_xact_lock(hashtextextended('owner_limit:' || v_task.owner_key::text, 0));
+            v_wait := owner_wait(v_task.owner_key, p_owner_max_running, p_owner_per_minute);
+            EXIT WHEN v_wait = 0;
+            UPDATE tasks SET run_after = now() + make_interval(secs => coalesce(v_wait, p_hold_seconds)),
+                             held_by = CASE WHEN v_wait IS NULL THEN 'running' ELSE 'rate' END,
+                             updated_at = now()
+            WHERE id IN (SELECT id FROM tasks
+                         WHERE owner_key = v_task.owner_key AND kind = 'submit_prediction'
+                           AND status = 'queued' AND run_after <= now()
+                         FOR UPDATE SKIP LOCKED);
+            v_task := NULL;
+        END LOOP;
     END IF;
-    IF v_id IS NULL THEN
+    IF v_task.id IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY
-    UPDATE tasks SET status = 'running', attempts = attempts + 1, locked_by = p_worker,
+    UPDATE tasks SET status = 'running', attempts = attempts + 1, locked_by = p_worker, held_by = NULL,
                      lease_until = now() + make_interval(secs => p_lease_seconds), updated_at = now()
-    WHERE id = v_id
+    WHERE id = v_task.id
     RETURNING *;
+END $$;
+
+-- One of an owner's submissions held for lack of a free slot may go now (a prediction of
+-- its finished): the first in its line, so its limit is checked again at the next claim.
+CREATE OR REPLACE FUNCTION release_held_task(p_owner uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE tasks SET run_after = now(), held_by = NULL, updated_at = now()
+    WHERE id = (SELECT id FROM tasks
+                WHERE owner_key = p_owner AND kind = 'submit_prediction' AND status = 'queued'
+                  AND held_by = 'running'
+                ORDER BY fair_rank, id LIMIT 1 FOR UPDATE SKIP LOCKED);
+    IF FOUND THEN
+        PERFORM pg_notify('tasks', 'submit_prediction');
+    END IF;
 END $$;
 
 -- Finish a claimed task. Each returns false when the worker no longer holds the lease
@@ -114,6 +217,10 @@ DECLARE
 BEGIN
     IF v_job IS NULL THEN
         RETURN;  -- orphans have no job: no aspect ratio, nothing to post-process
+    END IF;
+    IF e.type IN ('replicate.webhook', 'replicate.polled')
+       AND prediction_body(e.type, e.data) ->> 'status' IN ('succeeded', 'failed', 'canceled', 'aborted') THEN
+        PERFORM release_held_task(task_owner_key(v_job));  -- a slot of its owner is free
     END IF;
     IF e.type IN ('replicate.webhook', 'replicate.polled') THEN
         PERFORM enqueue_task('process_output', format('process:%s:%s', p.id, u.ordinality - 1), v_job,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,10 +94,16 @@ def rows(conn: psycopg.Connection) -> dict[str, list[dict]]:
 
 def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The rows as the migrations since the old layout leave them: 016 counts a two-step
-    job's second prediction in predictions_expected."""
+    job's second prediction in predictions_expected; 020 gives each task its owner (its
+    job's, for one still to run; else the nil uuid), rank 0 and no hold."""
     jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None)}
             for j in data["jobs"]]
-    return {**data, "jobs": jobs}
+    owners = {j["id"]: j["owner_id"] for j in data["jobs"]}
+    nil = uuid.UUID(int=0)
+    waiting = ("queued", "running")
+    tasks = [{**t, "owner_key": (owners.get(t["job_id"]) if t["status"] in waiting else None) or nil,
+              "fair_rank": 0, "held_by": None} for t in data["tasks"]]
+    return {**data, "jobs": jobs, "tasks": tasks}
 
 
 def since_legacy() -> list[str]:
