@@ -49,6 +49,13 @@ class InvalidRequest(ServiceError):
         super().__init__(message or f"invalid: {', '.join(sorted(fields))}")
 
 
+class Forbidden(ServiceError):
+    """The caller may not do this."""
+
+    code = "forbidden"
+    status = 403
+
+
 @bp.errorhandler(InvalidRequest)
 def _invalid_request(exc: InvalidRequest) -> tuple[dict, int]:
     return {"error": exc.code, "message": exc.message, "fields": exc.fields}, exc.status
@@ -70,6 +77,18 @@ def _authenticate() -> None:
 def _owner() -> str | None:
     """The user whose jobs this request may see; None for an API key (every job)."""
     caller: Caller = g.caller
+    return caller.user_id
+
+
+def new_job_owner(caller: Caller, named: uuid.UUID | None) -> str | None:
+    """Whose job a create makes. A signed-in user's job is theirs; naming anyone else is
+    Forbidden. An API key (or an open API: local work) may name any user, or no one."""
+    if caller.user_id is None:
+        return str(named) if named else None
+    if named is not None and str(named) != caller.user_id:
+        logger.info("owner refused", extra={"action": "create_job_owner", "user_id": caller.user_id})
+        raise Forbidden("a signed-in user's jobs are their own: `owner` may name only you; "
+                        "only an API key may create a job for another user")
     return caller.user_id
 
 
@@ -215,9 +234,10 @@ def cancel(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None = None
 @bp.post("/jobs")
 def create_job() -> tuple[dict, int, dict]:
     spec = load(schemas.JobRequestSchema(), json_object())
+    owner = new_job_owner(g.caller, spec.pop("owner"))
     key = idempotency_key()
     with _pool().connection() as conn:
-        job, created = create(conn, spec, key, _owner())
+        job, created = create(conn, spec, key, owner)
     return _signed(job), 201 if created else 200, {"Location": f"{bp.url_prefix}/jobs/{job['id']}"}
 
 
@@ -277,7 +297,8 @@ def _op(summary: str, ok: int, schema: str | None, *errors: int, body: str | dic
 
 
 _ERRORS = {400: "the body is not a JSON object (or, for webhooks, not a valid delivery)",
-           401: "no valid API key (webhooks: the signature did not verify)", 404: "no such job",
+           401: "no valid API key (webhooks: the signature did not verify)",
+           403: "a signed-in user named another user as `owner`", 404: "no such job",
            409: "the job has already finished", 413: "the body is too large",
            422: "invalid fields, named in `fields`", 503: "the database is unreachable"}
 _JOB_ID = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "format": "uuid"}}
@@ -301,7 +322,8 @@ def openapi_document() -> dict[str, Any]:
     for name in ("JobRequest", "Job", "JobSummary", "JobList", "EventList", "Error"):
         spec.components.schema(name, schema=getattr(schemas, f"{name}Schema"))
     spec.path("/api/jobs", operations={
-        "post": _op("Create a job", 201, "Job", 400, 401, 413, 422, body="JobRequest", params=[_IDEMPOTENCY]),
+        "post": _op("Create a job", 201, "Job", 400, 401, 403, 413, 422, body="JobRequest",
+                    params=[_IDEMPOTENCY]),
         "get": _op("List jobs, newest first", 200, "JobList", 401, 422,
                    params=[{"in": "query", "schema": schemas.JobListQuerySchema}])})
     spec.path("/api/jobs/{job_id}", operations={"get": _op("A job", 200, "Job", 401, 404, params=[_JOB_ID])})

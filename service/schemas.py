@@ -184,6 +184,9 @@ class ThenSchema(_StepSchema):
             raise ValidationError(f"placeholder {{{{{bad[0]}}}}} is not of the form {{{{outputs[N]}}}}")
 
 
+_OWNER_FORM = "must be a user id: a UUID like 3f2b8c1e-5a7d-4e9b-8c2f-1d6a9e0b4c7f"
+
+
 class JobRequestSchema(_StepSchema):
     aspect_ratio = fields.String(load_default=None, **_describe(
         'W:H of positive whole numbers ≤ 100; default input.aspect_ratio when valid, else "1:1"'))
@@ -193,6 +196,13 @@ class JobRequestSchema(_StepSchema):
     then = fields.Nested(ThenSchema, load_default=None)
     metadata = fields.Dict(keys=fields.String(), load_default=None, validate=json_size(MAX_METADATA_BYTES),
                            **_describe("the caller's own data, kept with the job (≤ 16 KB as JSON)"))
+    owner = fields.UUID(load_default=None, error_messages={"invalid_uuid": _OWNER_FORM}, **_describe(
+        "the Supabase user id the job is for (an API key only; a signed-in user's jobs are theirs)"))
+
+    @validates("owner")
+    def _owner(self, value: uuid.UUID | None, **kwargs: Any) -> None:
+        if value is not None and value.int == 0:
+            raise ValidationError("the nil uuid is no user's id")
 
     @validates("aspect_ratio")
     def _ratio(self, value: str | None, **kwargs: Any) -> None:
@@ -276,6 +286,8 @@ class JobSummarySchema(Schema):
 
 
 class JobSchema(JobSummarySchema):
+    owner = fields.UUID(attribute="owner_id", allow_none=True, **_describe(
+        "the user the job is for: its creator, or the user an API key named; null for none"))
     predictions = fields.List(fields.Nested(PredictionSchema))
     steps = fields.List(fields.Nested(StepProgressSchema), **_describe(
         "progress step by step: one step, or two with `then`; they add up to progress"))

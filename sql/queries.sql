@@ -172,7 +172,8 @@ SELECT id, coalesce(step, 1) AS step FROM predictions WHERE job_id = %(job_id)s:
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata, next_step,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
        outputs, error, created_at, started_at, completed_at,
-       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at
+       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at,
+       owner_id
 FROM jobs WHERE id = %(id)s::uuid
   AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
 

@@ -88,6 +88,52 @@ def test_a_user_sees_only_their_own_jobs_and_another_users_are_404(api, conn):
     assert {j["id"] for j in everyone} == {mine["id"], theirs["id"]}
 
 
+def test_an_api_key_creates_a_job_for_the_user_it_names_who_then_sees_it(api, conn):
+    response = api.post("/api/jobs", json={**BODY, "owner": BOB, "count": 2}, headers=bearer("k1"))
+    assert response.status_code == 201, response.get_json()
+    job = response.get_json()
+    assert job["owner"] == BOB
+    row = conn.execute("SELECT owner_id FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+    assert str(row["owner_id"]) == BOB
+    data = conn.execute("SELECT data FROM events WHERE type = 'job.created'").fetchone()["data"]
+    assert data["owner_id"] == BOB and "owner" not in data
+    # its submissions are queued in Bob's line of the fair queue
+    keys = conn.execute("SELECT owner_key FROM tasks WHERE job_id = %s", (job["id"],)).fetchall()
+    assert [str(k["owner_key"]) for k in keys] == [BOB, BOB]
+    seen = api.get("/api/jobs", headers=bearer(hs256(BOB))).get_json()["jobs"]
+    assert [j["id"] for j in seen] == [job["id"]]
+    assert api.get(f"/api/jobs/{job['id']}", headers=bearer(hs256(ALICE))).status_code == 404
+    unowned = api.post("/api/jobs", json=BODY, headers=bearer("k1")).get_json()
+    assert unowned["owner"] is None
+
+
+def test_a_user_may_name_only_themselves_as_owner(api, conn):
+    mine = api.post("/api/jobs", json={**BODY, "owner": ALICE.upper()}, headers=bearer(hs256(ALICE)))
+    assert mine.status_code == 201 and mine.get_json()["owner"] == ALICE
+    events_before = conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
+    refused = api.post("/api/jobs", json={**BODY, "owner": BOB}, headers=bearer(hs256(ALICE)))
+    assert refused.status_code == 403
+    assert refused.get_json()["error"] == "forbidden"
+    assert "only an API key may create a job for another user" in refused.get_json()["message"]
+    assert conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == events_before
+    assert conn.execute("SELECT count(*) AS n FROM tasks").fetchone()["n"] == 1
+
+
+@pytest.mark.parametrize(("owner", "message"), [
+    ("bob", "must be a user id"),
+    ("6f1c3a0e-1d2b-4c5d-8e9f", "must be a user id"),
+    (12345, "must be a user id"),
+    ("00000000-0000-0000-0000-000000000000", "the nil uuid is no user's id"),
+])
+def test_a_bad_owner_is_refused_saying_why_and_writes_nothing(api, conn, owner, message):
+    for token in ("k1", hs256(ALICE)):
+        response = api.post("/api/jobs", json={**BODY, "owner": owner}, headers=bearer(token))
+        assert response.status_code == 422, response.get_json()
+        assert response.get_json()["fields"] == {"owner": [message + (
+            ": a UUID like 3f2b8c1e-5a7d-4e9b-8c2f-1d6a9e0b4c7f" if message.startswith("must") else "")]}
+    assert conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"] == 0
+
+
 def test_the_same_idempotency_key_from_two_users_makes_two_jobs(api):
     first = create(api, hs256(ALICE), **{"Idempotency-Key": "order-1"})
     second = create(api, hs256(BOB), **{"Idempotency-Key": "order-1"})
