@@ -240,7 +240,8 @@ def test_get_shows_predictions_and_outputs_from_the_projection(client, conn):
         "source_url": "https://replicate.delivery/p-done/out-0.png", "url": "file:///outputs/p-done/0.png"}]
     assert set(body) == {"id", "status", "model", "version", "deployment", "aspect_ratio", "postprocess",
                          "progress", "predictions", "outputs", "error", "metadata", "created_at",
-                         "started_at", "completed_at", "updated_at", "steps"}
+                         "started_at", "completed_at", "updated_at", "steps", "owner"}
+    assert body["owner"] is None
     assert body["steps"] == [{"step": 1, "target": body["model"], "total": 2, "succeeded": 1, "failed": 0,
                               "processed": 1}]
 
