@@ -17,6 +17,7 @@ from service.reconciler import reconcile
 from service.worker import Worker
 from tests.stack import running_stack
 from tests.waiting import wait_for
+from tests.workload import bodies, submit, webhook
 
 ALICE = "6f1c3a0e-1d2b-4c5d-8e9f-0a1b2c3d4e5f"
 BOB = "0b7e6d5c-4a39-4281-9f0e-1d2c3b4a5968"
@@ -96,6 +97,22 @@ def test_an_owner_at_its_running_limit_is_held_and_the_others_go_on(conn):
     third = queue.claim(conn, "w2", 60, ("submit_prediction",), limits)
     assert (third.job_id, third.payload["index"]) == (a, 1)
     assert conn.execute("SELECT count(*) AS n FROM tasks WHERE status = 'queued'").fetchone()["n"] == 1
+
+
+def test_a_prediction_finishing_lets_its_owners_first_held_submission_go(conn):
+    limits = OwnerLimits(max_running=1)
+    a = job(conn, ALICE, 3)
+    first = queue.claim(conn, "w1", 60, ("submit_prediction",), limits)
+    starting, done = bodies(["starting_sdxl_create_response", "succeeded_sdxl_polled_list_output"], "pa0")
+    submit(conn, a, starting, n=0)  # created at Replicate: in flight
+    queue.complete(conn, first, "w1")
+    assert queue.claim(conn, "w1", 60, ("submit_prediction",), limits) is None
+    assert conn.execute("SELECT count(*) AS n FROM tasks WHERE held_by = 'running'").fetchone()["n"] == 2
+    webhook(conn, a, done, key="msg_pa0_done")  # the fold lets one go as it records the news
+    rows = conn.execute("SELECT payload ->> 'index' AS i, held_by, run_after <= now() AS due FROM tasks "
+                        "WHERE kind = 'submit_prediction' AND status = 'queued' ORDER BY id").fetchall()
+    assert rows == [{"i": "1", "held_by": None, "due": True}, {"i": "2", "held_by": "running", "due": False}]
+    assert queue.claim(conn, "w1", 60, ("submit_prediction",), limits).payload["index"] == 1
 
 
 def test_an_owner_over_its_rate_is_held_until_the_minute_lets_it_go(conn):
