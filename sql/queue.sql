@@ -26,10 +26,12 @@ CREATE OR REPLACE FUNCTION task_owner_key(p_job_id uuid) RETURNS uuid
 LANGUAGE sql STABLE
 RETURN coalesce((SELECT owner_id FROM jobs WHERE id = p_job_id), '00000000-0000-0000-0000-000000000000'::uuid);
 
--- Enqueue once per task_key; returns the task id, new or existing. The task's fair_rank
--- puts it one after its owner's last queued task of its kind, and never before the front
--- of the queue (the lowest rank queued), so an owner that was idle starts at the front
--- rather than behind another owner's batch, and not ahead of what was already due.
+-- Enqueue once per task_key; returns the task id, new or existing. fair_rank is the task's
+-- place in virtual time, in steps of 2: two after its owner's last task of its kind that is
+-- still queued or running, and never before one ahead of the front of the queue (the
+-- lowest rank queued). So an owner with nothing waiting starts just ahead of the front,
+-- before the next task of an owner with a batch, and then each owner's tasks alternate
+-- with the others'; an owner with a task waiting already takes its turn after it.
 CREATE OR REPLACE FUNCTION enqueue_task(
     p_kind text, p_task_key text, p_job_id uuid, p_payload jsonb,
     p_run_after timestamptz DEFAULT now(), p_max_attempts integer DEFAULT 8
@@ -41,9 +43,11 @@ DECLARE
     v_rank bigint;
 BEGIN
     SELECT greatest(
-        (SELECT fair_rank FROM tasks WHERE status = 'queued' ORDER BY fair_rank LIMIT 1),
-        (SELECT fair_rank + 1 FROM tasks WHERE status = 'queued' AND owner_key = v_owner AND kind = p_kind
-         ORDER BY fair_rank DESC LIMIT 1))
+        (SELECT fair_rank - 1 FROM tasks WHERE status = 'queued' ORDER BY fair_rank LIMIT 1),
+        (SELECT fair_rank + 2 FROM tasks WHERE status = 'queued' AND owner_key = v_owner AND kind = p_kind
+         ORDER BY fair_rank DESC LIMIT 1),
+        (SELECT max(fair_rank) + 2 FROM tasks WHERE status = 'running' AND owner_key = v_owner
+                                                AND kind = p_kind))
     INTO v_rank;
     INSERT INTO tasks (kind, task_key, job_id, payload, run_after, max_attempts, owner_key, fair_rank)
     VALUES (p_kind, p_task_key, p_job_id, coalesce(p_payload, '{}'::jsonb), p_run_after, p_max_attempts,

@@ -50,20 +50,36 @@ def test_a_late_owner_is_served_between_a_batch_not_after_it(conn):
     b = job(conn, BOB, 2)
     c = job(conn, None, 2)  # no owner: one more owner
     order = [t.job_id for t in claimed(conn, 9)]
-    assert order == [a, b, c, a, b, c, a, a, a]
+    # each newcomer starts just ahead of the front; then the three take turns
+    assert order == [c, b, a, c, b, a, a, a, a]
     # FIFO would have run the 47 left of a's batch first; each owner's own order is kept
     assert [t.payload["index"] for t in claimed(conn, 60) if t.job_id == a] == list(range(8, 50))
 
 
 def test_an_owner_idle_for_a_while_starts_at_the_front_not_ahead_of_it(conn):
     a = job(conn, ALICE, 4)
+    assert [t.job_id for t in claimed(conn, 1)] == [a]
     b = job(conn, BOB, 1)
-    assert [t.job_id for t in claimed(conn, 5)] == [a, b, a, a, a]
+    assert [t.job_id for t in claimed(conn, 4)] == [b, a, a, a]
     # the queue drained; a new batch and a late single take turns again from the front
     a2 = job(conn, ALICE, 3)
     assert [t.job_id for t in claimed(conn, 1)] == [a2]
     b2 = job(conn, BOB, 1)
-    assert [t.job_id for t in claimed(conn, 3)] == [a2, b2, a2]
+    assert [t.job_id for t in claimed(conn, 3)] == [b2, a2, a2]
+
+
+def test_an_owner_adding_work_while_its_last_runs_takes_turns_and_does_not_jump_the_line(conn):
+    a = job(conn, ALICE, 10)
+    b = job(conn, BOB, 1)
+    order = []
+    for _ in range(6):
+        task = queue.claim(conn, "w1", 60, ("submit_prediction",))
+        order.append(task.job_id)
+        if task.job_id != a:  # Bob adds a job while his last one's create is running
+            job(conn, BOB, 1)
+        queue.complete(conn, task, "w1")
+    assert [j == a for j in order] == [False, True, False, True, False, True]
+    assert order[0] == b
 
 
 def test_post_processing_takes_turns_the_same_way(conn):
@@ -73,16 +89,17 @@ def test_post_processing_takes_turns_the_same_way(conn):
     for i in range(2):
         queue.enqueue(conn, "process_output", f"process:pb:{i}", b, {"prediction_id": "pb", "index": i})
     order = [t.job_id for t in claimed(conn, 6, kinds=("process_output",))]
-    assert order == [a, b, a, b, a, a]
+    assert order == [b, a, b, a, a, a]
 
 
 def test_an_owner_at_its_running_limit_is_held_and_the_others_go_on(conn):
     limits = OwnerLimits(max_running=1)
-    a, b = job(conn, ALICE, 3), job(conn, BOB, 1)
+    a = job(conn, ALICE, 3)
     first = queue.claim(conn, "w1", 60, ("submit_prediction",), limits)
     assert first.job_id == a  # running: one of Alice's in flight
+    b = job(conn, BOB, 1)
     second = queue.claim(conn, "w2", 60, ("submit_prediction",), limits)
-    assert second.job_id == b  # Bob's came in at the front, beside Alice's first
+    assert second.job_id == b  # Bob's came in at the front
     # Alice's next is due but she is at her limit: held, and nothing else is ready; the
     # claim answers at once, it does not wait or loop
     started = time.monotonic()
@@ -133,25 +150,23 @@ def test_a_claim_killed_while_holding_tasks_loses_none(db_url, conn):
     a = job(conn, ALICE, 3)
     running = queue.claim(conn, "w1", 1, ("submit_prediction",), limits)
     assert running.job_id == a
-    b = job(conn, BOB, 1)  # behind Alice's next: the claim looks at hers first
     dying = db.connect(db_url)  # a worker's claim, its transaction left open
     try:
-        assert queue.claim(dying, "w2", 60, ("submit_prediction",), limits).job_id == b
+        assert queue.claim(dying, "w2", 60, ("submit_prediction",), limits) is None
         assert dying.execute("SELECT count(*) AS n FROM tasks WHERE held_by IS NOT NULL").fetchone()["n"] == 2
         conn.execute("SELECT pg_terminate_backend(%s)", (dying.info.backend_pid,))
     finally:
         dying.close()
-    rows = conn.execute("SELECT job_id, status, held_by FROM tasks WHERE id <> %s ORDER BY id",
+    rows = conn.execute("SELECT status, held_by, run_after <= now() AS due FROM tasks WHERE id <> %s",
                         (running.id,)).fetchall()
-    assert [(str(r["job_id"]), r["status"], r["held_by"]) for r in rows] == [
-        (a, "queued", None), (a, "queued", None), (b, "queued", None)]
+    assert rows == [{"status": "queued", "held_by": None, "due": True}] * 2
     # the worker holding Alice's running one died too: its lease runs out, it is taken over
     time.sleep(1.1)
     again = queue.claim(conn, "w3", 60, ("submit_prediction",), limits)
     assert (again.id, again.attempts) == (running.id, 2)
     queue.complete(conn, again, "w3")
     # (a task finished here stands for a create whose prediction is done: none stays in flight)
-    assert [t.job_id for t in claimed(conn, 5, limits)] == [a, b, a]
+    assert [t.payload["index"] for t in claimed(conn, 5, limits)] == [1, 2]
     assert conn.execute("SELECT count(*) AS n FROM tasks WHERE status <> 'done'").fetchone()["n"] == 0
 
 

@@ -3,10 +3,10 @@
 --
 -- owner_key  the job's owner (jobs.owner_id) when the task was enqueued; the nil uuid for a
 --            job with no owner, which is one more owner. Not null, so one btree serves both.
--- fair_rank  the task's place in its owner's line, in virtual time: a new owner's first
---            task enters at the front of the queue (the lowest rank queued), each next task
---            of the same owner and kind one after its previous one. Claims take the lowest
---            rank (ties: the oldest id), so owners alternate instead of waiting behind a batch.
+-- fair_rank  the task's place in virtual time (enqueue_task): an owner with nothing waiting
+--            enters just ahead of the front of the queue, each next task of the same owner
+--            and kind two after its previous one. Claims take the lowest rank (ties: the
+--            oldest id), so owners alternate instead of waiting behind a batch.
 -- held_by    why a queued task is held back by an owner limit ('running': the owner has
 --            OWNER_MAX_RUNNING predictions in flight; 'rate': OWNER_RATE_LIMIT_PER_MINUTE
 --            creates in the last minute); its run_after says until when. NULL otherwise.

@@ -4,10 +4,10 @@
 --
 -- owner_key  the job's owner (jobs.owner_id) when the task was enqueued; the nil uuid for a
 --            job with no owner, which is one more owner. Not null, so one btree serves both.
--- fair_rank  the task's place in its owner's line, in virtual time: a new owner's first
---            task enters at the front of the queue (the lowest rank queued), each next task
---            of the same owner and kind one after its previous one. Claims take the lowest
---            rank (ties: the oldest id), so owners alternate instead of waiting behind a batch.
+-- fair_rank  the task's place in virtual time (enqueue_task): an owner with nothing waiting
+--            enters just ahead of the front of the queue, each next task of the same owner
+--            and kind two after its previous one. Claims take the lowest rank (ties: the
+--            oldest id), so owners alternate instead of waiting behind a batch.
 -- held_by    why a queued task is held back by an owner limit ('running': the owner has
 --            OWNER_MAX_RUNNING predictions in flight; 'rate': OWNER_RATE_LIMIT_PER_MINUTE
 --            creates in the last minute); its run_after says until when. NULL otherwise.
@@ -43,5 +43,5 @@ CREATE TABLE IF NOT EXISTS schema_repeatables (
 );
 ALTER TABLE schema_repeatables ENABLE ROW LEVEL SECURITY;
 INSERT INTO schema_migrations (version, checksum)
-VALUES ('020_fair_queue', 'a1ddd114379fa49b2a5733c4626aa8bc8e6cf2e828df6b01f8dfee9334fc7288')
+VALUES ('020_fair_queue', '82dbdf80ddc08bbaeefad5d436e41f884ee3d1f458999d046571804d7e0753b3')
 ON CONFLICT (version) DO NOTHING;
