@@ -1296,10 +1296,12 @@ CREATE OR REPLACE FUNCTION task_owner_key(p_job_id uuid) RETURNS uuid
 LANGUAGE sql STABLE
 RETURN coalesce((SELECT owner_id FROM jobs WHERE id = p_job_id), '00000000-0000-0000-0000-000000000000'::uuid);
 
--- Enqueue once per task_key; returns the task id, new or existing. The task's fair_rank
--- puts it one after its owner's last queued task of its kind, and never before the front
--- of the queue (the lowest rank queued), so an owner that was idle starts at the front
--- rather than behind another owner's batch, and not ahead of what was already due.
+-- Enqueue once per task_key; returns the task id, new or existing. fair_rank is the task's
+-- place in virtual time, in steps of 2: two after its owner's last task of its kind that is
+-- still queued or running, and never before one ahead of the front of the queue (the
+-- lowest rank queued). So an owner with nothing waiting starts just ahead of the front,
+-- before the next task of an owner with a batch, and then each owner's tasks alternate
+-- with the others'; an owner with a task waiting already takes its turn after it.
 CREATE OR REPLACE FUNCTION enqueue_task(
     p_kind text, p_task_key text, p_job_id uuid, p_payload jsonb,
     p_run_after timestamptz DEFAULT now(), p_max_attempts integer DEFAULT 8
@@ -1311,9 +1313,11 @@ DECLARE
     v_rank bigint;
 BEGIN
     SELECT greatest(
-        (SELECT fair_rank FROM tasks WHERE status = 'queued' ORDER BY fair_rank LIMIT 1),
-        (SELECT fair_rank + 1 FROM tasks WHERE status = 'queued' AND owner_key = v_owner AND kind = p_kind
-         ORDER BY fair_rank DESC LIMIT 1))
+        (SELECT fair_rank - 1 FROM tasks WHERE status = 'queued' ORDER BY fair_rank LIMIT 1),
+        (SELECT fair_rank + 2 FROM tasks WHERE status = 'queued' AND owner_key = v_owner AND kind = p_kind
+         ORDER BY fair_rank DESC LIMIT 1),
+        (SELECT max(fair_rank) + 2 FROM tasks WHERE status = 'running' AND owner_key = v_owner
+                                                AND kind = p_kind))
     INTO v_rank;
     INSERT INTO tasks (kind, task_key, job_id, payload, run_after, max_attempts, owner_key, fair_rank)
     VALUES (p_kind, p_task_key, p_job_id, coalesce(p_payload, '{}'::jsonb), p_run_after, p_max_attempts,
@@ -1341,11 +1345,16 @@ BEGIN
     IF p_max_running IS NOT NULL THEN
         SELECT count(*) INTO v_in_flight FROM tasks
         WHERE owner_key = p_owner AND kind = 'submit_prediction' AND status = 'running';
-        IF v_in_flight < p_max_running THEN
+        -- two statements, not one with an OR: each keeps an index plan when cached generic
+        IF v_in_flight < p_max_running AND p_owner = '00000000-0000-0000-0000-000000000000' THEN
             v_in_flight := v_in_flight + (
                 SELECT count(*) FROM jobs j JOIN predictions p ON p.job_id = j.id
-                WHERE (j.owner_id = p_owner OR (j.owner_id IS NULL AND p_owner = '00000000-0000-0000-0000-000000000000'))
-                  AND j.status IN ('pending', 'queued', 'running', 'processing')
+                WHERE j.owner_id IS NULL AND j.status IN ('pending', 'queued', 'running', 'processing')
+                  AND p.status NOT IN ('succeeded', 'failed', 'canceled', 'aborted'));
+        ELSIF v_in_flight < p_max_running THEN
+            v_in_flight := v_in_flight + (
+                SELECT count(*) FROM jobs j JOIN predictions p ON p.job_id = j.id
+                WHERE j.owner_id = p_owner AND j.status IN ('pending', 'queued', 'running', 'processing')
                   AND p.status NOT IN ('succeeded', 'failed', 'canceled', 'aborted'));
         END IF;
         IF v_in_flight >= p_max_running THEN
@@ -1842,7 +1851,7 @@ INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '1caa49a3
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', '6712019d39d6c8adad4196d348b5b9681e86e446a072351f5b3694b610a7498e')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', 'd63a27e300a3bced632d96bfc2081fb333142e45469429e25c2e2adc11ac6a30')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', '7b14a2d89257b894b8bda5737e71cfc277fd5017499e29e2f80007f6475c60ab')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('dashboard.sql', '20eabd2914fcbee482e0e6256d912aa0e1ad305ca8276dcae26334db6165234d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
