@@ -47,8 +47,8 @@ class Stack:
 
 @contextmanager
 def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
-                  reconcile_after: int = 300, **config: Any) -> Iterator[Stack]:
-    sim = start_simulator(speed=speed, faults=faults)
+                  reconcile_after: int = 300, timing: Any = None, **config: Any) -> Iterator[Stack]:
+    sim = start_simulator(speed=speed, faults=faults, **({"timing": timing} if timing else {}))
     app = create_app({"TESTING": True, "DATABASE_URL": db_url,
                       "REPLICATE_API_BASE_URL": sim.api_url, "REPLICATE_API_TOKEN": "test-token",
                       "REPLICATE_WEBHOOK_SECRET": None, "RECONCILE_AFTER_SECONDS": reconcile_after,
