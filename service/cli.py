@@ -238,7 +238,9 @@ def _since(text: str | None) -> float | None:
 
     try:
         days = text.strip().removesuffix("d")
-        return float(days) * 86400 if text.strip().endswith("d") and days.isdigit() else duration_seconds(text)
+        if text.strip().endswith("d") and days.isdigit():
+            return float(days) * 86400
+        return duration_seconds(text)
     except ValueError as exc:
         raise click.BadParameter(f'{exc} (or days, like "7d")', param_hint="--since") from None
 
@@ -248,7 +250,8 @@ def _since(text: str | None) -> float | None:
               help="Jobs that ended so: failed, or completed with some predictions failed.")
 @click.option("--since", metavar="DURATION", help='Only jobs that ended this recently: "2h", "30m", "7d".')
 @click.option("--model", metavar="M", help="Only jobs of this model (owner/name), deployment or version.")
-@click.option("--error", "error", metavar="TEXT", help="Only jobs whose failed predictions' error contains TEXT.")
+@click.option("--error", "error", metavar="TEXT",
+              help="Only jobs whose failed predictions' error contains TEXT.")
 @click.option("--dry-run", is_flag=True, help="Say which jobs would be retried; submit nothing.")
 @with_appcontext
 @one_line_errors()
@@ -267,7 +270,8 @@ def retry_command(status: str, since: str | None, model: str | None, error: str 
         jobs = conn.execute(queries["retry_candidates"], {
             "status": status, "since": since_at, "model": model, "error": error}).fetchall()
     if dry_run or not jobs:
-        click.echo(f"{plural(len(jobs), 'job')} would be retried" if dry_run else "no job matches: nothing retried")
+        click.echo(f"{plural(len(jobs), 'job')} would be retried" if dry_run
+                   else "no job matches: nothing retried")
         for job in jobs[:20] if dry_run else []:
             click.echo(f"  {job['id']} {job['model'] or ''} {job['error'] or ''}".rstrip())
         return

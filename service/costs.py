@@ -43,7 +43,8 @@ def parse_prices(text: str | None) -> dict[str, Price]:
     except ValueError as exc:
         raise ConfigError(f"REPLICATE_PRICES must be JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError('REPLICATE_PRICES must be a JSON object like {"owner/name": {"per_second": 0.000725}}')
+        raise ConfigError("REPLICATE_PRICES must be a JSON object like "
+                          '{"owner/name": {"per_second": 0.000725}}')
     return {key: _price(key, value) for key, value in raw.items()}
 
 
@@ -56,7 +57,8 @@ def _price(key: str, value: Any) -> Price:
     unit, dollars = next(iter(value.items()))
     if isinstance(dollars, bool) or not isinstance(dollars, int | float) or not math.isfinite(dollars) \
             or dollars < 0:
-        raise ConfigError(f"REPLICATE_PRICES[{key!r}].{unit} must be a number of dollars ≥ 0, got {dollars!r}")
+        raise ConfigError(f"REPLICATE_PRICES[{key!r}].{unit} must be a number of dollars ≥ 0, "
+                          f"got {dollars!r}")
     return Price(unit, float(dollars))
 
 

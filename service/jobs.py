@@ -257,7 +257,8 @@ def get_job_events(job_id: uuid.UUID) -> dict:
         return job_events(conn, job_id, _owner())
 
 
-def retry(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None = None) -> tuple[dict[str, Any], bool]:
+def retry(conn: psycopg.Connection, job_id: uuid.UUID,
+          owner: str | None = None) -> tuple[dict[str, Any], bool]:
     """Retry a finished job's failed predictions (commands.retry_job); the job, and whether
     this call submitted anything (False: its latest retry round is still running)."""
     visible(conn, job_id, owner)
@@ -308,7 +309,8 @@ def _op(summary: str, ok: int, schema: str | None, *errors: int, body: str | dic
 
 _ERRORS = {400: "the body is not a JSON object (or, for webhooks, not a valid delivery)",
            401: "no valid API key (webhooks: the signature did not verify)", 404: "no such job",
-           409: "cancel: the job has already finished; retry: not finished, canceled, or nothing to retry", 413: "the body is too large",
+           409: "cancel: the job has already finished; retry: not finished, canceled, or nothing to retry",
+           413: "the body is too large",
            422: "invalid fields, named in `fields`", 503: "the database is unreachable"}
 _JOB_ID = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IDEMPOTENCY = {"in": "header", "name": "Idempotency-Key", "required": False,

@@ -60,8 +60,8 @@ def _resubmit(ctx: Context, quiet: float, limit: int) -> int:
                               {"rounds": ROUNDS, "quiet_seconds": quiet, "limit": limit}).fetchall()
         for row in failed:
             payload = dict(row["payload"], round=row["payload"].get("round", 0) + 1)
-            key = f"submit:{slot(row['job_id'], payload['step'], payload['index'], payload.get('retry', 0))}" \
-                  f":r{payload['round']}"
+            where = slot(row["job_id"], payload["step"], payload["index"], payload.get("retry", 0))
+            key = f"submit:{where}:r{payload['round']}"
             queue.enqueue(conn, "submit_prediction", key, row["job_id"], payload)
     return len(failed)
 

@@ -60,7 +60,8 @@ def duration_seconds(value: object) -> float:
             text += "s"
         parts = _DURATION_PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f'must be seconds (a number) or a duration like "90s", "5m" or "1h30m", not {value!r}')
+            raise ValueError('must be seconds (a number) or a duration like "90s", "5m" or "1h30m", '
+                             f"not {value!r}")
         value = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     if not 1 <= value <= MAX_CANCEL_AFTER:
         raise ValueError(f"must be from 1 second to {MAX_CANCEL_AFTER} seconds (a year), not {value:g}")
@@ -321,7 +322,8 @@ class CostSchema(Schema):
     compute_seconds = fields.Float(allow_none=True, **_describe(
         "sum of metrics.predict_time over the job's predictions (retried ones too: they ran); "
         "missing or negative values left out; null when none reported one"))
-    predict_time_anomalies = fields.Integer(**_describe("predictions whose negative predict_time was left out"))
+    predict_time_anomalies = fields.Integer(**_describe(
+        "predictions whose negative predict_time was left out"))
     estimated_dollars = fields.Float(allow_none=True, **_describe(
         "from the operator's REPLICATE_PRICES (Replicate publishes no prices through its API); "
         "null when no prediction has a price"))

@@ -69,8 +69,9 @@ def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
     served.start()
     ctx = worker_context(app)
     stop = threading.Event()
-    working = threading.Thread(target=Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
-                                             periodic_every=0.5).run_forever, args=(stop,), daemon=True)
+    background = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
+                        periodic_every=0.5)
+    working = threading.Thread(target=background.run_forever, args=(stop,), daemon=True)
     if worker:
         working.start()
     try:

@@ -78,7 +78,8 @@ def test_a_second_step_past_the_deadline_is_not_sent(db_url):
                                    "prompt": "put it in the template", "input_image": "{{outputs[0]}}"}})
         deadline = time.monotonic() + 4
         stack.work()  # step 1's submission
-        post_processing = Worker(stack.ctx, {"process_output": handlers()["process_output"]}, poll_seconds=0.1)
+        post_processing = Worker(stack.ctx, {"process_output": handlers()["process_output"]},
+                                 poll_seconds=0.1)
         while stack.job(job["id"])["steps"][0]["processed"] == 0:  # step 1 finishes in time
             while post_processing.run_once():
                 pass
@@ -130,7 +131,8 @@ def test_job_cancel_after_is_the_default_deadline(db_url):
     ([], "must be seconds"),
 ])
 def test_a_bad_cancel_after_is_refused_and_records_nothing(client, conn, value, message):
-    response = client.post("/api/jobs", json={"model": MODEL, "input": {"prompt": "x"}, "cancel_after": value})
+    response = client.post("/api/jobs", json={"model": MODEL, "input": {"prompt": "x"},
+                                              "cancel_after": value})
     assert response.status_code == 422
     body = response.get_json()
     assert body["error"] == "invalid_request" and message in body["fields"]["cancel_after"][0]

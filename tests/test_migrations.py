@@ -93,10 +93,12 @@ def rows(conn: psycopg.Connection) -> dict[str, list[dict]]:
 
 def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The rows as the migrations since the old layout leave them: 016 counts a two-step
-    job's second prediction in predictions_expected."""
-    jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None)}
-            for j in data["jobs"]]
-    return {**data, "jobs": jobs}
+    job's second prediction in predictions_expected; 021 adds jobs.deadline (none: the old
+    jobs had no cancel_after) and predictions.superseded (none: nothing was retried)."""
+    jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None),
+             "deadline": None} for j in data["jobs"]]
+    predictions = [{**p, "superseded": False} for p in data["predictions"]]
+    return {**data, "jobs": jobs, "predictions": predictions}
 
 
 def since_legacy() -> list[str]:
