@@ -193,11 +193,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_before record;
     v_after record;
+    v_new boolean;
 BEGIN
     SELECT p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
            jsonb_array_length(p.output_urls) AS outputs
     INTO v_before
     FROM predictions p WHERE p.id = prediction_body(e.type, e.data) ->> 'id';
+    v_new := NOT FOUND;
     INSERT INTO predictions AS p
     SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
     ON CONFLICT (id) DO UPDATE SET
@@ -225,6 +227,15 @@ BEGIN
     RETURNING p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
               jsonb_array_length(p.output_urls) AS outputs
     INTO v_after;
+    -- A prediction first heard of after a job.retried that names it (events recorded out of
+    -- order) is superseded as a rebuild would make it. One probe of a small partial index,
+    -- only for a prediction's first event.
+    IF v_new AND EXISTS (SELECT FROM events r
+                         WHERE r.stream = e.stream AND r.type = 'job.retried'
+                           AND r.data -> 'predictions' ? (prediction_body(e.type, e.data) ->> 'id')
+                           AND stream_job_id(r.stream) = v_after.job_id) THEN
+        UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+    END IF;
     IF v_before IS DISTINCT FROM v_after THEN
         RETURN v_after.status;
     END IF;

@@ -102,7 +102,10 @@ LIMIT %(limit)s;
 -- failed_submissions --
 -- Submissions that gave up on transient errors, whose job still waits for them: a job
 -- waits in 'processing' for its second step. A refusal for good (its slot holds the failed
--- prediction unsubmitted-<job>-<step>-<index>, sql/fold.sql) is not tried again.
+-- prediction unsubmitted-<job>-<step>-<index>, sql/fold.sql) is not tried again. A retry
+-- round's submission (payload.retry = n) has :retry<n> in its task keys and -retry<n> in
+-- its stand-in's id (service/submissions.py, slot); format() drops a NULL, as the first
+-- round has none.
 SELECT t.job_id::text AS job_id, t.payload
 FROM tasks t JOIN jobs j ON j.id = t.job_id
 WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
@@ -111,11 +114,13 @@ WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
   AND t.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
   AND NOT EXISTS (
       SELECT 1 FROM tasks r
-      WHERE r.task_key = format('submit:%%s:%%s:%%s:r%%s', t.job_id, t.payload ->> 'step',
-                                t.payload ->> 'index', coalesce((t.payload ->> 'round')::int, 0) + 1))
+      WHERE r.task_key = format('submit:%%s:%%s:%%s%%s:r%%s', t.job_id, t.payload ->> 'step',
+                                t.payload ->> 'index', ':retry' || (t.payload ->> 'retry'),
+                                coalesce((t.payload ->> 'round')::int, 0) + 1))
   AND NOT EXISTS (
       SELECT 1 FROM predictions p
-      WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step', t.payload ->> 'index'))
+      WHERE p.id = format('unsubmitted-%%s-%%s-%%s%%s', t.job_id, t.payload ->> 'step', t.payload ->> 'index',
+                          '-retry' || (t.payload ->> 'retry')))
 LIMIT %(limit)s;
 
 -- stalled_jobs --
@@ -139,8 +144,8 @@ WHERE j.status IN ('pending', 'queued', 'running', 'processing')
                  AND coalesce((t.payload ->> 'round')::int, 0) + 1 < %(rounds)s
                  AND NOT EXISTS (
                      SELECT 1 FROM predictions p
-                     WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step',
-                                         t.payload ->> 'index')))))
+                     WHERE p.id = format('unsubmitted-%%s-%%s-%%s%%s', t.job_id, t.payload ->> 'step',
+                                         t.payload ->> 'index', '-retry' || (t.payload ->> 'retry'))))))
 ORDER BY a.updated_at
 LIMIT %(limit)s;
 

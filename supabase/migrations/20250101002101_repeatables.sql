@@ -343,11 +343,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_before record;
     v_after record;
+    v_new boolean;
 BEGIN
     SELECT p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
            jsonb_array_length(p.output_urls) AS outputs
     INTO v_before
     FROM predictions p WHERE p.id = prediction_body(e.type, e.data) ->> 'id';
+    v_new := NOT FOUND;
     INSERT INTO predictions AS p
     SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
     ON CONFLICT (id) DO UPDATE SET
@@ -375,6 +377,15 @@ BEGIN
     RETURNING p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
               jsonb_array_length(p.output_urls) AS outputs
     INTO v_after;
+    -- A prediction first heard of after a job.retried that names it (events recorded out of
+    -- order) is superseded as a rebuild would make it. One probe of a small partial index,
+    -- only for a prediction's first event.
+    IF v_new AND EXISTS (SELECT FROM events r
+                         WHERE r.stream = e.stream AND r.type = 'job.retried'
+                           AND r.data -> 'predictions' ? (prediction_body(e.type, e.data) ->> 'id')
+                           AND stream_job_id(r.stream) = v_after.job_id) THEN
+        UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+    END IF;
     IF v_before IS DISTINCT FROM v_after THEN
         RETURN v_after.status;
     END IF;
@@ -1823,7 +1834,7 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '8c9e248a5ddeb48b10a8240b77e76975f70e165b8eae19a7a56b14c81d7430f4')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'e8b5f10f282e24c003bacbcf15521fa90e7bd3d602269206be54cac756cce0a9')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'd2a3301a3145cd24ccf76a735a73014fb0933e34484b75a225447f1265ded474')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
