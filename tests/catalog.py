@@ -82,7 +82,7 @@ CHANGED_SINCE_LEGACY = {
     # issue 20 (deadlines, retries): a prediction can be superseded by a retry, a job has a
     # deadline and fails with 'deadline exceeded' (sql/fold.sql, sql/rebuild.sql); job_history
     # shows the deadline, retries and owner (sql/history_views.sql)
-    "prediction_facts", "job_derived_values", "job_history",
+    "prediction_facts", "apply_prediction_event", "job_derived_values", "job_history",
 }
 
 
