@@ -80,9 +80,14 @@ RETURN CASE type
         'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
                             data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
+    WHEN 'job.retried' THEN 'retry ' || coalesce(data ->> 'retry', '?') || ': '
+        || history_count(CASE WHEN jsonb_typeof(data -> 'predictions') = 'array'
+                              THEN jsonb_array_length(data -> 'predictions') ELSE 0 END, 'prediction')
+        || ' submitted again'
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')
         || coalesce(' (' || (data -> 'prediction' ->> 'status') || ')', '')
+        || coalesce(', retry ' || (data ->> 'retry'), '')
     WHEN 'prediction.submit_failed' THEN 'submit failed'
         || coalesce(' at step ' || (data ->> 'step'), '')
         || coalesce(': ' || left(data ->> 'error', 120), '')

@@ -62,6 +62,10 @@ def test_a_retry_submits_the_failed_predictions_again_once(db_url):
                   if e["type"] in ("job.created", "prediction.submitted", "job.retried")]
         assert rounds == [("job.created", 0), ("prediction.submitted", 0), ("prediction.submitted", 0),
                           ("job.retried", 1), ("prediction.submitted", 1), ("prediction.submitted", 1)]
+        with psycopg.connect(db_url, row_factory=dict_row) as conn:
+            summary = conn.execute("SELECT summary FROM job_timeline WHERE stream = %s "
+                                   "AND type = 'job.retried'", (job["id"],)).fetchone()["summary"]
+        assert summary == "retry 1: 2 predictions submitted again"
     assert replay_differences(db_url) == []
 
 

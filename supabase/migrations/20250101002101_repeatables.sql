@@ -1134,9 +1134,14 @@ RETURN CASE type
         'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
                             data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
+    WHEN 'job.retried' THEN 'retry ' || coalesce(data ->> 'retry', '?') || ': '
+        || history_count(CASE WHEN jsonb_typeof(data -> 'predictions') = 'array'
+                              THEN jsonb_array_length(data -> 'predictions') ELSE 0 END, 'prediction')
+        || ' submitted again'
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')
         || coalesce(' (' || (data -> 'prediction' ->> 'status') || ')', '')
+        || coalesce(', retry ' || (data ->> 'retry'), '')
     WHEN 'prediction.submit_failed' THEN 'submit failed'
         || coalesce(' at step ' || (data ->> 'step'), '')
         || coalesce(': ' || left(data ->> 'error', 120), '')
@@ -1838,7 +1843,7 @@ INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'e8b5f10f282
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'd2a3301a3145cd24ccf76a735a73014fb0933e34484b75a225447f1265ded474')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'b4e06cc62e947be250200b0758fc189239d32ac6ea3b5bb37229353581649f05')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', '12f02d27058c5e0105acfb4f5a80a5f14c50da11b6d6a58b1dd3a4a0cff0f746')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
