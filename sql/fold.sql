@@ -339,7 +339,8 @@ SELECT stream,
        max(position) AS last_position,
        max(recorded_at) AS updated_at,
        min(recorded_at) FILTER (WHERE type = 'job.canceled') AS canceled_at,
-       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures
+       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures,
+       max(recorded_at) FILTER (WHERE type = 'job.retried') AS retried_at
 FROM events
 GROUP BY stream;
 
@@ -639,6 +640,12 @@ BEGIN
         UPDATE predictions SET superseded = true
         WHERE job_id = v_job AND NOT superseded
           AND id IN (SELECT jsonb_array_elements_text(e.data -> 'predictions'));
+        -- a job with a deadline gets its cancel_after again from the latest retry, or the
+        -- round would not be sent at all (rebuild_jobs: job_stream_stats.retried_at). A
+        -- job.retried is recorded only while the job's row exists and is locked, so it
+        -- never precedes job.created.
+        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + (deadline - created_at))
+        WHERE id = v_job AND deadline IS NOT NULL;
     END IF;
     IF v_job IS NOT NULL THEN
         PERFORM touch_job(v_job, e, coalesce(v_derive, false));

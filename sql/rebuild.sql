@@ -227,8 +227,10 @@ BEGIN
                b.next_step, b.metadata, d.status, b.predictions_expected, d.predictions_submitted,
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.deadline
-        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
+               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.round_deadline
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
+                     -- the deadline runs from the latest retry, as apply_event moves it
+                     j.deadline + greatest(s.retried_at - j.created_at, interval '0') AS round_deadline
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -240,7 +242,7 @@ BEGIN
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2,
-                                              b.deadline) d
+                                              b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
        job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;

@@ -83,6 +83,7 @@ CHANGED_SINCE_LEGACY = {
     # deadline and fails with 'deadline exceeded' (sql/fold.sql, sql/rebuild.sql); job_history
     # shows the deadline, retries and owner (sql/history_views.sql)
     "prediction_facts", "apply_prediction_event", "job_derived_values", "job_history",
+    "job_stream_stats",
 }
 
 
@@ -93,7 +94,7 @@ SHAPE_CHANGED_SINCE_LEGACY = (
     # job.retried event type and its index; job_history's new columns; the compute views
     r"jobs\.deadline ", r"predictions\.superseded ", r"events events_type_known ",
     r"CREATE INDEX events_job_retried ", r"events_job_retried\b",
-    r"job_history\.(deadline|retries|owner_id) ",
+    r"job_history\.(deadline|retries|owner_id) ", r"job_stream_stats\.retried_at ",
     r"(owner_compute|model_compute)\b", r"cancel_after_seconds\(",
 )
 

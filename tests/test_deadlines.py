@@ -9,6 +9,7 @@ import time
 
 import psycopg
 import pytest
+import requests
 from psycopg.rows import dict_row
 
 from scripts.replicate_sim import Timing
@@ -52,6 +53,23 @@ def test_a_prediction_that_never_started_is_aborted_and_ends_the_job(db_url):
         assert seconds(stack.sim.cancel_after[prediction["id"]]) <= 2
         assert (done["status"], done["error"]) == ("failed", "deadline exceeded")
         assert history(db_url, job["id"])["error"] == "deadline exceeded"
+
+
+def test_a_retry_of_a_job_its_deadline_stopped_gets_its_cancel_after_again(db_url):
+    with running_stack(db_url, speed=1, timing=Timing(start_delay=30)) as stack:
+        job = stack.create_job(model=MODEL, input={"prompt": "a lighthouse"}, cancel_after=2)
+        first = stack.wait(job["id"], {"completed", "failed"}, seconds=20)
+        assert (first["status"], first["error"]) == ("failed", "deadline exceeded")
+        retried = requests.post(f"{stack.base_url}/api/jobs/{job['id']}/retry", timeout=10)
+        assert retried.status_code == 202 and retried.json()["deadline"] > first["deadline"]
+        again = stack.wait(job["id"], {"completed", "failed"}, seconds=20)
+        # sent (not refused as past the first deadline) with about 2 s, and aborted again
+        [new] = [p for p in again["predictions"] if not p["superseded"]]
+        assert new["status"] == "aborted" and 0 < seconds(stack.sim.cancel_after[new["id"]]) <= 2
+        assert (again["status"], again["error"], again["retries"]) == ("failed", "deadline exceeded", 1)
+    with psycopg.connect(db_url, row_factory=dict_row) as conn:
+        result = replay.replay(conn, check=True)
+    assert result.differences == 0, [str(d) for d in result.samples]
 
 
 def test_a_running_prediction_is_canceled_and_ends_the_job(db_url):

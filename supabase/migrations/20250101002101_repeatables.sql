@@ -489,7 +489,8 @@ SELECT stream,
        max(position) AS last_position,
        max(recorded_at) AS updated_at,
        min(recorded_at) FILTER (WHERE type = 'job.canceled') AS canceled_at,
-       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures
+       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures,
+       max(recorded_at) FILTER (WHERE type = 'job.retried') AS retried_at
 FROM events
 GROUP BY stream;
 
@@ -789,6 +790,12 @@ BEGIN
         UPDATE predictions SET superseded = true
         WHERE job_id = v_job AND NOT superseded
           AND id IN (SELECT jsonb_array_elements_text(e.data -> 'predictions'));
+        -- a job with a deadline gets its cancel_after again from the latest retry, or the
+        -- round would not be sent at all (rebuild_jobs: job_stream_stats.retried_at). A
+        -- job.retried is recorded only while the job's row exists and is locked, so it
+        -- never precedes job.created.
+        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + (deadline - created_at))
+        WHERE id = v_job AND deadline IS NOT NULL;
     END IF;
     IF v_job IS NOT NULL THEN
         PERFORM touch_job(v_job, e, coalesce(v_derive, false));
@@ -1029,8 +1036,10 @@ BEGIN
                b.next_step, b.metadata, d.status, b.predictions_expected, d.predictions_submitted,
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.deadline
-        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
+               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.round_deadline
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
+                     -- the deadline runs from the latest retry, as apply_event moves it
+                     j.deadline + greatest(s.retried_at - j.created_at, interval '0') AS round_deadline
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -1042,7 +1051,7 @@ BEGIN
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2,
-                                              b.deadline) d
+                                              b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
        job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
@@ -1839,9 +1848,9 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'e8b5f10f282e24c003bacbcf15521fa90e7bd3d602269206be54cac756cce0a9')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'be6d6667b9631ae9890449614058c13ed271e90b19c5d707e9a3b857c108d9f5')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'd2a3301a3145cd24ccf76a735a73014fb0933e34484b75a225447f1265ded474')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'ea3ee71706278dd5b87e24de7a283589472a2050bfeb9379611c6bb3728a2928')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
