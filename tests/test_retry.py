@@ -58,7 +58,9 @@ def test_a_retry_submits_the_failed_predictions_again_once(db_url):
         assert again.status_code == 409 and again.json()["error"] == "not_retryable"
         assert len(stack.sim.predictions) == 4
 
-        rounds = [(e["type"], e["data"].get("retry", 0)) for e in stream(db_url, job["id"])
+        shown = requests.get(f"{stack.base_url}/api/jobs/{job['id']}/events", timeout=10).json()["events"]
+        assert [e["position"] for e in shown] == [e["position"] for e in stream(db_url, job["id"])]
+        rounds = [(e["type"], e["data"].get("retry", 0)) for e in shown
                   if e["type"] in ("job.created", "prediction.submitted", "job.retried")]
         assert rounds == [("job.created", 0), ("prediction.submitted", 0), ("prediction.submitted", 0),
                           ("job.retried", 1), ("prediction.submitted", 1), ("prediction.submitted", 1)]
