@@ -96,6 +96,7 @@ SHAPE_CHANGED_SINCE_LEGACY = (
     r"CREATE INDEX events_job_retried ", r"events_job_retried\b",
     r"job_history\.(deadline|retries|owner_id) ", r"job_stream_stats\.retried_at ",
     r"(owner_compute|model_compute)\b", r"cancel_after_seconds\(",
+    r"is_known_event_type\(", r"is_event_type\(",
 )
 
 

@@ -132,7 +132,7 @@ def test_migrations_and_repeatables_apply_to_an_empty_database_and_twice_is_a_no
 def test_each_function_view_and_trigger_is_defined_in_one_file_and_no_migration():
     """The point of the layout: a CREATE of a function, view or trigger appears once in sql/,
     in a repeatable file (the is_* functions of CHECK constraints aside: they are part of the
-    tables' definitions, in migration 011)."""
+    tables' definitions, in migration 011, and 021's is_known_event_type)."""
     import re
     pattern = re.compile(r"CREATE (?:OR REPLACE )?(FUNCTION|VIEW|TRIGGER) (\w+)", re.IGNORECASE)
     seen: dict[tuple[str, str], list[str]] = {}
@@ -141,7 +141,7 @@ def test_each_function_view_and_trigger_is_defined_in_one_file_and_no_migration(
             seen.setdefault((kind.upper(), name), []).append(path.name)
     assert {k: v for k, v in seen.items() if len(v) > 1} == {}
     in_migrations = sorted(name for (kind, name), files in seen.items() if files[0][:3].isdigit())
-    assert all(name.startswith("is_") for name in in_migrations) and len(in_migrations) == 7
+    assert all(name.startswith("is_") for name in in_migrations) and len(in_migrations) == 8
 
 
 def test_an_edited_applied_migration_is_refused(empty_db, sql_copy):
