@@ -9,6 +9,7 @@ from flask import Flask
 from service import (
     auth,
     cli,
+    costs,
     dashboard,
     downloads,
     errors,
@@ -21,6 +22,7 @@ from service import (
     logs,
     metrics,
     ratelimit,
+    schemas,
     storage,
     webhooks,
 )
@@ -69,4 +71,10 @@ def check_settings(config: dict) -> storage.Storage:
     the storage, for the pages that show its URLs."""
     imaging.ImagingSettings.from_config(config)
     downloads.DownloadPolicy.from_config(config)
+    costs.parse_prices(config.get("REPLICATE_PRICES"))
+    if config.get("JOB_CANCEL_AFTER"):
+        try:
+            schemas.duration_seconds(config["JOB_CANCEL_AFTER"])
+        except ValueError as exc:
+            raise errors.ConfigError(f"JOB_CANCEL_AFTER {exc}") from None
     return storage.storage_from_config(config)

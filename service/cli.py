@@ -1,4 +1,4 @@
-"""Flask CLI commands: `flask --app service migrate | replay | worker | reconcile`.
+"""Flask CLI commands: `flask --app service migrate | replay | worker | reconcile | retry`.
 
 Each command is for a person at a terminal first: a configuration problem (a missing or
 malformed setting, a database that cannot be reached or is not migrated) ends it with one
@@ -45,6 +45,7 @@ def register(app: Flask) -> None:
     app.cli.add_command(replay_command)
     app.cli.add_command(worker_command)
     app.cli.add_command(reconcile_command)
+    app.cli.add_command(retry_command)
 
 
 def plural(n: int, noun: str) -> str:
@@ -227,3 +228,64 @@ def reconciled(done: dict[str, int]) -> str:
     parts = [f"{plural(n, _RECONCILED[kind][0])} {_RECONCILED[kind][1]}" if kind in _RECONCILED
              else f"{kind}: {n:,}" for kind, n in done.items() if n]
     return "; ".join(parts) or "nothing to do: no quiet job, no failed submission, no stalled job"
+
+
+def _since(text: str | None) -> float | None:
+    """--since as seconds: "2h", "90m", "1h30m", "7d", or plain seconds."""
+    if text is None:
+        return None
+    from service.schemas import duration_seconds
+
+    try:
+        days = text.strip().removesuffix("d")
+        if text.strip().endswith("d") and days.isdigit():
+            return float(days) * 86400
+        return duration_seconds(text)
+    except ValueError as exc:
+        raise click.BadParameter(f'{exc} (or days, like "7d")', param_hint="--since") from None
+
+
+@click.command("retry")
+@click.option("--status", type=click.Choice(["failed", "completed"]), required=True,
+              help="Jobs that ended so: failed, or completed with some predictions failed.")
+@click.option("--since", metavar="DURATION", help='Only jobs that ended this recently: "2h", "30m", "7d".')
+@click.option("--model", metavar="M", help="Only jobs of this model (owner/name), deployment or version.")
+@click.option("--error", "error", metavar="TEXT",
+              help="Only jobs whose failed predictions' error contains TEXT.")
+@click.option("--dry-run", is_flag=True, help="Say which jobs would be retried; submit nothing.")
+@with_appcontext
+@one_line_errors()
+def retry_command(status: str, since: str | None, model: str | None, error: str | None,
+                  dry_run: bool) -> None:
+    """Retry the failed, canceled and aborted predictions of every matching job, as
+    POST /api/jobs/<id>/retry does: once per job and round, so running it twice submits
+    each prediction once."""
+    from service import commands
+
+    seconds = _since(since)
+    require_migrated()
+    with _connect() as conn:
+        since_at = None if seconds is None else conn.execute(
+            "SELECT now() - make_interval(secs => %s) AS t", (seconds,)).fetchone()["t"]
+        jobs = conn.execute(queries["retry_candidates"], {
+            "status": status, "since": since_at, "model": model, "error": error}).fetchall()
+    if dry_run or not jobs:
+        click.echo(f"{plural(len(jobs), 'job')} would be retried" if dry_run
+                   else "no job matches: nothing retried")
+        for job in jobs[:20] if dry_run else []:
+            click.echo(f"  {job['id']} {job['model'] or ''} {job['error'] or ''}".rstrip())
+        return
+    retried, predictions, skipped = 0, 0, []
+    with _connect(autocommit=True) as conn, click.progressbar(jobs, label="retrying", show_pos=True) as bar:
+        for job in bar:
+            try:
+                with conn.transaction():
+                    _, ids = commands.retry_job(conn, job["id"], source="cli")
+            except commands.NotRetryable as exc:
+                skipped.append(exc.message)
+                continue
+            retried, predictions = retried + bool(ids), predictions + len(ids)
+    click.echo(f"retried {plural(retried, 'job')} ({plural(predictions, 'prediction')} submitted again)"
+               + (f"; {plural(len(skipped), 'job')} skipped" if skipped else ""))
+    for reason in skipped[:20]:
+        click.echo(f"  skipped: {reason}")

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # uuid5 namespace for job ids derived from a client's Idempotency-Key.
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("8f1d3c52-6a0e-4a59-9a43-1b6f0f7f4d1e")
 JOB_FIELDS = ("model", "version", "deployment", "input", "aspect_ratio", "count",
-              "postprocess", "then", "metadata")
+              "postprocess", "then", "metadata", "cancel_after")
 
 
 class JobFinished(ServiceError):
@@ -81,3 +81,48 @@ def cancel_job(conn: psycopg.Connection, job_id: str, reason: str = "requested")
     logger.info("job canceled", extra={"action": "cancel_job", "job_id": job_id,
                                        "predictions": len(running)})
     return running
+
+
+class NotRetryable(ServiceError):
+    """The job cannot be retried now."""
+
+    code = "not_retryable"
+    status = 409
+
+
+RETRYABLE = ("failed", "canceled", "aborted")
+
+
+def retry_job(conn: psycopg.Connection, job_id: str, source: str = "api") -> tuple[int, list[str]]:
+    """Record job.retried and enqueue a new submission for each failed, canceled or aborted
+    prediction of a finished job; returns (its retry round, the predictions retried). The
+    old predictions stay in the job's history, superseded (sql/fold.sql).
+
+    Idempotent: the round is keyed retried:<job>:<n>, n one more than the job's rounds so
+    far, under the job's row lock; a job whose latest round is still running answers that
+    round with no prediction, so a retry asked twice submits each prediction once."""
+    job = conn.execute(queries["job_for_update"], {"id": job_id}).fetchone()
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    done = conn.execute(queries["job_retries"], {"stream": job_id}).fetchone()["retries"]
+    if job["status"] == "canceled":
+        raise NotRetryable(f"job {job_id} was canceled; create it again instead")
+    if job["status"] not in ("completed", "failed"):
+        if done:
+            return done, []  # its latest retry is still running
+        raise NotRetryable(f"job {job_id} has not finished (it is {job['status']})")
+    slots = conn.execute(queries["retryable_predictions"], {"job_id": job_id}).fetchall()
+    if not slots:
+        raise NotRetryable(f"job {job_id} has no failed, canceled or aborted prediction to retry")
+    retry = done + 1
+    events.append(conn, key=f"retried:{job_id}:{retry}", stream=job_id, type="job.retried",
+                  data={"retry": retry, "predictions": [s["id"] for s in slots],
+                        "slots": [{"prediction_id": s["id"], "step": s["step"], "index": s["index"]}
+                                  for s in slots]},
+                  metadata={"source": source})
+    for s in slots:
+        queue.enqueue(conn, "submit_prediction", f"submit:{job_id}:{s['step']}:{s['index']}:retry{retry}",
+                      job_id, {"step": s["step"], "index": s["index"], "retry": retry})
+    logger.info("job retried", extra={"action": "retry_job", "job_id": job_id, "retry": retry,
+                                      "predictions": len(slots)})
+    return retry, [s["id"] for s in slots]

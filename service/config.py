@@ -33,7 +33,7 @@ _PASSED_THROUGH = (
     "IMAGE_UPSCALE_FACTOR", "IMAGE_MAX_LONG_SIDE", "IMAGE_RESIZE_LONG_SIDE", "IMAGE_JPEG_QUALITY",
     "IMAGE_WEBP_QUALITY", "IMAGE_PNG_COMPRESSION", "IMAGE_MAX_PIXELS", "STORAGE_DIR",
     "STORAGE_PUBLIC", "STORAGE_SIGNED_URL_SECONDS", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET",
-    "SUPABASE_ANON_KEY",
+    "SUPABASE_ANON_KEY", "JOB_CANCEL_AFTER", "REPLICATE_PRICES",
 )
 
 
@@ -173,6 +173,10 @@ class Settings:
     # secret (HS256) and/or its JWKS URL (asymmetric signing keys)
     SUPABASE_JWT_SECRET: str | None = field(default=None, repr=False)
     SUPABASE_JWKS_URL: str | None = None
+    # Jobs: a default deadline (seconds, or "90s", "5m"; unset: none), and the operator's
+    # prices for cost estimates (service/costs.py); both checked at startup by create_app
+    JOB_CANCEL_AFTER: str | None = None
+    REPLICATE_PRICES: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

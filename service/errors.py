@@ -52,6 +52,14 @@ class NotFound(ServiceError):
     status = 404
 
 
+class DeadlineExceeded(ServiceError):
+    """deadline exceeded"""
+
+    code = "deadline_exceeded"
+    status = 409
+    transient = False  # the time left only shrinks
+
+
 class ReplicateError(ServiceError):
     """Replicate could not be used."""
 

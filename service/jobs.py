@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema, ValidationError
 from psycopg_pool import ConnectionPool
 
-from service import commands, schemas, storage
+from service import commands, costs, schemas, storage
 from service.auth import Caller, Unauthorized, authenticate
 from service.db import queries
 from service.errors import NotFound, ServiceError
@@ -156,8 +156,18 @@ def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str, owner: str | Non
     if row is None:
         raise NotFound(f"no job {job_id}")
     predictions = conn.execute(queries["job_predictions_view"], {"job_id": str(job_id)}).fetchall()
+    _costed(conn, [row])
+    current = [p for p in predictions if not p["superseded"]]  # what the job's counts count
     return schemas.JobSchema().dump({**_shown(row), "predictions": predictions,
-                                     "steps": steps(row, predictions)})
+                                     "steps": steps(row, current)})
+
+
+def _costed(conn: psycopg.Connection, rows: list[dict[str, Any]]) -> None:
+    """Each job row gets its cost: compute seconds, and dollars where REPLICATE_PRICES says."""
+    groups = conn.execute(queries["job_compute"], {"ids": [str(r["id"]) for r in rows]}).fetchall()
+    prices = costs.parse_prices(current_app.config.get("REPLICATE_PRICES"))
+    for row in rows:
+        row["cost"] = costs.job_cost((g for g in groups if g["job_id"] == str(row["id"])), prices)
 
 
 _FAILED = ("failed", "canceled", "aborted")
@@ -182,7 +192,10 @@ def _target(spec: dict[str, Any]) -> str | None:
 
 def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None,
            owner: str | None = None) -> tuple[dict[str, Any], bool]:
-    """Record the job (or find the one this Idempotency-Key made) and show it."""
+    """Record the job (or find the one this Idempotency-Key made) and show it. Without a
+    cancel_after of its own, a job gets JOB_CANCEL_AFTER's (checked at startup)."""
+    if spec.get("cancel_after") is None and current_app.config.get("JOB_CANCEL_AFTER"):
+        spec = {**spec, "cancel_after": schemas.duration_seconds(current_app.config["JOB_CANCEL_AFTER"])}
     job_id, created = commands.create_job(conn, spec, key, owner_id=owner)
     if not created:
         recorded = conn.execute(queries["job_created_data"], {"stream": job_id}).fetchone()
@@ -205,6 +218,8 @@ def job_page(conn: psycopg.Connection, args: dict[str, Any], owner: str | None =
         "after_created_at": after[0], "after_id": after[1] and str(after[1]),
     }).fetchall()
     more, rows = len(rows) > args["limit"], rows[:args["limit"]]
+    if rows:
+        _costed(conn, rows)
     cursor = schemas.Cursor.encode(rows[-1]["created_at"], rows[-1]["id"]) if more else None
     return schemas.JobListSchema().dump({"jobs": [_shown(r) for r in rows], "next_cursor": cursor})
 
@@ -262,6 +277,22 @@ def get_job_events(job_id: uuid.UUID) -> dict:
         return job_events(conn, job_id, _owner())
 
 
+def retry(conn: psycopg.Connection, job_id: uuid.UUID,
+          owner: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Retry a finished job's failed predictions (commands.retry_job); the job, and whether
+    this call submitted anything (False: its latest retry round is still running)."""
+    visible(conn, job_id, owner)
+    _, retried = commands.retry_job(conn, str(job_id))
+    return job_view(conn, job_id), bool(retried)
+
+
+@bp.post("/jobs/<uuid:job_id>/retry")
+def retry_job(job_id: uuid.UUID) -> tuple[dict, int]:
+    with _pool().connection() as conn:
+        job, submitted = retry(conn, job_id, _owner())
+    return _signed(job), 202 if submitted else 200
+
+
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel_job(job_id: uuid.UUID) -> tuple[dict, int]:
     with _pool().connection() as conn:
@@ -299,7 +330,8 @@ def _op(summary: str, ok: int, schema: str | None, *errors: int, body: str | dic
 _ERRORS = {400: "the body is not a JSON object (or, for webhooks, not a valid delivery)",
            401: "no valid API key (webhooks: the signature did not verify)",
            403: "a signed-in user named another user as `owner`", 404: "no such job",
-           409: "the job has already finished", 413: "the body is too large",
+           409: "cancel: the job has already finished; retry: not finished, canceled, or nothing to retry",
+           413: "the body is too large",
            422: "invalid fields, named in `fields`", 503: "the database is unreachable"}
 _JOB_ID = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _IDEMPOTENCY = {"in": "header", "name": "Idempotency-Key", "required": False,
@@ -331,6 +363,9 @@ def openapi_document() -> dict[str, Any]:
         "get": _op("A job's events in order", 200, "EventList", 401, 404, params=[_JOB_ID])})
     spec.path("/api/jobs/{job_id}/cancel", operations={
         "post": _op("Cancel a job", 202, "Job", 401, 404, 409, params=[_JOB_ID])})
+    spec.path("/api/jobs/{job_id}/retry", operations={"post": _op(
+        "Retry a finished job's failed, canceled or aborted predictions (200: its latest retry "
+        "is still running, nothing new submitted)", 202, "Job", 401, 404, 409, params=[_JOB_ID])})
     spec.path("/api/openapi.json", operations={"get": _op("This document", 200, None, public=True)})
     spec.path("/webhooks/replicate", operations={"post": _op(
         "Receive a Replicate webhook (Standard Webhooks signature)", 200, None, 400, 401, 413,

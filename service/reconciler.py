@@ -11,7 +11,7 @@ from service import events, metrics, queue
 from service.db import queries
 from service.errors import ServiceError
 from service.postprocess import loggable_url
-from service.submissions import ROUNDS, record_polled
+from service.submissions import ROUNDS, record_polled, slot
 from service.worker import Context
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def _resubmit(ctx: Context, quiet: float, limit: int) -> int:
                               {"rounds": ROUNDS, "quiet_seconds": quiet, "limit": limit}).fetchall()
         for row in failed:
             payload = dict(row["payload"], round=row["payload"].get("round", 0) + 1)
-            key = f"submit:{row['job_id']}:{payload['step']}:{payload['index']}:r{payload['round']}"
+            where = slot(row["job_id"], payload["step"], payload["index"], payload.get("retry", 0))
+            key = f"submit:{where}:r{payload['round']}"
             queue.enqueue(conn, "submit_prediction", key, row["job_id"], payload)
     return len(failed)
 

@@ -22,6 +22,7 @@ import requests
 
 from service.errors import (
     ConfigError,
+    DeadlineExceeded,
     InvalidPredictionRequest,
     ReplicateError,
     ReplicateRateLimited,
@@ -97,11 +98,15 @@ class ReplicateClient:
     def create_prediction(self, *, version: str | None = None, model: str | None = None,
                           deployment: str | None = None, input: Mapping[str, Any],
                           webhook: str | None = None,
-                          webhook_events_filter: Iterable[str] = WEBHOOK_EVENTS) -> dict[str, Any]:
-        """Start a prediction from exactly one of a version id, a model or a deployment ("owner/name")."""
+                          webhook_events_filter: Iterable[str] = WEBHOOK_EVENTS,
+                          deadline: float | None = None) -> dict[str, Any]:
+        """Start a prediction from exactly one of a version id, a model or a deployment ("owner/name").
+        With a deadline (a time.monotonic() value), each attempt sends the time left then as
+        Cancel-After, and none is sent once it has passed (DeadlineExceeded): the pacing
+        and retries before an attempt may take a while."""
         path = _creation_path(version, model, deployment)
         body = _creation_body(version, input, webhook, webhook_events_filter)
-        return self._call("POST", path, body, paced=True)
+        return self._call("POST", path, body, paced=True, deadline=deadline)
 
     def get_prediction(self, prediction_id: str) -> dict[str, Any]:
         return self._call("GET", f"/predictions/{_checked_id(prediction_id)}", prediction_id=prediction_id)
@@ -121,15 +126,17 @@ class ReplicateClient:
         self._session.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-              paced: bool = False, prediction_id: str | None = None) -> dict[str, Any]:
+              paced: bool = False, prediction_id: str | None = None,
+              deadline: float | None = None) -> dict[str, Any]:
         """Send until an answer is final; transient failures are retried max_retries times."""
         attempt = 0
         while True:
             attempt += 1
             if paced:
                 self.limiter.acquire()
+            headers = {} if deadline is None else {"Cancel-After": cancel_after(deadline - time.monotonic())}
             try:
-                return self._attempt(method, path, body, attempt, prediction_id)
+                return self._attempt(method, path, body, attempt, prediction_id, headers)
             except (ReplicateRateLimited, ReplicateUnavailable) as failure:
                 wait = self._wait_after(failure, attempt)
                 if attempt > self.max_retries or wait > MAX_HINTED_WAIT:
@@ -148,11 +155,12 @@ class ReplicateClient:
             time.sleep(seconds)
 
     def _attempt(self, method: str, path: str, body: dict[str, Any] | None, attempt: int,
-                 prediction_id: str | None) -> dict[str, Any]:
+                 prediction_id: str | None, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         started = time.monotonic()
         try:
             response = self._session.request(method, self.base_url + path, json=body,
-                                             headers=self._headers(), timeout=self.timeout)
+                                             headers={**self._headers(), **(headers or {})},
+                                             timeout=self.timeout)
         except _TRANSPORT_ERRORS as exc:
             self._log(method, path, type(exc).__name__, attempt, started, prediction_id)
             reached = not isinstance(exc, requests.ConnectionError) or isinstance(exc, requests.ReadTimeout)
@@ -215,6 +223,16 @@ def from_settings(config: Mapping[str, Any]) -> ReplicateClient:
                           ".flaskenv while it runs)")
     rate = config.get("REPLICATE_RATE_LIMIT_PER_MINUTE") or 600
     return ReplicateClient(base_url, token, rate_per_minute=int(rate))
+
+
+def cancel_after(seconds: float) -> str:
+    """Seconds left as Replicate's Cancel-After duration: whole seconds ("90s"), or
+    milliseconds under ten seconds ("2500ms"), rounded down so Replicate stops a prediction
+    no later than the job's deadline. DeadlineExceeded when nothing is left."""
+    milliseconds = int(seconds * 1000)
+    if milliseconds <= 0:
+        raise DeadlineExceeded()
+    return f"{milliseconds}ms" if milliseconds < 10_000 else f"{milliseconds // 1000}s"
 
 
 def _creation_path(version: str | None, model: str | None, deployment: str | None) -> str:

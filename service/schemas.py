@@ -44,6 +44,40 @@ _BRACES = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _OUTPUT_REF = re.compile(r"^\s*outputs\[(0|[1-9][0-9]{0,3})\]\s*$")
 
 
+MAX_CANCEL_AFTER = 365 * 24 * 3600  # a year: Replicate's Cancel-After has no documented maximum
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: object) -> float:
+    """A deadline as seconds: a number, or Replicate's duration text ("90s", "5m", "1h30m",
+    "500ms"). ValueError, with a message for people, when it is neither, or outside 1 s to a year."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError('must be seconds (a number) or a duration like "90s", "5m" or "1h30m"')
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):  # plain seconds, as an environment variable says it
+            text += "s"
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError('must be seconds (a number) or a duration like "90s", "5m" or "1h30m", '
+                             f"not {value!r}")
+        value = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not 1 <= value <= MAX_CANCEL_AFTER:
+        raise ValueError(f"must be from 1 second to {MAX_CANCEL_AFTER} seconds (a year), not {value:g}")
+    return round(float(value), 3)
+
+
+class CancelAfter(fields.Field):
+    """cancel_after: seconds, or a duration like "90s"; loaded as seconds (3 decimals)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        try:
+            return duration_seconds(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
 def is_ratio(value: object) -> bool:
     """A "W:H" aspect ratio of positive whole numbers up to 100."""
     match = RATIO_RE.match(value) if isinstance(value, str) else None
@@ -204,6 +238,11 @@ class JobRequestSchema(_StepSchema):
         if value is not None and value.int == 0:
             raise ValidationError("the nil uuid is no user's id")
 
+    cancel_after = CancelAfter(load_default=None, metadata={
+        "type": "string", "description": 'a deadline for the whole job: seconds (a number) or a duration '
+        'like "90s", "5m", "1h30m"; default JOB_CANCEL_AFTER. Each prediction is created with '
+        "Replicate's Cancel-After set to the time left; work still queued then is not sent"})
+
     @validates("aspect_ratio")
     def _ratio(self, value: str | None, **kwargs: Any) -> None:
         if value is not None and not is_ratio(value):
@@ -249,6 +288,7 @@ class StepProgressSchema(Schema):
 class PredictionSchema(Schema):
     id = fields.String()
     step = fields.Integer(allow_none=True)
+    superseded = fields.Boolean(**_describe("a retry submitted it again: kept for history, not counted"))
     status = fields.String(**_describe("starting, processing, succeeded, failed, canceled or aborted"))
     error = fields.String(allow_none=True)
     metrics = fields.Dict()
@@ -283,6 +323,23 @@ class JobSummarySchema(Schema):
     started_at = fields.DateTime(allow_none=True)
     completed_at = fields.DateTime(allow_none=True)
     updated_at = fields.DateTime()
+    deadline = fields.DateTime(allow_none=True, **_describe(
+        "when cancel_after runs out; the job then ends, failed with error 'deadline exceeded'"))
+    retries = fields.Integer(**_describe("retry rounds so far (POST /api/jobs/{id}/retry)"))
+    cost = fields.Nested(lambda: CostSchema())
+
+
+class CostSchema(Schema):
+    compute_seconds = fields.Float(allow_none=True, **_describe(
+        "sum of metrics.predict_time over the job's predictions (retried ones too: they ran); "
+        "missing or negative values left out; null when none reported one"))
+    predict_time_anomalies = fields.Integer(**_describe(
+        "predictions whose negative predict_time was left out"))
+    estimated_dollars = fields.Float(allow_none=True, **_describe(
+        "from the operator's REPLICATE_PRICES (Replicate publishes no prices through its API); "
+        "null when no prediction has a price"))
+    unpriced_predictions = fields.Integer(**_describe(
+        "predictions left out of estimated_dollars: no price for their model, or no predict_time"))
 
 
 class JobSchema(JobSummarySchema):

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 from urllib.parse import urlencode
 
 from service import events, queue
 from service.db import queries
-from service.errors import ServiceError
+from service.errors import DeadlineExceeded, ServiceError
 from service.queue import Task
 from service.worker import Context
 
 logger = logging.getLogger(__name__)
 
+DEADLINE_EXCEEDED = "deadline exceeded"  # the reason a job stopped by its deadline gives (sql/fold.sql)
 ROUNDS = 3  # a submission that keeps failing transiently is retried by the reconciler this often
 
 
-def webhook_url(config: dict[str, Any], job_id: str, step: int, index: int) -> str | None:
+def webhook_url(config: dict[str, Any], job_id: str, step: int, index: int, retry: int = 0) -> str | None:
     """Where Replicate should send this prediction's webhooks; None without a public URL
-    (then the reconciler's polling completes the job). The index lets a retried
-    submission recognise a prediction its earlier attempt started."""
+    (then the reconciler's polling completes the job). The index (and the job's retry
+    round, after the first) lets a retried submission recognise a prediction its earlier
+    attempt started."""
     base = config.get("PUBLIC_BASE_URL")
-    query = urlencode({"job": job_id, "step": step, "index": index})
+    query = urlencode({"job": job_id, "step": step, "index": index, **({"retry": retry} if retry else {})})
     return f"{base}/webhooks/replicate?{query}" if base else None
+
+
+def slot(job_id: str, step: int, index: int, retry: int = 0, sep: str = ":") -> str:
+    """A prediction's place in its job: step, index, and the retry round (none the first
+    time). Part of every key its submission records, so each round submits it once."""
+    return sep.join([str(job_id), str(step), str(index)] + ([f"retry{retry}"] if retry else []))
 
 
 _OUTPUT_REF = re.compile(r"\{\{outputs\[(\d+)\]\}\}")
@@ -74,19 +83,29 @@ def _absolute(url: str, public_base: str | None) -> str:
 class SubmitPrediction:
     def run(self, ctx: Context, task: Task) -> None:
         job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
+        retry = task.payload.get("retry", 0)
         with ctx.pool.connection() as conn:
             job = conn.execute(queries["job_by_id"], {"id": job_id}).fetchone()
         if job is None or job["status"] == "canceled":
             self._skip(ctx, task, "job canceled" if job else "job unknown")
             return
+        # the time left, by the database's clock (the one the deadline was set by)
+        deadline = None if job["seconds_left"] is None else time.monotonic() + job["seconds_left"]
         target, input_ = step_request(job, step, ctx.config.get("PUBLIC_BASE_URL"))
-        prediction = self._started_earlier(ctx, task) or ctx.clients["replicate"].create_prediction(
-            **target, input=input_, webhook=webhook_url(ctx.config, job_id, step, index))
+        try:
+            prediction = self._started_earlier(ctx, task) or ctx.clients["replicate"].create_prediction(
+                **target, input=input_, webhook=webhook_url(ctx.config, job_id, step, index, retry),
+                deadline=deadline)
+        except DeadlineExceeded:
+            self._not_sent(ctx, task)
+            return
         with ctx.pool.connection() as conn:
-            events.append(conn, key=f"submitted:{job_id}:{step}:{index}", stream=job_id,
+            events.append(conn, key=f"submitted:{slot(job_id, step, index, retry)}", stream=job_id,
                           type="prediction.submitted",
-                          data={"step": step, "index": index, "prediction": prediction},
-                          metadata={"source": "worker", "task_id": task.id, "attempt": task.attempts})
+                          data={"step": step, "index": index, "prediction": prediction,
+                                **({"retry": retry} if retry else {})},
+                          metadata={"source": "worker", "task_id": task.id, "attempt": task.attempts,
+                                    "cancel_after_seconds": job["seconds_left"]})
             self._cancel_if_job_canceled(conn, job_id, prediction["id"])
             queue.complete(conn, task, ctx.worker)
         logger.info("prediction submitted", extra={"action": "submit", "job_id": job_id,
@@ -109,7 +128,7 @@ class SubmitPrediction:
         with ctx.pool.connection() as conn:
             row = conn.execute(queries["prediction_for_slot"], {
                 "stream": task.job_id, "step": str(task.payload["step"]),
-                "index": str(task.payload["index"])}).fetchone()
+                "index": str(task.payload["index"]), "retry": str(task.payload.get("retry", 0))}).fetchone()
         if row:
             logger.warning("adopting a prediction an earlier attempt started", extra={
                 "action": "submit_adopt", "job_id": task.job_id, "prediction_id": row["data"]["id"]})
@@ -117,16 +136,34 @@ class SubmitPrediction:
 
     def give_up(self, ctx: Context, task: Task, reason: str, final: bool) -> None:
         job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
-        round_ = task.payload.get("round", 0)
+        retry, round_ = task.payload.get("retry", 0), task.payload.get("round", 0)
         final = final or round_ + 1 >= ROUNDS
         with ctx.pool.connection() as conn:
             data = {"step": step, "index": index, "error": reason, "final": final, "round": round_}
+            if retry:
+                data["retry"] = retry
             if final:  # the fold shows it as a failed prediction standing in for the missing one
-                data["prediction_id"] = f"unsubmitted-{job_id}-{step}-{index}"
-            events.append(conn, key=f"submit_failed:{job_id}:{step}:{index}:{round_}", stream=job_id,
-                          type="prediction.submit_failed", data=data,
+                data["prediction_id"] = f"unsubmitted-{slot(job_id, step, index, retry, '-')}"
+            events.append(conn, key=f"submit_failed:{slot(job_id, step, index, retry)}:{round_}",
+                          stream=job_id, type="prediction.submit_failed", data=data,
                           metadata={"source": "worker", "task_id": task.id, "attempts": task.attempts})
             queue.fail(conn, task, ctx.worker, reason)
+
+    def _not_sent(self, ctx: Context, task: Task) -> None:
+        """The job's deadline passed while this submission waited: it is never sent, and a
+        failed prediction with the reason stands in for it, so the job ends."""
+        job_id, step, index = task.job_id, task.payload["step"], task.payload["index"]
+        retry = task.payload.get("retry", 0)
+        with ctx.pool.connection() as conn:
+            data = {"step": step, "index": index, "error": DEADLINE_EXCEEDED, "final": True,
+                    "prediction_id": f"unsubmitted-{slot(job_id, step, index, retry, '-')}",
+                    **({"retry": retry} if retry else {})}
+            events.append(conn, key=f"not_sent:{slot(job_id, step, index, retry)}", stream=job_id,
+                          type="prediction.submit_failed", data=data,
+                          metadata={"source": "worker", "task_id": task.id, "attempts": task.attempts})
+            queue.complete(conn, task, ctx.worker)
+        logger.warning("submission not sent: the job's deadline has passed", extra={
+            "action": "submit_deadline", "job_id": job_id, "step": step, "index": index})
 
     def _skip(self, ctx: Context, task: Task, why: str) -> None:
         with ctx.pool.connection() as conn:

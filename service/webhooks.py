@@ -247,7 +247,8 @@ def _metadata(job: str | None) -> dict[str, Any]:
         "source": "replicate",
         "received_at": datetime.now(UTC).isoformat(),
         "headers": {name: environ[key] for name, key in _KEPT_ENVIRON if key in environ},
-        "query": {"job": job, "step": args.get("step"), "index": args.get("index")},
+        "query": {"job": job, "step": args.get("step"), "index": args.get("index"),
+                  **({"retry": args["retry"]} if "retry" in args else {})},
         "remote_addr": request.remote_addr,
     }
 

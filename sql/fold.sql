@@ -174,7 +174,8 @@ AS $$
            CASE WHEN nullif(body.b -> 'output', 'null'::jsonb) IS NULL THEN '' ELSE
                fold_key_part(pg_column_size(nullif(body.b -> 'output', 'null'::jsonb)), 10)
                || fold_key_hash(jsonb_hash_extended(nullif(body.b -> 'output', 'null'::jsonb), 0))
-               || fold_key_part(pos, 19) END
+               || fold_key_part(pos, 19) END,
+           false  -- superseded: only a job.retried event sets it (apply_event, rebuild_predictions)
     FROM coalesce('{}'::jsonb || prediction_body(type, data)) AS body(b)
     CROSS JOIN LATERAL coalesce(length(body.b ->> 'logs')) AS n(logs_length)
     WHERE body.b ->> 'id' IS NOT NULL
@@ -192,11 +193,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_before record;
     v_after record;
+    v_new boolean;
 BEGIN
     SELECT p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
            jsonb_array_length(p.output_urls) AS outputs
     INTO v_before
     FROM predictions p WHERE p.id = prediction_body(e.type, e.data) ->> 'id';
+    v_new := NOT FOUND;
     INSERT INTO predictions AS p
     SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
     ON CONFLICT (id) DO UPDATE SET
@@ -224,6 +227,15 @@ BEGIN
     RETURNING p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
               jsonb_array_length(p.output_urls) AS outputs
     INTO v_after;
+    -- A prediction first heard of after a job.retried that names it (events recorded out of
+    -- order) is superseded as a rebuild would make it. One probe of a small partial index,
+    -- only for a prediction's first event.
+    IF v_new AND EXISTS (SELECT FROM events r
+                         WHERE r.stream = e.stream AND r.type = 'job.retried'
+                           AND r.data -> 'predictions' ? (prediction_body(e.type, e.data) ->> 'id')
+                           AND stream_job_id(r.stream) = v_after.job_id) THEN
+        UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+    END IF;
     IF v_before IS DISTINCT FROM v_after THEN
         RETURN v_after.status;
     END IF;
@@ -281,16 +293,25 @@ END $$;
 
 
 -- 5. A job --------------------------------------------------------------------------------
+-- A job's cancel_after from untrusted text: a positive number of seconds up to a year,
+-- else NULL (no deadline) rather than an error that would stop a replay.
+CREATE OR REPLACE FUNCTION cancel_after_seconds(value text) RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN value ~ '^[0-9]{1,8}(\.[0-9]{1,6})?$' AND value::numeric > 0
+                 AND value::numeric <= 31536000 THEN value::numeric END;
+
 -- A job as job.created describes it, with what the caller knows of its stream (when it
 -- was canceled, how many submissions failed for good). The owner is kept when it is a
 -- canonical uuid (stream_job_id checks exactly that), else NULL rather than an error that
 -- would stop a replay. predictions_expected counts every prediction the job runs: `count`
 -- in step 1, and one more for a second step (`then`). The derived columns start as
--- "pending, nothing counted".
+-- "pending, nothing counted". The deadline is job.created's time plus its cancel_after
+-- (seconds, as the jobs API records it), if any; STABLE because adding an interval to a
+-- timestamptz is.
 CREATE OR REPLACE FUNCTION job_facts(
     stream text, data jsonb, created_at timestamptz, canceled_at timestamptz, submit_failures integer
 ) RETURNS SETOF jobs
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT stream_job_id(stream),
            data ->> 'model',
@@ -304,7 +325,8 @@ AS $$
            'pending', coalesce(small_int(data ->> 'count'), 1) + (data -> 'then' IS NOT NULL)::integer,
            0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
            canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
-           stream_job_id(data ->> 'owner_id')
+           stream_job_id(data ->> 'owner_id'),
+           created_at + cancel_after_seconds(data ->> 'cancel_after') * interval '1 second'
     WHERE stream_job_id(stream) IS NOT NULL
 $$;
 
@@ -317,13 +339,16 @@ SELECT stream,
        max(position) AS last_position,
        max(recorded_at) AS updated_at,
        min(recorded_at) FILTER (WHERE type = 'job.canceled') AS canceled_at,
-       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures
+       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures,
+       max(recorded_at) FILTER (WHERE type = 'job.retried') AS retried_at
 FROM events
 GROUP BY stream;
 
 -- Each step of a job, from its predictions: how many were submitted, started, succeeded
 -- and failed (canceled and aborted count as failed), the outputs the succeeded ones
--- promise, when the step started and ended, and an error.
+-- promise, when the step started and ended, and an error. A prediction a retry submitted
+-- again (superseded) stays in the job's history but counts in none of this: its
+-- replacement does.
 --
 -- The rollups are functions, and the views below are their rows: a view is bound to the
 -- tables it was created over, while a LANGUAGE sql function with a string body is parsed
@@ -347,7 +372,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
            max(completed_at),
            min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))
     FROM predictions
-    WHERE job_id IS NOT NULL
+    WHERE job_id IS NOT NULL AND NOT superseded  -- a retried prediction counts no more
     GROUP BY job_id, coalesce(step, 1)
 $$;
 
@@ -425,10 +450,20 @@ END;
 -- status, error and completed_at refer to its result rather than repeating the whole
 -- status expression (both steps' states). predictions_expected is step 1's: the job's
 -- column less the one prediction of a second step.
+--
+-- A failed job with a deadline whose predictions were stopped by it (aborted: Replicate
+-- never started one before its Cancel-After; canceled: one was running; or not sent at all,
+-- a stand-in failing with 'deadline exceeded') gives the reason 'deadline exceeded'. Only a
+-- failed job with a deadline looks at its predictions for this, so the lookup is rare.
+-- A job without a deadline keeps the error it had: a canceled prediction there was
+-- canceled by someone else (at replicate.com, say).
+DROP FUNCTION IF EXISTS job_derived_values(timestamptz, integer, boolean, job_step_rollups,
+    job_step_output_rollups, job_step_rollups, job_step_output_rollups);
 CREATE OR REPLACE FUNCTION job_derived_values(
     canceled_at timestamptz, predictions_expected integer, has_next boolean,
     r1 job_step_rollups, o1 job_step_output_rollups,
-    r2 job_step_rollups, o2 job_step_output_rollups
+    r2 job_step_rollups, o2 job_step_output_rollups,
+    deadline timestamptz DEFAULT NULL
 ) RETURNS TABLE (
     status text, predictions_submitted integer, predictions_succeeded integer,
     predictions_failed integer, outputs_expected integer, outputs_processed integer,
@@ -445,8 +480,13 @@ AS $$
            n.processed1 + n.processed2,
            n.outputs_failed1 + n.outputs_failed2,
            coalesce(o1.outputs, '[]'::jsonb) || coalesce(o2.outputs, '[]'::jsonb),
-           CASE WHEN st.status = 'failed' THEN coalesce(r2.error, o2.error, r1.error, o1.error,
-                                                        'no prediction succeeded') END,
+           CASE WHEN st.status <> 'failed' THEN NULL
+                WHEN deadline IS NOT NULL AND EXISTS (
+                    SELECT FROM predictions p
+                    WHERE p.job_id = coalesce(r1.job_id, r2.job_id) AND NOT p.superseded
+                      AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'))
+                    THEN 'deadline exceeded'
+                ELSE coalesce(r2.error, o2.error, r1.error, o1.error, 'no prediction succeeded') END,
            r1.started_at,
            CASE st.status
                WHEN 'canceled' THEN canceled_at
@@ -516,6 +556,7 @@ BEGIN
            j.submit_failures + is_final_submit_failure(e.type, e.data)::integer AS submit_failures,
            j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
            j.next_step IS NOT NULL AS has_next,
+           j.deadline,
            j.outputs_processed + j.outputs_failed > 0
                OR e.type IN ('output.processed', 'output.failed') AS has_outputs
     INTO c
@@ -536,7 +577,7 @@ BEGIN
     v_o1 := o1[1];
     v_o2 := o2[1];
     SELECT * INTO d FROM job_derived_values(c.canceled_at, c.first_step_expected, c.has_next,
-                                            v_r1, v_o1, v_r2, v_o2);
+                                            v_r1, v_o1, v_r2, v_o2, c.deadline);
     UPDATE jobs j
     SET (canceled_at, submit_failures, status, predictions_submitted, predictions_succeeded,
          predictions_failed, outputs_expected, outputs_processed, outputs_failed, outputs, error,
@@ -593,6 +634,18 @@ BEGIN
     ELSIF e.type IN ('output.processed', 'output.failed') THEN
         PERFORM apply_output_event(e);
         v_hook := true;  -- a job's first step may be done: submit the second
+    ELSIF e.type = 'job.retried' THEN
+        -- the predictions it submits again stay, superseded; the job counts their
+        -- replacements, so it is unfinished again (rebuild_predictions does the same)
+        UPDATE predictions SET superseded = true
+        WHERE job_id = v_job AND NOT superseded
+          AND id IN (SELECT jsonb_array_elements_text(e.data -> 'predictions'));
+        -- a job with a deadline gets its cancel_after again from the latest retry, or the
+        -- round would not be sent at all (rebuild_jobs: job_stream_stats.retried_at). A
+        -- job.retried is recorded only while the job's row exists and is locked, so it
+        -- never precedes job.created.
+        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + (deadline - created_at))
+        WHERE id = v_job AND deadline IS NOT NULL;
     END IF;
     IF v_job IS NOT NULL THEN
         PERFORM touch_job(v_job, e, coalesce(v_derive, false));

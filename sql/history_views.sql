@@ -80,9 +80,14 @@ RETURN CASE type
         'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
                             data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
+    WHEN 'job.retried' THEN 'retry ' || coalesce(data ->> 'retry', '?') || ': '
+        || history_count(CASE WHEN jsonb_typeof(data -> 'predictions') = 'array'
+                              THEN jsonb_array_length(data -> 'predictions') ELSE 0 END, 'prediction')
+        || ' submitted again'
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')
         || coalesce(' (' || (data -> 'prediction' ->> 'status') || ')', '')
+        || coalesce(', retry ' || (data ->> 'retry'), '')
     WHEN 'prediction.submit_failed' THEN 'submit failed'
         || coalesce(' at step ' || (data ->> 'step'), '')
         || coalesce(': ' || left(data ->> 'error', 120), '')
@@ -124,7 +129,11 @@ SELECT j.id,
        j.outputs_failed,
        j.error,
        a.updated_at AS last_event_at,
-       a.event_count
+       a.event_count,
+       j.deadline,
+       (SELECT count(*) FROM events e WHERE e.stream = j.id::text AND e.type = 'job.retried')::integer
+           AS retries,
+       j.owner_id
 FROM jobs j
 LEFT JOIN job_activity a ON a.job_id = j.id
 CROSS JOIN LATERAL (SELECT
@@ -154,6 +163,11 @@ COMMENT ON COLUMN job_history.total_duration IS 'created_at to completed_at; NUL
 COMMENT ON COLUMN job_history.predict_time_seconds IS
     'sum of metrics.predict_time over the job''s predictions (GPU seconds Replicate bills), '
     'negative values left out; NULL when no prediction reported one';
+COMMENT ON COLUMN job_history.deadline IS
+    'when the job''s cancel_after ran out (NULL: no deadline); a failed job it stopped has error ''deadline exceeded''';
+COMMENT ON COLUMN job_history.retries IS
+    'retry rounds (job.retried events); retried predictions still count in predict_time';
+COMMENT ON COLUMN job_history.owner_id IS 'the user the job belongs to; NULL for a job with no owner';
 COMMENT ON COLUMN job_history.predict_time_anomalies IS
     'predictions whose predict_time was negative and so left out of predict_time';
 COMMENT ON COLUMN job_history.predictions_failed IS 'predictions that failed, were canceled or aborted';
@@ -268,3 +282,42 @@ COMMENT ON VIEW orphan_predictions IS
     'last_seen_at are when this database heard of it; created_at is Replicate''s.';
 COMMENT ON COLUMN orphan_predictions.claimed_job_id IS 'the job the webhook URL named, if any';
 COMMENT ON COLUMN orphan_predictions.reason IS '''no job id'' or ''unknown job''';
+
+
+-- Compute per owner and per model: what the predictions ran, as Replicate bills it by
+-- predict_time (GPU seconds). Retried predictions count: they ran. Bad predict_time values
+-- are left out as in job_history. Dollars are not here: prices are the operator's
+-- (REPLICATE_PRICES, service/costs.py), and Replicate publishes none through its API.
+CREATE OR REPLACE VIEW owner_compute WITH (security_invoker = true) AS
+SELECT j.owner_id,
+       count(DISTINCT j.id) AS jobs,
+       count(p.id) AS predictions,
+       count(p.id) FILTER (WHERE p.status = 'succeeded') AS succeeded,
+       sum(history_predict_seconds(p.metrics)) AS compute_seconds,
+       count(p.id) FILTER (WHERE jsonb_typeof(p.metrics -> 'predict_time') = 'number'
+                             AND history_predict_seconds(p.metrics) IS NULL) AS predict_time_anomalies
+FROM jobs j
+LEFT JOIN predictions p ON p.job_id = j.id
+GROUP BY j.owner_id;
+
+COMMENT ON VIEW owner_compute IS
+    'Per job owner (NULL: jobs with no owner): jobs, predictions (retried ones too), succeeded, '
+    'compute_seconds = sum of metrics.predict_time, negative values left out and counted in '
+    'predict_time_anomalies.';
+
+CREATE OR REPLACE VIEW model_compute WITH (security_invoker = true) AS
+SELECT p.model,
+       p.version,
+       count(*) AS predictions,
+       count(*) FILTER (WHERE p.status = 'succeeded') AS succeeded,
+       sum(history_predict_seconds(p.metrics)) AS compute_seconds,
+       count(*) FILTER (WHERE jsonb_typeof(p.metrics -> 'predict_time') = 'number'
+                          AND history_predict_seconds(p.metrics) IS NULL) AS predict_time_anomalies
+FROM predictions p
+WHERE p.job_id IS NOT NULL
+GROUP BY p.model, p.version;
+
+COMMENT ON VIEW model_compute IS
+    'Per model and version as Replicate reported them (the keys REPLICATE_PRICES prices): '
+    'predictions of jobs (retried ones too), succeeded, compute_seconds = sum of '
+    'metrics.predict_time, negative values left out and counted in predict_time_anomalies.';

@@ -84,8 +84,9 @@ ORDER BY step, id;
 SELECT n, event_position AS position, duplicate, stream FROM append_webhooks(%(group)s);
 
 -- job_by_id --
--- One job from the projection.
-SELECT * FROM jobs WHERE id = %(id)s::uuid;
+-- One job from the projection, and the seconds left before its deadline (NULL: none).
+SELECT *, extract(epoch FROM deadline - clock_timestamp())::float8 AS seconds_left
+FROM jobs WHERE id = %(id)s::uuid;
 
 -- quiet_predictions --
 -- Unfinished predictions of unfinished jobs that have had no event for a while.
@@ -102,7 +103,10 @@ LIMIT %(limit)s;
 -- failed_submissions --
 -- Submissions that gave up on transient errors, whose job still waits for them: a job
 -- waits in 'processing' for its second step. A refusal for good (its slot holds the failed
--- prediction unsubmitted-<job>-<step>-<index>, sql/fold.sql) is not tried again.
+-- prediction unsubmitted-<job>-<step>-<index>, sql/fold.sql) is not tried again. A retry
+-- round's submission (payload.retry = n) has :retry<n> in its task keys and -retry<n> in
+-- its stand-in's id (service/submissions.py, slot); format() drops a NULL, as the first
+-- round has none.
 SELECT t.job_id::text AS job_id, t.payload
 FROM tasks t JOIN jobs j ON j.id = t.job_id
 WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
@@ -111,11 +115,13 @@ WHERE t.kind = 'submit_prediction' AND t.status = 'failed'
   AND t.updated_at < now() - make_interval(secs => %(quiet_seconds)s)
   AND NOT EXISTS (
       SELECT 1 FROM tasks r
-      WHERE r.task_key = format('submit:%%s:%%s:%%s:r%%s', t.job_id, t.payload ->> 'step',
-                                t.payload ->> 'index', coalesce((t.payload ->> 'round')::int, 0) + 1))
+      WHERE r.task_key = format('submit:%%s:%%s:%%s%%s:r%%s', t.job_id, t.payload ->> 'step',
+                                t.payload ->> 'index', ':retry' || (t.payload ->> 'retry'),
+                                coalesce((t.payload ->> 'round')::int, 0) + 1))
   AND NOT EXISTS (
       SELECT 1 FROM predictions p
-      WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step', t.payload ->> 'index'))
+      WHERE p.id = format('unsubmitted-%%s-%%s-%%s%%s', t.job_id, t.payload ->> 'step', t.payload ->> 'index',
+                          '-retry' || (t.payload ->> 'retry')))
 LIMIT %(limit)s;
 
 -- stalled_jobs --
@@ -139,8 +145,8 @@ WHERE j.status IN ('pending', 'queued', 'running', 'processing')
                  AND coalesce((t.payload ->> 'round')::int, 0) + 1 < %(rounds)s
                  AND NOT EXISTS (
                      SELECT 1 FROM predictions p
-                     WHERE p.id = format('unsubmitted-%%s-%%s-%%s', t.job_id, t.payload ->> 'step',
-                                         t.payload ->> 'index')))))
+                     WHERE p.id = format('unsubmitted-%%s-%%s-%%s%%s', t.job_id, t.payload ->> 'step',
+                                         t.payload ->> 'index', '-retry' || (t.payload ->> 'retry'))))))
 ORDER BY a.updated_at
 LIMIT %(limit)s;
 
@@ -171,9 +177,11 @@ SELECT id, coalesce(step, 1) AS step FROM predictions WHERE job_id = %(job_id)s:
 -- One job as the jobs API shows it, from the projection only; with an owner, only theirs.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata, next_step,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
-       outputs, error, created_at, started_at, completed_at,
+       outputs, error, created_at, started_at, completed_at, deadline,
        (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at,
-       owner_id
+       owner_id,
+       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried')::integer
+           AS retries
 FROM jobs WHERE id = %(id)s::uuid
   AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
 
@@ -184,7 +192,7 @@ SELECT 1 AS visible FROM jobs WHERE id = %(id)s::uuid
 
 -- job_predictions_view --
 -- A job's predictions as the jobs API shows them, by step then creation.
-SELECT id, step, status, error, metrics, created_at, started_at, completed_at
+SELECT id, step, status, error, metrics, created_at, started_at, completed_at, superseded
 FROM predictions WHERE job_id = %(job_id)s::uuid
 ORDER BY step NULLS LAST, created_at NULLS LAST, id;
 
@@ -195,8 +203,10 @@ ORDER BY step NULLS LAST, created_at NULLS LAST, id;
 -- range-scan; the row comparison breaks ties on id.
 SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metadata,
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
-       outputs, error, created_at, started_at, completed_at,
-       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at
+       outputs, error, created_at, started_at, completed_at, deadline,
+       (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at,
+       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried')::integer
+           AS retries
 FROM jobs
 WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(model)s::text IS NULL OR model = %(model)s::text)
@@ -213,10 +223,12 @@ SELECT data FROM events WHERE stream = %(stream)s AND type = 'job.created'
 ORDER BY position LIMIT 1;
 
 -- prediction_for_slot --
--- The first webhook Replicate sent for a job's step and index (from the webhook URL).
+-- The first webhook Replicate sent for a job's step and index in a retry round (all from
+-- the webhook URL; no retry in it: the first round, 0).
 SELECT data FROM events
 WHERE stream = %(stream)s AND type = 'replicate.webhook'
   AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
+  AND coalesce(metadata -> 'query' ->> 'retry', '0') = %(retry)s
 ORDER BY position LIMIT 1;
 
 -- record_unrecorded_webhook --
@@ -374,3 +386,58 @@ SELECT coalesce(max(position), 0) AS position FROM events;
 -- readiness --
 -- Readiness: the migrations recorded as applied.
 SELECT version FROM schema_migrations;
+
+-- job_retries --
+-- How many retry rounds a job has had (job.retried events; a partial index finds them).
+SELECT count(*)::integer AS retries FROM events WHERE stream = %(stream)s AND type = 'job.retried';
+
+-- retryable_predictions --
+-- A job's predictions a retry submits again: failed, canceled or aborted, and not already
+-- retried; each with its step and its index in that step, from the event that submitted it
+-- (or the refusal that stands in for it). An index no event records (a prediction adopted
+-- from elsewhere) is numbered past any a job can have.
+SELECT p.id, coalesce(p.step, 1) AS step,
+       coalesce(s.index, 100000 + row_number() OVER (ORDER BY p.id))::integer AS index
+FROM predictions p
+LEFT JOIN LATERAL (
+    SELECT small_int(e.data ->> 'index') AS index FROM events e
+    WHERE e.stream = p.job_id::text
+      AND e.type IN ('prediction.submitted', 'prediction.submit_failed')
+      AND coalesce(e.data -> 'prediction' ->> 'id', e.data ->> 'prediction_id') = p.id
+    ORDER BY e.position LIMIT 1) s ON true
+WHERE p.job_id = %(job_id)s::uuid AND NOT p.superseded AND p.status IN ('failed', 'canceled', 'aborted')
+ORDER BY 2, 3, 1;
+
+-- retry_candidates --
+-- Finished jobs a bulk retry takes: by status, finished since a time, by model (or
+-- deployment or version), and by error text, when given; with something to retry. Oldest first.
+SELECT j.id::text AS id, j.status, j.model, j.error, j.completed_at
+FROM jobs j
+WHERE j.status = %(status)s::text
+  AND (%(since)s::timestamptz IS NULL OR j.completed_at >= %(since)s::timestamptz)
+  AND (%(model)s::text IS NULL OR %(model)s::text IN (j.model, j.deployment, j.version))
+  AND (%(error)s::text IS NULL OR EXISTS (
+      SELECT FROM predictions p WHERE p.job_id = j.id AND NOT p.superseded
+        AND p.status IN ('failed', 'canceled', 'aborted')
+        AND strpos(lower(coalesce(p.error, '') || ' ' || coalesce(j.error, '')), lower(%(error)s::text)) > 0))
+  AND EXISTS (SELECT FROM predictions p WHERE p.job_id = j.id AND NOT p.superseded
+              AND p.status IN ('failed', 'canceled', 'aborted'))
+ORDER BY j.completed_at NULLS FIRST, j.id;
+
+-- job_compute --
+-- What some jobs' predictions ran, by job, model and version, for their cost (service/costs.py):
+-- seconds is the sum of metrics.predict_time (missing or negative values left out, as in
+-- job_history; anomalies counts the negative ones), timed the predictions that have one,
+-- untimed those that started but have none, billable those that succeeded or have one.
+-- Retried (superseded) predictions count: they ran.
+SELECT job_id::text AS job_id, model, version,
+       count(*) FILTER (WHERE status = 'succeeded')::integer AS succeeded,
+       sum(history_predict_seconds(metrics)) AS seconds,
+       count(history_predict_seconds(metrics))::integer AS timed,
+       count(*) FILTER (WHERE history_predict_seconds(metrics) IS NULL AND started_at IS NOT NULL)::integer AS untimed,
+       count(*) FILTER (WHERE status = 'succeeded' OR history_predict_seconds(metrics) IS NOT NULL)::integer AS billable,
+       count(*) FILTER (WHERE jsonb_typeof(metrics -> 'predict_time') = 'number'
+                          AND history_predict_seconds(metrics) IS NULL)::integer AS anomalies
+FROM predictions
+WHERE job_id = ANY (%(ids)s::uuid[])
+GROUP BY job_id, model, version;

@@ -106,6 +106,14 @@ BEGIN
           AND %s
         GROUP BY f.id
     $sql$, stream_filter(p_streams, 'e')) USING p_streams;
+    -- The predictions a retry submitted again (job.retried events name them, in their job's
+    -- stream): superseded, as apply_event marks them on the live path.
+    EXECUTE format($sql$
+        CREATE TEMP TABLE rebuild_retried ON COMMIT DROP AS
+        SELECT DISTINCT r.id, stream_job_id(e.stream) AS job_id
+        FROM events e CROSS JOIN LATERAL jsonb_array_elements_text(e.data -> 'predictions') r(id)
+        WHERE e.type = 'job.retried' AND %s
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     -- Then the facts of each winning event. One event usually holds the greatest state,
     -- logs and output keys at once: it is read once, and the logs' or output's own winner
     -- is looked up only when it is another event. Winners are a fraction of the events:
@@ -120,7 +128,8 @@ BEGIN
            coalesce(CASE WHEN g.output_at = g.state_at THEN s.output_urls ELSE o.output_urls END,
                     '[]'::jsonb),
            g.model, g.version, g.data_removed, g.created_at, g.started_at, s.completed_at,
-           g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key
+           g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key,
+           coalesce((g.id, g.job_id) IN (SELECT r.id, r.job_id FROM rebuild_retried r), false)
     FROM (SELECT * FROM rebuild_prediction_groups ORDER BY state_at OFFSET 0) g
     CROSS JOIN LATERAL (
         SELECT f.*
@@ -145,6 +154,7 @@ BEGIN
         OFFSET 0) o ON true;
     GET DIAGNOSTICS n = ROW_COUNT;
     DROP TABLE rebuild_prediction_groups;
+    DROP TABLE rebuild_retried;
     PERFORM set_config('default_toast_compression', v_compression, true);
     RETURN n;
 END $$;
@@ -212,13 +222,15 @@ BEGIN
                           next_step, metadata, status, predictions_expected, predictions_submitted,
                           predictions_succeeded, predictions_failed, submit_failures,
                           outputs_expected, outputs_processed, outputs_failed, outputs, error,
-                          canceled_at, created_at, started_at, completed_at, owner_id)
+                          canceled_at, created_at, started_at, completed_at, owner_id, deadline)
         SELECT b.id, b.model, b.version, b.deployment, b.aspect_ratio, b.postprocess, b.input,
                b.next_step, b.metadata, d.status, b.predictions_expected, d.predictions_submitted,
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id
-        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
+               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.round_deadline
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
+                     -- the deadline runs from the latest retry, as apply_event moves it
+                     j.deadline + greatest(s.retried_at - j.created_at, interval '0') AS round_deadline
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -229,7 +241,8 @@ BEGIN
         LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %4$s
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
-                                              b.next_step IS NOT NULL, r1, o1, r2, o2) d
+                                              b.next_step IS NOT NULL, r1, o1, r2, o2,
+                                              b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
        job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;

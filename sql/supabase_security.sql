@@ -33,7 +33,7 @@ DECLARE
         'events', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
         'jobs_feed_listeners', 'schema_migrations', 'schema_repeatables', 'job_stream_stats',
         'job_step_rollups', 'job_step_output_rollups', 'job_history', 'job_timeline',
-        'model_daily_summary', 'orphan_predictions'];
+        'model_daily_summary', 'orphan_predictions', 'owner_compute', 'model_compute'];
     v_sequences text[] := ARRAY[
         pg_get_serial_sequence('events', 'position'), pg_get_serial_sequence('tasks', 'id'),
         pg_get_serial_sequence('unrecorded_webhooks', 'id')];
@@ -57,10 +57,10 @@ BEGIN
         GRANT SELECT (id, owner_id, model, version, deployment, aspect_ratio, status,
                       predictions_expected, predictions_submitted, predictions_succeeded,
                       predictions_failed, outputs_expected, outputs_processed, outputs_failed,
-                      outputs, error, canceled_at, created_at, started_at, completed_at)
+                      outputs, error, canceled_at, created_at, started_at, completed_at, deadline)
             ON jobs TO authenticated;
         GRANT SELECT (id, job_id, step, status, error, metrics, output_urls, model, version,
-                      created_at, started_at, completed_at)
+                      created_at, started_at, completed_at, superseded)
             ON predictions TO authenticated;
         GRANT SELECT (prediction_id, index, job_id, status, url, original_url, width, height,
                       bytes, error, recorded_at)

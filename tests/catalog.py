@@ -81,19 +81,32 @@ CHANGED_SINCE_LEGACY = {
     "history_event_summary",
     # issue 20: a fair queue with owner limits (sql/queue.sql)
     "enqueue_task", "claim_task", "task_owner_key", "owner_wait", "release_held_task",
+    # issue 20 (deadlines, retries): a prediction can be superseded by a retry, a job has a
+    # deadline and fails with 'deadline exceeded' (sql/fold.sql, sql/rebuild.sql); job_history
+    # shows the deadline, retries and owner (sql/history_views.sql)
+    "prediction_facts", "apply_prediction_event", "job_derived_values", "job_history",
+    "job_stream_stats",
 }
 
-# Columns, indexes and constraints added since the old layout (each named once, by a word
-# its catalog line contains), left out of the same comparison.
-ADDED_SINCE_LEGACY = (
-    # issue 20 (migration 020): the fair queue's owner, rank and hold
-    "tasks.owner_key", "tasks.fair_rank", "tasks.held_by", "tasks_fair", "tasks_owner_queued",
-    "tasks_owner_submits", "tasks_held_by_known",
+# Data shape added or changed on purpose by migrations since that release, left out the same
+# way: each a pattern searched for in a catalog item (of any kind).
+SHAPE_CHANGED_SINCE_LEGACY = (
+    # issue 20 (020_fair_queue.sql): the fair queue's owner, rank and hold
+    r"\btasks\.(owner_key|fair_rank|held_by)\b", r"\btasks_(fair|owner_queued|owner_submits|held_by_known)\b",
+    # issue 20 (021_deadlines_retries.sql): jobs.deadline, predictions.superseded, the
+    # job.retried event type and its index; job_history's new columns; the compute views
+    r"^jobs\.deadline ", r"^predictions\.superseded ", r"^events events_type_known ",
+    r"^CREATE INDEX events_job_retried ", r"^events_job_retried\b",
+    r"^job_history\.(deadline|retries|owner_id) ", r"^job_stream_stats\.retried_at ",
+    r"^(owner_compute|model_compute)\b", r"^cancel_after_seconds\(",
+    r"^is_known_event_type\(", r"^is_event_type\(",
 )
 
 
 def _changed_since_legacy(kind: str, item: str) -> bool:
     name = re.split(r"[ (]", item, maxsplit=1)[0]
+    if any(re.search(pattern, item) for pattern in SHAPE_CHANGED_SINCE_LEGACY):
+        return True
     return kind in ("function", "function privilege", "view") and name in CHANGED_SINCE_LEGACY
 
 
@@ -103,8 +116,7 @@ def without_comments(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     purpose since the old layout (CHANGED_SINCE_LEGACY) left out."""
     out = []
     for kind, item in items:
-        if (any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item)
-                or any(re.search(rf"\b{re.escape(name)}\b", item) for name in ADDED_SINCE_LEGACY)):
+        if any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item):
             continue
         if kind == "function":
             item = " ".join(re.sub(r"--[^\n]*", "", item).split())

@@ -35,6 +35,13 @@ class Stack:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def work(self) -> int:
+        """Run the tasks that are ready now, as `flask --app service worker --once`; how many."""
+        worker, n = Worker(self.ctx, handlers(), poll_seconds=0.1), 0
+        while worker.run_once():
+            n += 1
+        return n
+
     def wait(self, job_id: str, statuses: set[str], seconds: float = 30.0) -> dict:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -47,8 +54,10 @@ class Stack:
 
 @contextmanager
 def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
-                  reconcile_after: int = 300, **config: Any) -> Iterator[Stack]:
-    sim = start_simulator(speed=speed, faults=faults)
+                  reconcile_after: int = 300, timing: Any = None, worker: bool = True,
+                  **config: Any) -> Iterator[Stack]:
+    """The stack; worker=False leaves running tasks to the test (Stack.work)."""
+    sim = start_simulator(speed=speed, faults=faults, **({"timing": timing} if timing else {}))
     app = create_app({"TESTING": True, "DATABASE_URL": db_url,
                       "REPLICATE_API_BASE_URL": sim.api_url, "REPLICATE_API_TOKEN": "test-token",
                       "REPLICATE_WEBHOOK_SECRET": None, "RECONCILE_AFTER_SECONDS": reconcile_after,
@@ -59,16 +68,18 @@ def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
     served = threading.Thread(target=server.serve_forever, daemon=True)
     served.start()
     ctx = worker_context(app)
-    worker = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
-                    periodic_every=0.5)
     stop = threading.Event()
-    working = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    working.start()
+    background = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
+                        periodic_every=0.5)
+    working = threading.Thread(target=background.run_forever, args=(stop,), daemon=True)
+    if worker:
+        working.start()
     try:
         yield Stack(app, base_url, sim, ctx)
     finally:
         stop.set()
-        working.join(timeout=10)
+        if worker:
+            working.join(timeout=10)
         server.shutdown()
         sim.stop()
         app.extensions["db_pool"].close()

@@ -29,7 +29,8 @@ from tests.test_follow_realtime import ALICE, BOB, alices_job, env
 SHOWN_TO_OWNERS = {"id", "owner_id", "model", "version", "deployment", "aspect_ratio", "status",
                    "predictions_expected", "predictions_submitted", "predictions_succeeded",
                    "predictions_failed", "outputs_expected", "outputs_processed", "outputs_failed",
-                   "outputs", "error", "canceled_at", "created_at", "started_at", "completed_at"}
+                   "outputs", "error", "canceled_at", "created_at", "started_at", "completed_at",
+                   "deadline"}
 
 
 @pytest.fixture(scope="module")

@@ -231,7 +231,8 @@ def test_get_shows_predictions_and_outputs_from_the_projection(client, conn):
     assert set(by_id) == {"p-done", "p-run"}
     done = by_id["p-done"]
     assert set(done) == {"id", "step", "status", "error", "metrics", "created_at", "started_at",
-                         "completed_at"}
+                         "completed_at", "superseded"}
+    assert done["superseded"] is False
     assert (done["step"], done["status"], done["metrics"]) == (1, "succeeded", {"predict_time": 11.859389})
     assert done["created_at"] == "2023-08-16T18:57:08.360785+00:00"  # earliest report wins
     assert by_id["p-run"]["status"] == "processing" and by_id["p-run"]["completed_at"] is None
@@ -240,8 +241,13 @@ def test_get_shows_predictions_and_outputs_from_the_projection(client, conn):
         "source_url": "https://replicate.delivery/p-done/out-0.png", "url": "file:///outputs/p-done/0.png"}]
     assert set(body) == {"id", "status", "model", "version", "deployment", "aspect_ratio", "postprocess",
                          "progress", "predictions", "outputs", "error", "metadata", "created_at",
-                         "started_at", "completed_at", "updated_at", "steps", "owner"}
+                         "started_at", "completed_at", "updated_at", "steps", "owner", "deadline", "retries",
+                         "cost"}
     assert body["owner"] is None
+    assert (body["deadline"], body["retries"]) == (None, 0)
+    # p-done's predict_time; no REPLICATE_PRICES, so no dollars
+    assert body["cost"] == {"compute_seconds": 11.859389, "predict_time_anomalies": 0,
+                            "estimated_dollars": None, "unpriced_predictions": 1}
     assert body["steps"] == [{"step": 1, "target": body["model"], "total": 2, "succeeded": 1, "failed": 0,
                               "processed": 1}]
 
@@ -426,7 +432,7 @@ def test_openapi_document_is_valid_and_lists_every_path(client):
     validate_openapi(doc)
     assert doc["openapi"].startswith("3.") and doc["info"]["title"]
     assert set(doc["paths"]) == {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events",
-                                 "/api/jobs/{job_id}/cancel", "/api/openapi.json",
+                                 "/api/jobs/{job_id}/cancel", "/api/jobs/{job_id}/retry", "/api/openapi.json",
                                  "/webhooks/replicate", "/healthz"}
     assert set(doc["paths"]["/api/jobs"]) == {"get", "post"}
     assert set(doc["paths"]["/webhooks/replicate"]["post"]["responses"]) == {"200", "400", "401", "413"}

@@ -95,15 +95,18 @@ def rows(conn: psycopg.Connection) -> dict[str, list[dict]]:
 def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The rows as the migrations since the old layout leave them: 016 counts a two-step
     job's second prediction in predictions_expected; 020 gives each task its owner (its
-    job's, for one still to run; else the nil uuid), rank 0 and no hold."""
-    jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None)}
-            for j in data["jobs"]]
+    job's, for one still to run; else the nil uuid), rank 0 and no hold; 021 adds
+    jobs.deadline (none: the old jobs had no cancel_after) and predictions.superseded (none:
+    nothing was retried)."""
+    jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None),
+             "deadline": None} for j in data["jobs"]]
     owners = {j["id"]: j["owner_id"] for j in data["jobs"]}
     nil = uuid.UUID(int=0)
     waiting = ("queued", "running")
     tasks = [{**t, "owner_key": (owners.get(t["job_id"]) if t["status"] in waiting else None) or nil,
               "fair_rank": 0, "held_by": None} for t in data["tasks"]]
-    return {**data, "jobs": jobs, "tasks": tasks}
+    predictions = [{**p, "superseded": False} for p in data["predictions"]]
+    return {**data, "jobs": jobs, "tasks": tasks, "predictions": predictions}
 
 
 def since_legacy() -> list[str]:
@@ -137,7 +140,7 @@ def test_migrations_and_repeatables_apply_to_an_empty_database_and_twice_is_a_no
 def test_each_function_view_and_trigger_is_defined_in_one_file_and_no_migration():
     """The point of the layout: a CREATE of a function, view or trigger appears once in sql/,
     in a repeatable file (the is_* functions of CHECK constraints aside: they are part of the
-    tables' definitions, in migration 011)."""
+    tables' definitions, in migration 011, and 021's is_known_event_type)."""
     import re
     pattern = re.compile(r"CREATE (?:OR REPLACE )?(FUNCTION|VIEW|TRIGGER) (\w+)", re.IGNORECASE)
     seen: dict[tuple[str, str], list[str]] = {}
@@ -146,7 +149,7 @@ def test_each_function_view_and_trigger_is_defined_in_one_file_and_no_migration(
             seen.setdefault((kind.upper(), name), []).append(path.name)
     assert {k: v for k, v in seen.items() if len(v) > 1} == {}
     in_migrations = sorted(name for (kind, name), files in seen.items() if files[0][:3].isdigit())
-    assert all(name.startswith("is_") for name in in_migrations) and len(in_migrations) == 7
+    assert all(name.startswith("is_") for name in in_migrations) and len(in_migrations) == 8
 
 
 def test_an_edited_applied_migration_is_refused(empty_db, sql_copy):

@@ -58,6 +58,7 @@ class Api:
                  token: str | None, faults: Callable[[], Faults],
                  set_faults: Callable[[object], Faults]) -> None:
         self.engine = engine
+        self.cancel_after: dict[str, str] = {}  # each prediction's Cancel-After header, as sent
         self.deliveries = deliveries
         self.catalog = catalog
         self.secret = secret
@@ -128,6 +129,8 @@ class Api:
         request = validate(payload, model, version)
         deadline = headers.get("Cancel-After")
         prediction = self.engine.create(request, parse_duration(deadline) if deadline else None)
+        if deadline:
+            self.cancel_after[prediction["id"]] = deadline
         extra = {"Location": prediction["urls"]["get"]}
         wait = parse_prefer(headers.get("Prefer"))
         if wait:

@@ -123,6 +123,11 @@ class Simulator:
         return self._engine.all()
 
     @property
+    def cancel_after(self) -> dict[str, str]:
+        """The Cancel-After header each prediction was created with, by id (as sent)."""
+        return dict(self._server.api.cancel_after)
+
+    @property
     def webhook_log(self) -> list[Attempt]:
         """Every delivery attempt so far (and every webhook the drop fault ate), in order."""
         return self._deliveries.log

@@ -74,4 +74,5 @@ export const api = {
   event: (position, signal) => request(`/api/dashboard/events/${position}`, { signal }),
   create: (body, key) => request("/api/jobs", { method: "POST", body, headers: { "Idempotency-Key": key } }),
   cancel: (job) => request(`/api/jobs/${id(job)}/cancel`, { method: "POST" }),
+  retry: (job) => request(`/api/jobs/${id(job)}/retry`, { method: "POST" }),
 };

@@ -71,8 +71,22 @@ function renderHead(el, job, ctx, refresh) {
       e.target.after(h("span", { class: "field-error" }, ` ${error.message}`));
     }
   } }, "Cancel job");
+  const retryable = ["failed", "completed"].includes(job.status) && job.progress.failed > 0;
+  const retry = retryable ? h("button", { type: "button", onclick: async (e) => {
+    e.target.disabled = true;
+    try {
+      await api.retry(job.id);
+      await refresh();
+      ctx.loaded();
+    } catch (error) {
+      e.target.disabled = false;
+      e.target.after(h("span", { class: "field-error" }, ` ${error.message}`));
+    }
+  } }, "Retry failed predictions") : null;
+  const cost = job.cost || {};
   replace(el,
-    h("div", { class: "job-title" }, h("h1", {}, "Job ", h("code", { class: "job-id" }, job.id)), badge(job.status), cancel),
+    h("div", { class: "job-title" }, h("h1", {}, "Job ", h("code", { class: "job-id" }, job.id)), badge(job.status),
+      cancel, retry),
     job.error ? h("p", { class: "callout callout-error" }, h("strong", {}, "Error: "), job.error) : null,
     h("dl", { class: "facts" },
       fact(job.model ? "Model" : job.deployment ? "Deployment" : "Version", h("code", {}, target || "–")),
@@ -81,7 +95,13 @@ function renderHead(el, job, ctx, refresh) {
       fact("Created", time(job.created_at)),
       fact("Started", time(job.started_at)),
       fact("Completed", time(job.completed_at)),
-      fact("Took", duration(between(job.created_at, job.completed_at)))));
+      fact("Took", duration(between(job.created_at, job.completed_at))),
+      job.deadline ? fact("Deadline", time(job.deadline)) : null,
+      job.retries ? fact("Retries", String(job.retries)) : null,
+      fact("Compute", cost.compute_seconds == null ? "–" : `${cost.compute_seconds.toFixed(1)} s`
+        + (cost.predict_time_anomalies ? ` (${cost.predict_time_anomalies} bad predict_time left out)` : "")),
+      fact("Estimated cost", cost.estimated_dollars == null ? "no price set (REPLICATE_PRICES)"
+        : `$${cost.estimated_dollars.toFixed(4)}` + (cost.unpriced_predictions ? ` + ${cost.unpriced_predictions} unpriced` : ""))));
 }
 
 function renderProgress(el, job) {
@@ -115,7 +135,8 @@ function renderPredictions(el, job, highlight) {
     return h("tr", { class: p.id === highlight ? "highlight" : null },
       h("td", { "data-label": "Prediction" }, h("code", {}, p.id)),
       h("td", { "data-label": "Step" }, p.step ?? "–"),
-      h("td", { "data-label": "Status" }, badge(p.status)),
+      h("td", { "data-label": "Status" }, badge(p.status),
+        p.superseded ? h("span", { class: "muted", title: "a retry submitted it again" }, " retried") : null),
       h("td", { "data-label": "Waited" }, duration(between(p.created_at, p.started_at))),
       h("td", { "data-label": "Ran" }, duration(between(p.started_at, p.completed_at))),
       h("td", { "data-label": "Predict time" }, duration(predict)),

@@ -324,7 +324,8 @@ AS $$
            CASE WHEN nullif(body.b -> 'output', 'null'::jsonb) IS NULL THEN '' ELSE
                fold_key_part(pg_column_size(nullif(body.b -> 'output', 'null'::jsonb)), 10)
                || fold_key_hash(jsonb_hash_extended(nullif(body.b -> 'output', 'null'::jsonb), 0))
-               || fold_key_part(pos, 19) END
+               || fold_key_part(pos, 19) END,
+           false  -- superseded: only a job.retried event sets it (apply_event, rebuild_predictions)
     FROM coalesce('{}'::jsonb || prediction_body(type, data)) AS body(b)
     CROSS JOIN LATERAL coalesce(length(body.b ->> 'logs')) AS n(logs_length)
     WHERE body.b ->> 'id' IS NOT NULL
@@ -342,11 +343,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_before record;
     v_after record;
+    v_new boolean;
 BEGIN
     SELECT p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
            jsonb_array_length(p.output_urls) AS outputs
     INTO v_before
     FROM predictions p WHERE p.id = prediction_body(e.type, e.data) ->> 'id';
+    v_new := NOT FOUND;
     INSERT INTO predictions AS p
     SELECT * FROM prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at)
     ON CONFLICT (id) DO UPDATE SET
@@ -374,6 +377,15 @@ BEGIN
     RETURNING p.job_id, p.step, p.status, p.error, p.started_at, p.completed_at,
               jsonb_array_length(p.output_urls) AS outputs
     INTO v_after;
+    -- A prediction first heard of after a job.retried that names it (events recorded out of
+    -- order) is superseded as a rebuild would make it. One probe of a small partial index,
+    -- only for a prediction's first event.
+    IF v_new AND EXISTS (SELECT FROM events r
+                         WHERE r.stream = e.stream AND r.type = 'job.retried'
+                           AND r.data -> 'predictions' ? (prediction_body(e.type, e.data) ->> 'id')
+                           AND stream_job_id(r.stream) = v_after.job_id) THEN
+        UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+    END IF;
     IF v_before IS DISTINCT FROM v_after THEN
         RETURN v_after.status;
     END IF;
@@ -431,16 +443,25 @@ END $$;
 
 
 -- 5. A job --------------------------------------------------------------------------------
+-- A job's cancel_after from untrusted text: a positive number of seconds up to a year,
+-- else NULL (no deadline) rather than an error that would stop a replay.
+CREATE OR REPLACE FUNCTION cancel_after_seconds(value text) RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN CASE WHEN value ~ '^[0-9]{1,8}(\.[0-9]{1,6})?$' AND value::numeric > 0
+                 AND value::numeric <= 31536000 THEN value::numeric END;
+
 -- A job as job.created describes it, with what the caller knows of its stream (when it
 -- was canceled, how many submissions failed for good). The owner is kept when it is a
 -- canonical uuid (stream_job_id checks exactly that), else NULL rather than an error that
 -- would stop a replay. predictions_expected counts every prediction the job runs: `count`
 -- in step 1, and one more for a second step (`then`). The derived columns start as
--- "pending, nothing counted".
+-- "pending, nothing counted". The deadline is job.created's time plus its cancel_after
+-- (seconds, as the jobs API records it), if any; STABLE because adding an interval to a
+-- timestamptz is.
 CREATE OR REPLACE FUNCTION job_facts(
     stream text, data jsonb, created_at timestamptz, canceled_at timestamptz, submit_failures integer
 ) RETURNS SETOF jobs
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
     SELECT stream_job_id(stream),
            data ->> 'model',
@@ -454,7 +475,8 @@ AS $$
            'pending', coalesce(small_int(data ->> 'count'), 1) + (data -> 'then' IS NOT NULL)::integer,
            0, 0, 0, submit_failures, 0, 0, 0, '[]'::jsonb, NULL::text,
            canceled_at, created_at, NULL::timestamptz, NULL::timestamptz,
-           stream_job_id(data ->> 'owner_id')
+           stream_job_id(data ->> 'owner_id'),
+           created_at + cancel_after_seconds(data ->> 'cancel_after') * interval '1 second'
     WHERE stream_job_id(stream) IS NOT NULL
 $$;
 
@@ -467,13 +489,16 @@ SELECT stream,
        max(position) AS last_position,
        max(recorded_at) AS updated_at,
        min(recorded_at) FILTER (WHERE type = 'job.canceled') AS canceled_at,
-       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures
+       count(*) FILTER (WHERE is_final_submit_failure(type, data))::integer AS submit_failures,
+       max(recorded_at) FILTER (WHERE type = 'job.retried') AS retried_at
 FROM events
 GROUP BY stream;
 
 -- Each step of a job, from its predictions: how many were submitted, started, succeeded
 -- and failed (canceled and aborted count as failed), the outputs the succeeded ones
--- promise, when the step started and ended, and an error.
+-- promise, when the step started and ended, and an error. A prediction a retry submitted
+-- again (superseded) stays in the job's history but counts in none of this: its
+-- replacement does.
 --
 -- The rollups are functions, and the views below are their rows: a view is bound to the
 -- tables it was created over, while a LANGUAGE sql function with a string body is parsed
@@ -497,7 +522,7 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
            max(completed_at),
            min(error) FILTER (WHERE status IN ('failed', 'canceled', 'aborted'))
     FROM predictions
-    WHERE job_id IS NOT NULL
+    WHERE job_id IS NOT NULL AND NOT superseded  -- a retried prediction counts no more
     GROUP BY job_id, coalesce(step, 1)
 $$;
 
@@ -575,10 +600,20 @@ END;
 -- status, error and completed_at refer to its result rather than repeating the whole
 -- status expression (both steps' states). predictions_expected is step 1's: the job's
 -- column less the one prediction of a second step.
+--
+-- A failed job with a deadline whose predictions were stopped by it (aborted: Replicate
+-- never started one before its Cancel-After; canceled: one was running; or not sent at all,
+-- a stand-in failing with 'deadline exceeded') gives the reason 'deadline exceeded'. Only a
+-- failed job with a deadline looks at its predictions for this, so the lookup is rare.
+-- A job without a deadline keeps the error it had: a canceled prediction there was
+-- canceled by someone else (at replicate.com, say).
+DROP FUNCTION IF EXISTS job_derived_values(timestamptz, integer, boolean, job_step_rollups,
+    job_step_output_rollups, job_step_rollups, job_step_output_rollups);
 CREATE OR REPLACE FUNCTION job_derived_values(
     canceled_at timestamptz, predictions_expected integer, has_next boolean,
     r1 job_step_rollups, o1 job_step_output_rollups,
-    r2 job_step_rollups, o2 job_step_output_rollups
+    r2 job_step_rollups, o2 job_step_output_rollups,
+    deadline timestamptz DEFAULT NULL
 ) RETURNS TABLE (
     status text, predictions_submitted integer, predictions_succeeded integer,
     predictions_failed integer, outputs_expected integer, outputs_processed integer,
@@ -595,8 +630,13 @@ AS $$
            n.processed1 + n.processed2,
            n.outputs_failed1 + n.outputs_failed2,
            coalesce(o1.outputs, '[]'::jsonb) || coalesce(o2.outputs, '[]'::jsonb),
-           CASE WHEN st.status = 'failed' THEN coalesce(r2.error, o2.error, r1.error, o1.error,
-                                                        'no prediction succeeded') END,
+           CASE WHEN st.status <> 'failed' THEN NULL
+                WHEN deadline IS NOT NULL AND EXISTS (
+                    SELECT FROM predictions p
+                    WHERE p.job_id = coalesce(r1.job_id, r2.job_id) AND NOT p.superseded
+                      AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'))
+                    THEN 'deadline exceeded'
+                ELSE coalesce(r2.error, o2.error, r1.error, o1.error, 'no prediction succeeded') END,
            r1.started_at,
            CASE st.status
                WHEN 'canceled' THEN canceled_at
@@ -666,6 +706,7 @@ BEGIN
            j.submit_failures + is_final_submit_failure(e.type, e.data)::integer AS submit_failures,
            j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
            j.next_step IS NOT NULL AS has_next,
+           j.deadline,
            j.outputs_processed + j.outputs_failed > 0
                OR e.type IN ('output.processed', 'output.failed') AS has_outputs
     INTO c
@@ -686,7 +727,7 @@ BEGIN
     v_o1 := o1[1];
     v_o2 := o2[1];
     SELECT * INTO d FROM job_derived_values(c.canceled_at, c.first_step_expected, c.has_next,
-                                            v_r1, v_o1, v_r2, v_o2);
+                                            v_r1, v_o1, v_r2, v_o2, c.deadline);
     UPDATE jobs j
     SET (canceled_at, submit_failures, status, predictions_submitted, predictions_succeeded,
          predictions_failed, outputs_expected, outputs_processed, outputs_failed, outputs, error,
@@ -743,6 +784,18 @@ BEGIN
     ELSIF e.type IN ('output.processed', 'output.failed') THEN
         PERFORM apply_output_event(e);
         v_hook := true;  -- a job's first step may be done: submit the second
+    ELSIF e.type = 'job.retried' THEN
+        -- the predictions it submits again stay, superseded; the job counts their
+        -- replacements, so it is unfinished again (rebuild_predictions does the same)
+        UPDATE predictions SET superseded = true
+        WHERE job_id = v_job AND NOT superseded
+          AND id IN (SELECT jsonb_array_elements_text(e.data -> 'predictions'));
+        -- a job with a deadline gets its cancel_after again from the latest retry, or the
+        -- round would not be sent at all (rebuild_jobs: job_stream_stats.retried_at). A
+        -- job.retried is recorded only while the job's row exists and is locked, so it
+        -- never precedes job.created.
+        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + (deadline - created_at))
+        WHERE id = v_job AND deadline IS NOT NULL;
     END IF;
     IF v_job IS NOT NULL THEN
         PERFORM touch_job(v_job, e, coalesce(v_derive, false));
@@ -862,6 +915,14 @@ BEGIN
           AND %s
         GROUP BY f.id
     $sql$, stream_filter(p_streams, 'e')) USING p_streams;
+    -- The predictions a retry submitted again (job.retried events name them, in their job's
+    -- stream): superseded, as apply_event marks them on the live path.
+    EXECUTE format($sql$
+        CREATE TEMP TABLE rebuild_retried ON COMMIT DROP AS
+        SELECT DISTINCT r.id, stream_job_id(e.stream) AS job_id
+        FROM events e CROSS JOIN LATERAL jsonb_array_elements_text(e.data -> 'predictions') r(id)
+        WHERE e.type = 'job.retried' AND %s
+    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
     -- Then the facts of each winning event. One event usually holds the greatest state,
     -- logs and output keys at once: it is read once, and the logs' or output's own winner
     -- is looked up only when it is another event. Winners are a fraction of the events:
@@ -876,7 +937,8 @@ BEGIN
            coalesce(CASE WHEN g.output_at = g.state_at THEN s.output_urls ELSE o.output_urls END,
                     '[]'::jsonb),
            g.model, g.version, g.data_removed, g.created_at, g.started_at, s.completed_at,
-           g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key
+           g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key,
+           coalesce((g.id, g.job_id) IN (SELECT r.id, r.job_id FROM rebuild_retried r), false)
     FROM (SELECT * FROM rebuild_prediction_groups ORDER BY state_at OFFSET 0) g
     CROSS JOIN LATERAL (
         SELECT f.*
@@ -901,6 +963,7 @@ BEGIN
         OFFSET 0) o ON true;
     GET DIAGNOSTICS n = ROW_COUNT;
     DROP TABLE rebuild_prediction_groups;
+    DROP TABLE rebuild_retried;
     PERFORM set_config('default_toast_compression', v_compression, true);
     RETURN n;
 END $$;
@@ -968,13 +1031,15 @@ BEGIN
                           next_step, metadata, status, predictions_expected, predictions_submitted,
                           predictions_succeeded, predictions_failed, submit_failures,
                           outputs_expected, outputs_processed, outputs_failed, outputs, error,
-                          canceled_at, created_at, started_at, completed_at, owner_id)
+                          canceled_at, created_at, started_at, completed_at, owner_id, deadline)
         SELECT b.id, b.model, b.version, b.deployment, b.aspect_ratio, b.postprocess, b.input,
                b.next_step, b.metadata, d.status, b.predictions_expected, d.predictions_submitted,
                d.predictions_succeeded, d.predictions_failed, b.submit_failures,
                d.outputs_expected, d.outputs_processed, d.outputs_failed, d.outputs, d.error,
-               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id
-        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected
+               b.canceled_at, b.created_at, d.started_at, d.completed_at, b.owner_id, b.round_deadline
+        FROM (SELECT j.*, j.predictions_expected - (j.next_step IS NOT NULL)::integer AS first_step_expected,
+                     -- the deadline runs from the latest retry, as apply_event moves it
+                     j.deadline + greatest(s.retried_at - j.created_at, interval '0') AS round_deadline
               FROM s
               JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
@@ -985,7 +1050,8 @@ BEGIN
         LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %4$s
         LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
-                                              b.next_step IS NOT NULL, r1, o1, r2, o2) d
+                                              b.next_step IS NOT NULL, r1, o1, r2, o2,
+                                              b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
     $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
        job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
@@ -1077,9 +1143,14 @@ RETURN CASE type
         'then ' || coalesce(data -> 'then' ->> 'model', data -> 'then' ->> 'deployment',
                             data -> 'then' ->> 'version'))
     WHEN 'job.canceled' THEN 'canceled' || coalesce(': ' || left(data ->> 'reason', 120), '')
+    WHEN 'job.retried' THEN 'retry ' || coalesce(data ->> 'retry', '?') || ': '
+        || history_count(CASE WHEN jsonb_typeof(data -> 'predictions') = 'array'
+                              THEN jsonb_array_length(data -> 'predictions') ELSE 0 END, 'prediction')
+        || ' submitted again'
     WHEN 'prediction.submitted' THEN 'submitted step ' || coalesce(data ->> 'step', '?') || ': '
         || coalesce(data -> 'prediction' ->> 'id', 'no prediction id')
         || coalesce(' (' || (data -> 'prediction' ->> 'status') || ')', '')
+        || coalesce(', retry ' || (data ->> 'retry'), '')
     WHEN 'prediction.submit_failed' THEN 'submit failed'
         || coalesce(' at step ' || (data ->> 'step'), '')
         || coalesce(': ' || left(data ->> 'error', 120), '')
@@ -1121,7 +1192,11 @@ SELECT j.id,
        j.outputs_failed,
        j.error,
        a.updated_at AS last_event_at,
-       a.event_count
+       a.event_count,
+       j.deadline,
+       (SELECT count(*) FROM events e WHERE e.stream = j.id::text AND e.type = 'job.retried')::integer
+           AS retries,
+       j.owner_id
 FROM jobs j
 LEFT JOIN job_activity a ON a.job_id = j.id
 CROSS JOIN LATERAL (SELECT
@@ -1151,6 +1226,11 @@ COMMENT ON COLUMN job_history.total_duration IS 'created_at to completed_at; NUL
 COMMENT ON COLUMN job_history.predict_time_seconds IS
     'sum of metrics.predict_time over the job''s predictions (GPU seconds Replicate bills), '
     'negative values left out; NULL when no prediction reported one';
+COMMENT ON COLUMN job_history.deadline IS
+    'when the job''s cancel_after ran out (NULL: no deadline); a failed job it stopped has error ''deadline exceeded''';
+COMMENT ON COLUMN job_history.retries IS
+    'retry rounds (job.retried events); retried predictions still count in predict_time';
+COMMENT ON COLUMN job_history.owner_id IS 'the user the job belongs to; NULL for a job with no owner';
 COMMENT ON COLUMN job_history.predict_time_anomalies IS
     'predictions whose predict_time was negative and so left out of predict_time';
 COMMENT ON COLUMN job_history.predictions_failed IS 'predictions that failed, were canceled or aborted';
@@ -1265,6 +1345,45 @@ COMMENT ON VIEW orphan_predictions IS
     'last_seen_at are when this database heard of it; created_at is Replicate''s.';
 COMMENT ON COLUMN orphan_predictions.claimed_job_id IS 'the job the webhook URL named, if any';
 COMMENT ON COLUMN orphan_predictions.reason IS '''no job id'' or ''unknown job''';
+
+
+-- Compute per owner and per model: what the predictions ran, as Replicate bills it by
+-- predict_time (GPU seconds). Retried predictions count: they ran. Bad predict_time values
+-- are left out as in job_history. Dollars are not here: prices are the operator's
+-- (REPLICATE_PRICES, service/costs.py), and Replicate publishes none through its API.
+CREATE OR REPLACE VIEW owner_compute WITH (security_invoker = true) AS
+SELECT j.owner_id,
+       count(DISTINCT j.id) AS jobs,
+       count(p.id) AS predictions,
+       count(p.id) FILTER (WHERE p.status = 'succeeded') AS succeeded,
+       sum(history_predict_seconds(p.metrics)) AS compute_seconds,
+       count(p.id) FILTER (WHERE jsonb_typeof(p.metrics -> 'predict_time') = 'number'
+                             AND history_predict_seconds(p.metrics) IS NULL) AS predict_time_anomalies
+FROM jobs j
+LEFT JOIN predictions p ON p.job_id = j.id
+GROUP BY j.owner_id;
+
+COMMENT ON VIEW owner_compute IS
+    'Per job owner (NULL: jobs with no owner): jobs, predictions (retried ones too), succeeded, '
+    'compute_seconds = sum of metrics.predict_time, negative values left out and counted in '
+    'predict_time_anomalies.';
+
+CREATE OR REPLACE VIEW model_compute WITH (security_invoker = true) AS
+SELECT p.model,
+       p.version,
+       count(*) AS predictions,
+       count(*) FILTER (WHERE p.status = 'succeeded') AS succeeded,
+       sum(history_predict_seconds(p.metrics)) AS compute_seconds,
+       count(*) FILTER (WHERE jsonb_typeof(p.metrics -> 'predict_time') = 'number'
+                          AND history_predict_seconds(p.metrics) IS NULL) AS predict_time_anomalies
+FROM predictions p
+WHERE p.job_id IS NOT NULL
+GROUP BY p.model, p.version;
+
+COMMENT ON VIEW model_compute IS
+    'Per model and version as Replicate reported them (the keys REPLICATE_PRICES prices): '
+    'predictions of jobs (retried ones too), succeeded, compute_seconds = sum of '
+    'metrics.predict_time, negative values left out and counted in predict_time_anomalies.';
 
 
 -- sql/queue.sql ----------------------------------------------------------------------------
@@ -1670,7 +1789,7 @@ DECLARE
         'events', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
         'jobs_feed_listeners', 'schema_migrations', 'schema_repeatables', 'job_stream_stats',
         'job_step_rollups', 'job_step_output_rollups', 'job_history', 'job_timeline',
-        'model_daily_summary', 'orphan_predictions'];
+        'model_daily_summary', 'orphan_predictions', 'owner_compute', 'model_compute'];
     v_sequences text[] := ARRAY[
         pg_get_serial_sequence('events', 'position'), pg_get_serial_sequence('tasks', 'id'),
         pg_get_serial_sequence('unrecorded_webhooks', 'id')];
@@ -1694,10 +1813,10 @@ BEGIN
         GRANT SELECT (id, owner_id, model, version, deployment, aspect_ratio, status,
                       predictions_expected, predictions_submitted, predictions_succeeded,
                       predictions_failed, outputs_expected, outputs_processed, outputs_failed,
-                      outputs, error, canceled_at, created_at, started_at, completed_at)
+                      outputs, error, canceled_at, created_at, started_at, completed_at, deadline)
             ON jobs TO authenticated;
         GRANT SELECT (id, job_id, step, status, error, metrics, output_urls, model, version,
-                      created_at, started_at, completed_at)
+                      created_at, started_at, completed_at, superseded)
             ON predictions TO authenticated;
         GRANT SELECT (prediction_id, index, job_id, status, url, original_url, width, height,
                       bytes, error, recorded_at)
@@ -1845,15 +1964,15 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'c2083b49755697eba41ea14660412d01a436ad324eef716ec73b6daf0cf0d5d3')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'be6d6667b9631ae9890449614058c13ed271e90b19c5d707e9a3b857c108d9f5')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '1caa49a36d053e2e2fe9371457a31cfc1ca93495ae1d776c38c7fa6863bc38ca')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'ea3ee71706278dd5b87e24de7a283589472a2050bfeb9379611c6bb3728a2928')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', '6712019d39d6c8adad4196d348b5b9681e86e446a072351f5b3694b610a7498e')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', '7b14a2d89257b894b8bda5737e71cfc277fd5017499e29e2f80007f6475c60ab')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('dashboard.sql', '20eabd2914fcbee482e0e6256d912aa0e1ad305ca8276dcae26334db6165234d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('supabase_security.sql', 'd2bbba9135a50bacc8a97b6c91bf8757af86019ae3b404ce751b4b0063479df8')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('supabase_security.sql', '9abb5ac847639b505e2318786e951bc7882c849fbb00ea951a9abfaea71b533d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
