@@ -178,18 +178,27 @@ def handlers() -> dict:
 @with_appcontext
 @one_line_errors()
 def worker_command(once: bool) -> None:
-    """Run queued tasks (submissions, cancels, post-processing) and the reconciler."""
+    """Run queued tasks (submissions, cancels, post-processing), the reconciler, and the store's
+    upkeep (partitions of events created ahead)."""
     import signal
     import threading
 
     from service.reconciler import reconcile
+    from service.store import upkeep
     from service.worker import Worker
 
     require_migrated()
     ctx = worker_context(current_app._get_current_object())
+
+    def periodic() -> None:
+        try:
+            upkeep(ctx.pool)  # partitions ahead of the appends: before the reconciler, which may fail
+        finally:
+            reconcile(ctx)
+
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
-                    periodic=lambda: reconcile(ctx),
+                    periodic=periodic,
                     periodic_every=current_app.config["RECONCILE_INTERVAL_SECONDS"])
     if once:
         while worker.run_once():

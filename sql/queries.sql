@@ -32,9 +32,10 @@ SELECT pg_advisory_xact_lock(hashtextextended(s, 0))
 FROM (SELECT s FROM unnest(%(streams)s::text[]) s ORDER BY s) o;
 
 -- job_events --
--- A job's events in recording order.
+-- A job's events in recording order. The lower bound on position (its job.created's)
+-- leaves out the partitions of events older than the job (job_first_position, sql/store.sql).
 SELECT position, type, event_key, recorded_at, data, metadata
-FROM events WHERE stream = %(stream)s ORDER BY position;
+FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) ORDER BY position;
 
 -- database_ok --
 -- Health check: the database answers and the schema is there.
@@ -159,7 +160,8 @@ ORDER BY p.id, u.ordinality;
 SELECT type, data ->> 'step' AS step, data ->> 'index' AS index, data ->> 'error' AS error,
        coalesce(data -> 'final' = 'true'::jsonb, false) AS final
 FROM events
-WHERE stream = %(stream)s AND type IN ('prediction.submitted', 'prediction.submit_failed')
+WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s)
+  AND type IN ('prediction.submitted', 'prediction.submit_failed')
 ORDER BY position;
 
 -- job_predictions_by_step --
@@ -207,13 +209,13 @@ LIMIT %(limit)s;
 
 -- job_created_data --
 -- What a job's job.created event recorded: tells a repeated create from a reused Idempotency-Key.
-SELECT data FROM events WHERE stream = %(stream)s AND type = 'job.created'
+SELECT data FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'job.created'
 ORDER BY position LIMIT 1;
 
 -- prediction_for_slot --
 -- The first webhook Replicate sent for a job's step and index (from the webhook URL).
 SELECT data FROM events
-WHERE stream = %(stream)s AND type = 'replicate.webhook'
+WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'replicate.webhook'
   AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
 ORDER BY position LIMIT 1;
 
@@ -372,3 +374,7 @@ SELECT coalesce(max(position), 0) AS position FROM events;
 -- readiness --
 -- Readiness: the migrations recorded as applied.
 SELECT version FROM schema_migrations;
+
+-- maintain_event_partitions --
+-- Create the partitions of events the next appends need (sql/store.sql); the names created.
+SELECT p AS partition FROM maintain_event_partitions() p;

@@ -39,7 +39,7 @@ FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
 UNION ALL SELECT 'view', rel.relname || ' ' || pg_get_viewdef(rel.oid)
 FROM rel WHERE rel.relkind IN ('v', 'm')
 UNION ALL SELECT 'trigger', tgrelid::regclass || ' ' || pg_get_triggerdef(oid)
-FROM pg_trigger WHERE NOT tgisinternal
+FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0  -- a partition's are its parent's
 UNION ALL SELECT 'policy', schemaname || '.' || tablename || ' ' || policyname || ' ' || permissive::text
     || ' ' || cmd || ' ' || array_to_string(roles, ',') || ' ' || coalesce(qual, '') || ' '
     || coalesce(with_check, '')
@@ -79,7 +79,41 @@ CHANGED_SINCE_LEGACY = {
     "prediction_step", "job_facts", "touch_job", "apply_event", "on_event_applied",
     # issue 21: job.created's timeline line names a second step (sql/history_views.sql)
     "history_event_summary",
+    # issue 19: the key goes in event_keys first (migration 017); partitions and their upkeep
+    "append_event", "event_partition_size", "job_first_position", "maintain_event_partitions",
 }
+
+# issue 19 (migration 017): events is rebuilt as a partitioned table, and its keys are unique
+# through a table of their own. What the partitioned table is as a relation (kind p), its
+# comment, its indexes (each now ON ONLY the parent), the unique constraint and index on
+# event_key it can no longer have, and the sequence's grant (append_event now calls nextval)
+# changed on purpose, and event_keys and the event_partitions view are new. events' columns,
+# its other constraints (events_type_known...), triggers and policies compare as before.
+PARTITIONED_STORE = {
+    "relation": {"events", "events_pkey", "events_event_key_unique", "events_recorded_at_brin",
+                 "events_stream_position", "event_keys", "event_keys_pkey", "event_partitions"},
+    "comment": {"events", "event_keys"},
+    "constraint": {"events_event_key_unique", "event_keys_pkey"},
+    "index": {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
+              "events_stream_position", "event_keys_pkey"},
+    "privilege": {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
+                  "events_stream_position", "events_position_seq", "event_keys", "event_keys_pkey",
+                  "event_partitions"},
+    "column": {"event_keys", "event_partitions"},
+    "policy": {"event_keys"},
+    "trigger": {"event_keys"},
+    "view": {"event_partitions"},
+}
+
+
+def _partitioned_store(kind: str, item: str) -> bool:
+    if kind == "index":
+        name = re.search(r"INDEX (\S+) ON", item).group(1)
+    elif kind == "constraint":
+        name = item.split()[1]
+    else:
+        name = re.split(r"[ .(]", item.removeprefix("public."), maxsplit=1)[0]
+    return name in PARTITIONED_STORE.get(kind, ())
 
 
 def _changed_since_legacy(kind: str, item: str) -> bool:
@@ -93,7 +127,8 @@ def without_comments(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     purpose since the old layout (CHANGED_SINCE_LEGACY) left out."""
     out = []
     for kind, item in items:
-        if any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item):
+        if (any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item)
+                or _partitioned_store(kind, item)):
             continue
         if kind == "function":
             item = " ".join(re.sub(r"--[^\n]*", "", item).split())
