@@ -1,10 +1,13 @@
-"""Upkeep of the event store: partitions of events created ahead of the appends
-(maintain_event_partitions, sql/store.sql). The worker runs it with its periodic work;
-migrate runs it too."""
+"""Upkeep of the event store: partitions of events and of the delivery log created ahead of
+the appends (maintain_event_partitions, maintain_delivery_partitions in sql/store.sql), and
+retention, which drops the delivery log's expired days (prune_deliveries). The worker runs
+them with its periodic work (retention once a day); migrate creates partitions too."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -13,19 +16,55 @@ from service.db import queries
 
 logger = logging.getLogger(__name__)
 
+PRUNE_EVERY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    partition: str
+    day: date
+    bytes: int
+
 
 def maintain_partitions(conn: psycopg.Connection) -> list[str]:
-    """Create the partitions of events the next appends need, moving any event the default
-    partition caught into one of its own; returns the partitions created. Commits."""
+    """Create the partitions of events and of the delivery log the next appends need,
+    moving any row a default partition caught into one of its own; returns the partitions
+    created. Commits."""
     with conn.transaction():
         created = [row["partition"] for row in conn.execute(queries["maintain_event_partitions"])]
+        created += [row["partition"] for row in conn.execute(queries["maintain_delivery_partitions"])]
     if created:
-        logger.info("created %d partition(s) of events: %s", len(created), ", ".join(created),
+        logger.info("created %d partition(s): %s", len(created), ", ".join(created),
                     extra={"action": "maintain_partitions", "partitions": created})
     return created
 
 
-def upkeep(pool: ConnectionPool) -> None:
-    """The store's periodic work, for the worker."""
+def prune(conn: psycopg.Connection, retention_days: int, *, dry_run: bool = False,
+          today: date | None = None) -> list[Pruned]:
+    """Drop the delivery log's days older than retention_days (0: none) counted back from
+    today (UTC; another day: as of then); with dry_run, only say which. Events are never
+    touched. Commits."""
+    with conn.transaction():
+        rows = conn.execute(queries["prune_deliveries"],
+                            {"days": retention_days, "dry_run": dry_run, "today": today}).fetchall()
+    pruned = [Pruned(r["partition"], r["day"], r["bytes"]) for r in rows]
+    if not dry_run:
+        logger.info("retention: dropped %d day(s) of the delivery log, %d bytes freed", len(pruned),
+                    sum(p.bytes for p in pruned),
+                    extra={"action": "prune", "retention_days": retention_days,
+                           "partitions": [p.partition for p in pruned]})
+    return pruned
+
+
+def last_prune(conn: psycopg.Connection) -> datetime | None:
+    return conn.execute(queries["last_prune"]).fetchone()["ran_at"]
+
+
+def upkeep(pool: ConnectionPool, retention_days: int) -> None:
+    """The store's periodic work, for the worker: partitions ahead every time; retention
+    when it has not run for a day (by any worker: the time is in the database)."""
     with pool.connection() as conn:
         maintain_partitions(conn)
+        ran = last_prune(conn)
+        if ran is None or datetime.now(UTC) - ran >= PRUNE_EVERY:
+            prune(conn, retention_days)

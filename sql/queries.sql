@@ -335,9 +335,12 @@ WHERE o.job_id = %(job_id)s::uuid
 ORDER BY coalesce(p.step, 1), o.prediction_id, o.index;
 
 -- dashboard_event --
--- One event, whole: the raw JSON behind a timeline entry.
-SELECT position, stream, type, event_key, recorded_at, data, metadata
-FROM events WHERE position = %(position)s;
+-- One event, whole: the raw JSON behind a timeline entry; for a webhook, also the delivery as
+-- received (whole body, headers) while the delivery log keeps it, else delivery is null.
+SELECT e.position, e.stream, e.type, e.event_key, e.recorded_at, e.data, e.metadata,
+       (SELECT jsonb_build_object('received_at', d.received_at, 'headers', d.headers, 'body', d.body)
+        FROM deliveries d WHERE d.position = e.position) AS delivery
+FROM events e WHERE e.position = %(position)s;
 
 -- jobs_changed_since --
 -- Jobs whose projection changed after a moment: the change feed where LISTEN is unavailable.
@@ -378,3 +381,15 @@ SELECT version FROM schema_migrations;
 -- maintain_event_partitions --
 -- Create the partitions of events the next appends need (sql/store.sql); the names created.
 SELECT p AS partition FROM maintain_event_partitions() p;
+
+-- maintain_delivery_partitions --
+-- Create the delivery log's partitions for today and the next days (sql/store.sql).
+SELECT p AS partition FROM maintain_delivery_partitions() p;
+
+-- prune_deliveries --
+-- Drop (or with dry_run, list) the delivery log's partitions older than the retention.
+SELECT partition, day, bytes FROM prune_deliveries(%(days)s, %(dry_run)s, %(today)s);
+
+-- last_prune --
+-- When retention last ran (NULL: never).
+SELECT max(ran_at) AS ran_at FROM store_upkeep WHERE action = 'prune';

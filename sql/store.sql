@@ -38,6 +38,10 @@ REVOKE ALL ON event_keys FROM PUBLIC;
 REVOKE ALL ON event_keys FROM app_user;
 GRANT SELECT, INSERT ON event_keys TO app_user;
 GRANT USAGE ON SEQUENCE events_position_seq TO app_user;
+-- The delivery log (migration 018): appended with the events; only retention drops it.
+REVOKE ALL ON deliveries FROM PUBLIC;
+REVOKE ALL ON deliveries FROM app_user;
+GRANT SELECT, INSERT ON deliveries TO app_user;
 
 -- Row-level security is on for every table (migration 009): app_user reads and appends
 -- events, as its privileges say. No other policy touches events (service_role bypasses
@@ -50,6 +54,10 @@ DROP POLICY IF EXISTS event_keys_app_user_select ON event_keys;
 CREATE POLICY event_keys_app_user_select ON event_keys FOR SELECT TO app_user USING (true);
 DROP POLICY IF EXISTS event_keys_app_user_insert ON event_keys;
 CREATE POLICY event_keys_app_user_insert ON event_keys FOR INSERT TO app_user WITH CHECK (true);
+DROP POLICY IF EXISTS deliveries_app_user_select ON deliveries;
+CREATE POLICY deliveries_app_user_select ON deliveries FOR SELECT TO app_user USING (true);
+DROP POLICY IF EXISTS deliveries_app_user_insert ON deliveries;
+CREATE POLICY deliveries_app_user_insert ON deliveries FOR INSERT TO app_user WITH CHECK (true);
 
 
 -- Append -------------------------------------------------------------------------------------
@@ -188,6 +196,30 @@ BEGIN
     RETURN coalesce(v_stream, p_prediction_id);
 END $$;
 
+-- What a webhook's event keeps of its body: what the projections and history views read
+-- (sql/fold.sql's prediction_facts and prediction_body, history_event_summary, the
+-- submission's adoption of a prediction), and nothing else. The whole body, with its
+-- headers, goes to the delivery log (deliveries, migration 018), which retention empties.
+-- The logs, the big part of a body (Replicate resends them whole, every half second while a
+-- prediction runs), are kept as the tail predictions.logs_tail keeps, with their whole
+-- length in logs_length when they were cut. Input, urls, webhook settings and other fields
+-- are left out. A body that is no JSON object is kept as it is (the events constraint
+-- refuses it, as before).
+CREATE OR REPLACE FUNCTION webhook_facts(p_body jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(p_body) <> 'object' THEN p_body ELSE
+        coalesce((SELECT jsonb_object_agg(f.key, f.value) FROM jsonb_each(p_body) f
+                  WHERE f.key IN ('id', 'status', 'error', 'metrics', 'output', 'model', 'version',
+                                  'data_removed', 'created_at', 'started_at', 'completed_at')),
+                 '{}'::jsonb)
+        || CASE WHEN NOT p_body ? 'logs' THEN '{}'::jsonb
+                WHEN jsonb_typeof(p_body -> 'logs') <> 'string' OR length(p_body ->> 'logs') <= 4000
+                    THEN jsonb_build_object('logs', p_body -> 'logs')
+                ELSE jsonb_build_object('logs', right(p_body ->> 'logs', 4000),
+                                        'logs_length', length(p_body ->> 'logs')) END
+    END
+$$;
+
 -- Webhooks that arrive together are recorded together: one statement, one transaction,
 -- one commit for the group (group commit; service/groups.py gathers them in the web
 -- process). Each webhook is still appended and folded exactly as alone: the same
@@ -205,6 +237,7 @@ RETURNS TABLE (n integer, event_position bigint, duplicate boolean, stream text)
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
+    a record;
 BEGIN
     FOR w IN
         -- nullif: a JSON null is SQL NULL here, as it is when append_webhook is called
@@ -214,9 +247,14 @@ BEGIN
         FROM jsonb_array_elements(p_group) WITH ORDINALITY AS g(e, n)
         ORDER BY stream, g.n
     LOOP
-        RETURN QUERY
-        SELECT w.n, a.event_position, a.duplicate, w.stream
-        FROM append_event(w.webhook_id, w.stream, 'replicate.webhook', w.body, w.metadata) a;
+        SELECT * INTO a
+        FROM append_event(w.webhook_id, w.stream, 'replicate.webhook', webhook_facts(w.body), w.metadata);
+        IF NOT a.duplicate THEN
+            INSERT INTO deliveries (position, webhook_id, headers, body)
+            VALUES (a.event_position, w.webhook_id,
+                    coalesce(w.metadata -> 'headers', '{}'::jsonb), w.body);
+        END IF;
+        RETURN QUERY SELECT w.n, a.event_position, a.duplicate, w.stream;
     END LOOP;
 END $$;
 
@@ -230,5 +268,96 @@ LANGUAGE sql AS $$
 $$;
 
 
+
+-- The delivery log's partitions ------------------------------------------------------------
+-- deliveries (migration 018) is partitioned by the UTC day a webhook was received:
+-- store_partitions.deliveries_YYYYMMDD. The partitions, with their day and size on disk;
+-- the default partition (day NULL) last.
+CREATE OR REPLACE VIEW delivery_partitions AS
+SELECT c.oid::regclass::text AS partition,
+       to_date(substring(c.relname FROM '^deliveries_(\d{8})$'), 'YYYYMMDD') AS day,
+       pg_total_relation_size(c.oid) AS bytes
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'deliveries'::regclass
+ORDER BY day NULLS LAST;
+
+-- Create the delivery log's partitions from today (UTC) to p_days_ahead days ahead, after
+-- moving any rows the default partition caught into partitions of their days, as
+-- maintain_event_partitions does for events. Returns the partitions created.
+CREATE OR REPLACE FUNCTION maintain_delivery_partitions(p_days_ahead integer DEFAULT 3)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+    v_day date;
+    v_caught date[] := '{}';  -- the days of the rows the default partition caught
+    v_name text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7215018);
+    v_day := v_today;
+    IF EXISTS (SELECT FROM store_partitions.deliveries_default) THEN
+        LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE deliveries DETACH PARTITION store_partitions.deliveries_default;
+        ALTER TABLE store_partitions.deliveries_default RENAME TO deliveries_default_moving;
+        CREATE TABLE store_partitions.deliveries_default PARTITION OF deliveries DEFAULT;
+        EXECUTE 'SELECT array_agg(DISTINCT (received_at AT TIME ZONE ''UTC'')::date) '
+                'FROM store_partitions.deliveries_default_moving' INTO v_caught;
+        v_day := least(v_day, (SELECT min(d) FROM unnest(v_caught) d));
+    END IF;
+    WHILE v_day <= v_today + p_days_ahead LOOP
+        v_name := 'deliveries_' || to_char(v_day, 'YYYYMMDD');
+        IF to_regclass('store_partitions.' || v_name) IS NULL
+           AND (v_day >= v_today OR v_day = ANY (v_caught)) THEN
+            EXECUTE format('CREATE TABLE store_partitions.%I PARTITION OF deliveries '
+                           'FOR VALUES FROM (%L) TO (%L)', v_name,
+                           v_day::timestamp AT TIME ZONE 'UTC', (v_day + 1)::timestamp AT TIME ZONE 'UTC');
+            RETURN NEXT 'store_partitions.' || v_name;
+        END IF;
+        v_day := v_day + 1;
+    END LOOP;
+    IF to_regclass('store_partitions.deliveries_default_moving') IS NOT NULL THEN
+        EXECUTE 'INSERT INTO deliveries SELECT * FROM store_partitions.deliveries_default_moving';
+        DROP TABLE store_partitions.deliveries_default_moving;
+    END IF;
+END $$;
+
+-- Retention: the delivery log's partitions whose whole day is more than p_retention_days
+-- days old (UTC), with their size; dropped unless p_dry_run, and the run recorded in
+-- store_upkeep (the dashboard shows when retention last ran). 0 days keeps everything.
+-- Whole partitions only, never rows; the default partition is never dropped. A DROP takes
+-- a brief ACCESS EXCLUSIVE lock on deliveries: a webhook's append waits for it, not for a
+-- scan (scripts/bench/scale.py measures the wait). p_today: the day it counts from (a
+-- test's or a dry run's "as of"), today (UTC) by default.
+CREATE OR REPLACE FUNCTION prune_deliveries(
+    p_retention_days integer, p_dry_run boolean DEFAULT false, p_today date DEFAULT NULL
+) RETURNS TABLE (partition text, day date, bytes bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cutoff date := coalesce(p_today, (now() AT TIME ZONE 'UTC')::date) - p_retention_days;
+    v_dropped text[] := '{}';
+    v_freed bigint := 0;
+    r record;
+BEGIN
+    IF p_retention_days IS NULL OR p_retention_days < 0 THEN
+        RAISE EXCEPTION 'retention must be 0 (forever) or a number of days, not %', p_retention_days
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pg_advisory_xact_lock(7215018);
+    FOR r IN SELECT * FROM delivery_partitions d
+             WHERE p_retention_days > 0 AND d.day IS NOT NULL AND d.day < v_cutoff ORDER BY d.day LOOP
+        IF NOT p_dry_run THEN
+            EXECUTE format('DROP TABLE %s', r.partition);
+        END IF;
+        partition := r.partition; day := r.day; bytes := r.bytes;
+        v_dropped := v_dropped || r.partition;
+        v_freed := v_freed + r.bytes;
+        RETURN NEXT;
+    END LOOP;
+    IF NOT p_dry_run THEN
+        INSERT INTO store_upkeep (action, dropped, freed_bytes) VALUES ('prune', v_dropped, v_freed);
+    END IF;
+END $$;
+
 -- At every migrate: partitions ahead of the appends (and none missing after an upgrade).
 SELECT count(*) FROM maintain_event_partitions();
+SELECT count(*) FROM maintain_delivery_partitions();

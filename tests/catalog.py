@@ -81,28 +81,35 @@ CHANGED_SINCE_LEGACY = {
     "history_event_summary",
     # issue 19: the key goes in event_keys first (migration 017); partitions and their upkeep
     "append_event", "event_partition_size", "job_first_position", "maintain_event_partitions",
+    # issue 19 (migration 018): a webhook's event keeps its facts, the delivery log its body
+    # (sql/store.sql); the fold reads the logs' whole length where the event kept only their tail
+    "webhook_facts", "append_webhooks", "maintain_delivery_partitions", "prune_deliveries",
+    "prediction_facts",
 }
 
 # issue 19 (migration 017): events is rebuilt as a partitioned table, and its keys are unique
 # through a table of their own. What the partitioned table is as a relation (kind p), its
 # comment, its indexes (each now ON ONLY the parent), the unique constraint and index on
 # event_key it can no longer have, and the sequence's grant (append_event now calls nextval)
-# changed on purpose, and event_keys and the event_partitions view are new. events' columns,
-# its other constraints (events_type_known...), triggers and policies compare as before.
+# changed on purpose; event_keys and the event_partitions view are new, and so are (migration
+# 018) the delivery log (deliveries, delivery_partitions) and the record of retention
+# (store_upkeep). events' columns, its other constraints (events_type_known...), triggers and
+# policies compare as before.
+_NEW_TABLES = {"event_keys", "deliveries", "store_upkeep", "store_upkeep_id_seq"}
+_NEW_VIEWS = {"event_partitions", "delivery_partitions"}
+_NEW_INDEXES = {"event_keys_pkey", "deliveries_position", "store_upkeep_pkey"}
+_EVENTS_INDEXES = {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
+                   "events_stream_position"}
 PARTITIONED_STORE = {
-    "relation": {"events", "events_pkey", "events_event_key_unique", "events_recorded_at_brin",
-                 "events_stream_position", "event_keys", "event_keys_pkey", "event_partitions"},
-    "comment": {"events", "event_keys"},
-    "constraint": {"events_event_key_unique", "event_keys_pkey"},
-    "index": {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
-              "events_stream_position", "event_keys_pkey"},
-    "privilege": {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
-                  "events_stream_position", "events_position_seq", "event_keys", "event_keys_pkey",
-                  "event_partitions"},
-    "column": {"event_keys", "event_partitions"},
-    "policy": {"event_keys"},
+    "relation": {"events"} | _EVENTS_INDEXES | _NEW_TABLES | _NEW_VIEWS | _NEW_INDEXES,
+    "comment": {"events", "event_keys", "deliveries", "store_upkeep"},
+    "constraint": {"events_event_key_unique", "event_keys_pkey", "store_upkeep_pkey"},
+    "index": _EVENTS_INDEXES | _NEW_INDEXES,
+    "privilege": {"events_position_seq"} | _EVENTS_INDEXES | _NEW_TABLES | _NEW_VIEWS | _NEW_INDEXES,
+    "column": _NEW_TABLES | _NEW_VIEWS,
+    "policy": {"event_keys", "deliveries"},
     "trigger": {"event_keys"},
-    "view": {"event_partitions"},
+    "view": _NEW_VIEWS,
 }
 
 
