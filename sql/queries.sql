@@ -393,3 +393,17 @@ SELECT partition, day, bytes FROM prune_deliveries(%(days)s, %(dry_run)s, %(toda
 -- last_prune --
 -- When retention last ran (NULL: never).
 SELECT max(ran_at) AS ran_at FROM store_upkeep WHERE action = 'prune';
+
+-- dashboard_store --
+-- The store's size on disk (events with its partitions, keys and indexes; the delivery log),
+-- the delivery log's oldest day, and when retention last ran and what it freed.
+SELECT ((SELECT coalesce(sum(bytes), 0) FROM event_partitions)
+           + pg_total_relation_size('event_keys'))::bigint AS events_bytes,
+       (SELECT coalesce(sum(bytes), 0) FROM delivery_partitions)::bigint AS deliveries_bytes,
+       pg_database_size(current_database()) AS database_bytes,
+       (SELECT min(received_at) FROM deliveries) AS deliveries_oldest,
+       (SELECT count(*) FROM event_partitions WHERE to_position IS NOT NULL) AS event_partitions,
+       u.ran_at AS pruned_at, u.dropped AS pruned, u.freed_bytes AS pruned_bytes
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (SELECT ran_at, dropped, freed_bytes FROM store_upkeep WHERE action = 'prune'
+                   ORDER BY id DESC LIMIT 1) u ON true;

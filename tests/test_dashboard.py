@@ -153,6 +153,10 @@ def test_health_counts_webhooks_and_their_acknowledgement_time(client, conn):
     assert len(report["webhooks"]["series"]) == dashboard.BUCKETS
     assert report["ack_ms"]["samples"] == 4 and 0 <= report["ack_ms"]["p50"] <= report["ack_ms"]["p95"] < 5000
     assert report["status_counts"]["processing"] == 1  # its output is still to be processed
+    kept = report["store"]
+    assert kept["deliveries_oldest"][:10] == report["at"][:10] and kept["pruned_at"] is None
+    assert 0 < kept["deliveries_bytes"] < kept["database_bytes"] and kept["events_bytes"] > 0
+    assert (kept["retention_days"], kept["event_partitions"]) == (30, 3)
     assert client.get("/api/dashboard/health?minutes=7").status_code == 422
 
 

@@ -103,7 +103,9 @@ def test_a_replay_after_prune_equals_the_projection_before_it(conn, client):
     webhook_at = next(e["position"] for e in before["events"] if e["type"] == "replicate.webhook")
     raw = client.get(f"/api/dashboard/events/{webhook_at}").get_json()
     assert raw["delivery"] is None and raw["data"]["id"]
-    assert client.get("/api/dashboard/health").status_code == 200
+    kept = client.get("/api/dashboard/health").get_json()["store"]
+    assert kept["deliveries_oldest"] is None and kept["pruned_bytes"] == listed[0].bytes
+    assert kept["pruned_at"][:10] == f"{datetime.now(UTC):%Y-%m-%d}"
 
 
 def test_a_delivery_on_a_day_without_a_partition_is_kept_and_moved_by_maintenance(conn, client):
