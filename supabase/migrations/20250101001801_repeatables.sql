@@ -346,12 +346,14 @@ END $$;
 -- store_upkeep (the dashboard shows when retention last ran). 0 days keeps everything.
 -- Whole partitions only, never rows; the default partition is never dropped. A DROP takes
 -- a brief ACCESS EXCLUSIVE lock on deliveries: a webhook's append waits for it, not for a
--- scan (scripts/bench/scale.py measures the wait).
-CREATE OR REPLACE FUNCTION prune_deliveries(p_retention_days integer, p_dry_run boolean DEFAULT false)
-RETURNS TABLE (partition text, day date, bytes bigint)
+-- scan (scripts/bench/scale.py measures the wait). p_today: the day it counts from (a
+-- test's or a dry run's "as of"), today (UTC) by default.
+CREATE OR REPLACE FUNCTION prune_deliveries(
+    p_retention_days integer, p_dry_run boolean DEFAULT false, p_today date DEFAULT NULL
+) RETURNS TABLE (partition text, day date, bytes bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_cutoff date := (now() AT TIME ZONE 'UTC')::date - p_retention_days;
+    v_cutoff date := coalesce(p_today, (now() AT TIME ZONE 'UTC')::date) - p_retention_days;
     v_dropped text[] := '{}';
     v_freed bigint := 0;
     r record;
@@ -1970,7 +1972,7 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '129b78bd93c0f63897679a44b87acfa401a40978a702f7d92a3da8d924ee3fd3')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'bde2a8fbce0295cea4c9c5b933d075237e5f10b3d10502133fee1d62f5139ef6')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'c966947e6e7a058289d093c826801cf74e0f2aff17019ff016019e79ecb68730')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
