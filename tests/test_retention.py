@@ -134,6 +134,23 @@ def test_the_prune_command_says_what_it_would_drop_and_what_it_freed(app, conn, 
     result = runner.invoke(args=["prune", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "nothing to drop: no day of the delivery log is older than 30 days"
+    # a day of deliveries 40 days ago, as the log would hold it had the service run then
+    old = (datetime.now(UTC) - timedelta(days=40)).date()
+    name = f"store_partitions.deliveries_{old:%Y%m%d}"
+    conn.execute(f"CREATE TABLE {name} PARTITION OF deliveries "
+                 f"FOR VALUES FROM ('{old} 00:00+00') TO ('{old + timedelta(days=1)} 00:00+00')")
+    conn.execute("INSERT INTO deliveries (received_at, position, webhook_id, body) "
+                 "SELECT %s::timestamptz + interval '1 h', position, 'old', body FROM deliveries",
+                 (f"{old} 00:00+00",))
+    result = runner.invoke(args=["prune", "--dry-run"])
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith(f"would drop {name} ({old}, ") and lines[0].endswith(" kB)"), lines
+    assert lines[1].startswith("would drop 1 day of the delivery log older than 30 days: ") and \
+        lines[1].endswith(" would be freed"), lines
+    assert conn.execute("SELECT to_regclass(%s) AS t", (name,)).fetchone()["t"] is not None
+    result = runner.invoke(args=["prune"])
+    assert result.output.startswith(f"dropped {name} ({old}, ") and "freed" in result.output, result.output
+    assert conn.execute("SELECT to_regclass(%s) AS t", (name,)).fetchone()["t"] is None
     app.config["EVENTS_RAW_RETENTION_DAYS"] = 0
     result = runner.invoke(args=["prune"])
     assert "kept forever" in result.output and count(conn, "deliveries") > 0
