@@ -17,6 +17,12 @@ from service.db import queries
 logger = logging.getLogger(__name__)
 
 PRUNE_EVERY = timedelta(days=1)
+# Creating or dropping a partition locks its parent table exclusively, briefly; while the
+# lock is wanted, appends queue behind it. Should a long query (a report over events, a
+# replay's snapshot) hold the table, give up after this long and try again next round
+# rather than hold every webhook behind it: partitions are made two million positions and
+# three days ahead.
+LOCK_TIMEOUT = "2s"
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,15 @@ def maintain_partitions(conn: psycopg.Connection) -> list[str]:
     """Create the partitions of events and of the delivery log the next appends need,
     moving any row a default partition caught into one of its own; returns the partitions
     created. Commits."""
-    with conn.transaction():
-        created = [row["partition"] for row in conn.execute(queries["maintain_event_partitions"])]
-        created += [row["partition"] for row in conn.execute(queries["maintain_delivery_partitions"])]
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            created = [row["partition"] for row in conn.execute(queries["maintain_event_partitions"])]
+            created += [row["partition"] for row in conn.execute(queries["maintain_delivery_partitions"])]
+    except psycopg.errors.LockNotAvailable:
+        logger.warning("partitions not maintained: events or deliveries stayed locked for %s; "
+                       "trying again next round", LOCK_TIMEOUT, extra={"action": "maintain_partitions"})
+        return []
     if created:
         logger.info("created %d partition(s): %s", len(created), ", ".join(created),
                     extra={"action": "maintain_partitions", "partitions": created})
@@ -45,6 +57,7 @@ def prune(conn: psycopg.Connection, retention_days: int, *, dry_run: bool = Fals
     today (UTC; another day: as of then); with dry_run, only say which. Events are never
     touched. Commits."""
     with conn.transaction():
+        conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         rows = conn.execute(queries["prune_deliveries"],
                             {"days": retention_days, "dry_run": dry_run, "today": today}).fetchall()
     pruned = [Pruned(r["partition"], r["day"], r["bytes"]) for r in rows]
