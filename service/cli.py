@@ -1,4 +1,4 @@
-"""Flask CLI commands: `flask --app service migrate | replay | worker | reconcile | retry`.
+"""Flask CLI commands: `flask --app service migrate | replay | worker | reconcile | retry | prune`.
 
 Each command is for a person at a terminal first: a configuration problem (a missing or
 malformed setting, a database that cannot be reached or is not migrated) ends it with one
@@ -46,6 +46,7 @@ def register(app: Flask) -> None:
     app.cli.add_command(worker_command)
     app.cli.add_command(reconcile_command)
     app.cli.add_command(retry_command)
+    app.cli.add_command(prune_command)
 
 
 def plural(n: int, noun: str) -> str:
@@ -179,18 +180,28 @@ def handlers() -> dict:
 @with_appcontext
 @one_line_errors()
 def worker_command(once: bool) -> None:
-    """Run queued tasks (submissions, cancels, post-processing) and the reconciler."""
+    """Run queued tasks (submissions, cancels, post-processing), the reconciler, and the store's
+    upkeep (partitions of events created ahead)."""
     import signal
     import threading
 
     from service.reconciler import reconcile
+    from service.store import upkeep
     from service.worker import Worker
 
     require_migrated()
     ctx = worker_context(current_app._get_current_object())
+
+    def periodic() -> None:
+        try:
+            # partitions ahead of the appends, daily retention: before the reconciler, which may fail
+            upkeep(ctx.pool, current_app.config["EVENTS_RAW_RETENTION_DAYS"])
+        finally:
+            reconcile(ctx)
+
     worker = Worker(ctx, handlers(), poll_seconds=current_app.config["WORKER_POLL_SECONDS"],
                     lease_seconds=current_app.config["WORKER_LEASE_SECONDS"],
-                    periodic=lambda: reconcile(ctx),
+                    periodic=periodic,
                     periodic_every=current_app.config["RECONCILE_INTERVAL_SECONDS"])
     if once:
         while worker.run_once():
@@ -289,3 +300,34 @@ def retry_command(status: str, since: str | None, model: str | None, error: str 
                + (f"; {plural(len(skipped), 'job')} skipped" if skipped else ""))
     for reason in skipped[:20]:
         click.echo(f"  skipped: {reason}")
+@click.command("prune")
+@click.option("--dry-run", is_flag=True, help="Say what would be dropped; drop nothing.")
+@with_appcontext
+@one_line_errors()
+def prune_command(dry_run: bool) -> None:
+    """Drop the delivery log's days older than EVENTS_RAW_RETENTION_DAYS (whole partitions;
+    events are never touched)."""
+    from service import store
+
+    require_migrated()
+    days = current_app.config["EVENTS_RAW_RETENTION_DAYS"]
+    if days == 0:
+        click.echo("EVENTS_RAW_RETENTION_DAYS=0: the delivery log is kept forever; nothing to drop")
+        return
+    with _connect(autocommit=True) as conn:
+        pruned = store.prune(conn, days, dry_run=dry_run)
+    verb = "would drop" if dry_run else "dropped"
+    for p in pruned:
+        click.echo(f"{verb} {p.partition} ({p.day.isoformat()}, {_size(p.bytes)})")
+    total = sum(p.bytes for p in pruned)
+    click.echo(f"{verb} {plural(len(pruned), 'day')} of the delivery log older than {days} days: "
+               f"{_size(total)} {'would be ' if dry_run else ''}freed" if pruned
+               else f"nothing to drop: no day of the delivery log is older than {days} days")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TB"

@@ -141,6 +141,8 @@ class Settings:
     # Worker and reconciler
     RECONCILE_AFTER_SECONDS: int = 300
     RECONCILE_INTERVAL_SECONDS: int = 60
+    # The delivery log (whole webhook bodies) is kept this many days; 0 = forever
+    EVENTS_RAW_RETENTION_DAYS: int = 30
     WORKER_POLL_SECONDS: int = 5
     WORKER_LEASE_SECONDS: int = 300
     # Per job owner (sql/queue.sql, claim_task), 0 = off: predictions in flight, creates a minute
@@ -215,6 +217,7 @@ class Settings:
             ALLOW_OPEN_METRICS=_flag(env, "ALLOW_OPEN_METRICS"),
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             RECONCILE_INTERVAL_SECONDS=_int(env, "RECONCILE_INTERVAL_SECONDS", 60, 1, 24 * 3600),
+            EVENTS_RAW_RETENTION_DAYS=_int(env, "EVENTS_RAW_RETENTION_DAYS", 30, 0, 100 * 365),
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
             WORKER_LEASE_SECONDS=_int(env, "WORKER_LEASE_SECONDS", 300, 3, 24 * 3600),
             OWNER_MAX_RUNNING=_int(env, "OWNER_MAX_RUNNING", 0, 0, 100_000),

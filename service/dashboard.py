@@ -131,11 +131,14 @@ def config() -> dict:
 def health() -> dict:
     minutes = _choice("minutes", WINDOWS, 60)
     with _pool().connection() as conn:
-        return webhook_health(conn, minutes, current_app.config["RECONCILE_AFTER_SECONDS"])
+        return webhook_health(conn, minutes, current_app.config["RECONCILE_AFTER_SECONDS"],
+                              current_app.config["EVENTS_RAW_RETENTION_DAYS"])
 
 
-def webhook_health(conn: psycopg.Connection, minutes: int, stuck_after: int) -> dict[str, Any]:
-    """Webhooks per minute, refusals, duplicates, ack time, stuck jobs, jobs by status."""
+def webhook_health(conn: psycopg.Connection, minutes: int, stuck_after: int,
+                   retention_days: int) -> dict[str, Any]:
+    """Webhooks per minute, refusals, duplicates, ack time, stuck jobs, jobs by status, and the
+    store: its size, the delivery log's oldest day, when retention last ran."""
     row = conn.execute(queries["dashboard_webhook_health"], {"minutes": minutes}).fetchone()
     bucket = minutes * 60 // BUCKETS
     series = conn.execute(queries["dashboard_webhook_series"],
@@ -143,6 +146,7 @@ def webhook_health(conn: psycopg.Connection, minutes: int, stuck_after: int) -> 
     stuck = conn.execute(queries["dashboard_stuck_jobs"],
                          {"stuck_after": stuck_after, "limit": 10}).fetchall()
     counts = conn.execute(queries["status_counts"]).fetchall()
+    kept = conn.execute(queries["dashboard_store"]).fetchone()
     unrecorded = row["unrecorded"]
     return {
         "window_minutes": minutes, "at": row["at"].isoformat(),
@@ -159,7 +163,16 @@ def webhook_health(conn: psycopg.Connection, minutes: int, stuck_after: int) -> 
                   "jobs": [{"id": str(j["id"]), "status": j["status"], "model": j["model"],
                             "updated_at": j["updated_at"].isoformat()} for j in stuck]},
         "status_counts": {c["status"]: c["n"] for c in counts},
+        "store": {"events_bytes": kept["events_bytes"], "deliveries_bytes": kept["deliveries_bytes"],
+                  "database_bytes": kept["database_bytes"], "event_partitions": kept["event_partitions"],
+                  "deliveries_oldest": _iso(kept["deliveries_oldest"]),
+                  "retention_days": retention_days,
+                  "pruned_at": _iso(kept["pruned_at"]), "pruned_bytes": kept["pruned_bytes"]},
     }
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 @bp.get("/api/dashboard/models")

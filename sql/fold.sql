@@ -177,7 +177,10 @@ AS $$
                || fold_key_part(pos, 19) END,
            false  -- superseded: only a job.retried event sets it (apply_event, rebuild_predictions)
     FROM coalesce('{}'::jsonb || prediction_body(type, data)) AS body(b)
-    CROSS JOIN LATERAL coalesce(length(body.b ->> 'logs')) AS n(logs_length)
+    -- logs_length: a webhook's event keeps the logs' tail and their whole length (webhook_facts)
+    CROSS JOIN LATERAL coalesce(CASE WHEN body.b ->> 'logs_length' ~ '^[0-9]{1,9}$'
+                                     THEN (body.b ->> 'logs_length')::integer END,
+                                length(body.b ->> 'logs')) AS n(logs_length)
     WHERE body.b ->> 'id' IS NOT NULL
 $$;
 

@@ -32,9 +32,10 @@ SELECT pg_advisory_xact_lock(hashtextextended(s, 0))
 FROM (SELECT s FROM unnest(%(streams)s::text[]) s ORDER BY s) o;
 
 -- job_events --
--- A job's events in recording order.
+-- A job's events in recording order. The lower bound on position (its job.created's)
+-- leaves out the partitions of events older than the job (job_first_position, sql/store.sql).
 SELECT position, type, event_key, recorded_at, data, metadata
-FROM events WHERE stream = %(stream)s ORDER BY position;
+FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) ORDER BY position;
 
 -- database_ok --
 -- Health check: the database answers and the schema is there.
@@ -166,7 +167,8 @@ ORDER BY p.id, u.ordinality;
 SELECT type, data ->> 'step' AS step, data ->> 'index' AS index, data ->> 'error' AS error,
        coalesce(data -> 'final' = 'true'::jsonb, false) AS final
 FROM events
-WHERE stream = %(stream)s AND type IN ('prediction.submitted', 'prediction.submit_failed')
+WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s)
+  AND type IN ('prediction.submitted', 'prediction.submit_failed')
 ORDER BY position;
 
 -- job_predictions_by_step --
@@ -219,14 +221,14 @@ LIMIT %(limit)s;
 
 -- job_created_data --
 -- What a job's job.created event recorded: tells a repeated create from a reused Idempotency-Key.
-SELECT data FROM events WHERE stream = %(stream)s AND type = 'job.created'
+SELECT data FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'job.created'
 ORDER BY position LIMIT 1;
 
 -- prediction_for_slot --
 -- The first webhook Replicate sent for a job's step and index in a retry round (all from
 -- the webhook URL; no retry in it: the first round, 0).
 SELECT data FROM events
-WHERE stream = %(stream)s AND type = 'replicate.webhook'
+WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'replicate.webhook'
   AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
   AND coalesce(metadata -> 'query' ->> 'retry', '0') = %(retry)s
 ORDER BY position LIMIT 1;
@@ -347,9 +349,12 @@ WHERE o.job_id = %(job_id)s::uuid
 ORDER BY coalesce(p.step, 1), o.prediction_id, o.index;
 
 -- dashboard_event --
--- One event, whole: the raw JSON behind a timeline entry.
-SELECT position, stream, type, event_key, recorded_at, data, metadata
-FROM events WHERE position = %(position)s;
+-- One event, whole: the raw JSON behind a timeline entry; for a webhook, also the delivery as
+-- received (whole body, headers) while the delivery log keeps it, else delivery is null.
+SELECT e.position, e.stream, e.type, e.event_key, e.recorded_at, e.data, e.metadata,
+       (SELECT jsonb_build_object('received_at', d.received_at, 'headers', d.headers, 'body', d.body)
+        FROM deliveries d WHERE d.position = e.position) AS delivery
+FROM events e WHERE e.position = %(position)s;
 
 -- jobs_changed_since --
 -- Jobs whose projection changed after a moment: the change feed where LISTEN is unavailable.
@@ -441,3 +446,32 @@ SELECT job_id::text AS job_id, model, version,
 FROM predictions
 WHERE job_id = ANY (%(ids)s::uuid[])
 GROUP BY job_id, model, version;
+-- maintain_event_partitions --
+-- Create the partitions of events the next appends need (sql/store.sql); the names created.
+SELECT p AS partition FROM maintain_event_partitions() p;
+
+-- maintain_delivery_partitions --
+-- Create the delivery log's partitions for today and the next days (sql/store.sql).
+SELECT p AS partition FROM maintain_delivery_partitions() p;
+
+-- prune_deliveries --
+-- Drop (or with dry_run, list) the delivery log's partitions older than the retention.
+SELECT partition, day, bytes FROM prune_deliveries(%(days)s, %(dry_run)s, %(today)s);
+
+-- last_prune --
+-- When retention last ran (NULL: never).
+SELECT max(ran_at) AS ran_at FROM store_upkeep WHERE action = 'prune';
+
+-- dashboard_store --
+-- The store's size on disk (events with its partitions, keys and indexes; the delivery log),
+-- the delivery log's oldest day, and when retention last ran and what it freed.
+SELECT ((SELECT coalesce(sum(bytes), 0) FROM event_partitions)
+           + pg_total_relation_size('event_keys'))::bigint AS events_bytes,
+       (SELECT coalesce(sum(bytes), 0) FROM delivery_partitions)::bigint AS deliveries_bytes,
+       pg_database_size(current_database()) AS database_bytes,
+       (SELECT min(received_at) FROM deliveries) AS deliveries_oldest,
+       (SELECT count(*) FROM event_partitions WHERE to_position IS NOT NULL) AS event_partitions,
+       u.ran_at AS pruned_at, u.dropped AS pruned, u.freed_bytes AS pruned_bytes
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (SELECT ran_at, dropped, freed_bytes FROM store_upkeep WHERE action = 'prune'
+                   ORDER BY id DESC LIMIT 1) u ON true;

@@ -30,13 +30,15 @@ DECLARE
     -- Ours only: a Supabase project's public schema also holds its other tables, whose
     -- privileges are not this file's business.
     v_relations text[] := ARRAY[
-        'events', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
+        'events', 'event_keys', 'event_partitions', 'deliveries', 'delivery_partitions',
+        'store_upkeep', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
         'jobs_feed_listeners', 'schema_migrations', 'schema_repeatables', 'job_stream_stats',
         'job_step_rollups', 'job_step_output_rollups', 'job_history', 'job_timeline',
         'model_daily_summary', 'orphan_predictions', 'owner_compute', 'model_compute'];
     v_sequences text[] := ARRAY[
         pg_get_serial_sequence('events', 'position'), pg_get_serial_sequence('tasks', 'id'),
-        pg_get_serial_sequence('unrecorded_webhooks', 'id')];
+        pg_get_serial_sequence('unrecorded_webhooks', 'id'),
+        pg_get_serial_sequence('store_upkeep', 'id')];
     v_role text;
     v_name text;
 BEGIN
@@ -68,6 +70,10 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
         GRANT INSERT ON events TO service_role;
+        -- an append records its key (migration 017) and takes its position itself
+        GRANT INSERT ON event_keys TO service_role;
+        GRANT USAGE ON SEQUENCE events_position_seq TO service_role;
+        GRANT INSERT ON deliveries TO service_role;
     END IF;
 END $$;
 

@@ -39,7 +39,7 @@ FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
 UNION ALL SELECT 'view', rel.relname || ' ' || pg_get_viewdef(rel.oid)
 FROM rel WHERE rel.relkind IN ('v', 'm')
 UNION ALL SELECT 'trigger', tgrelid::regclass || ' ' || pg_get_triggerdef(oid)
-FROM pg_trigger WHERE NOT tgisinternal
+FROM pg_trigger WHERE NOT tgisinternal AND tgparentid = 0  -- a partition's are its parent's
 UNION ALL SELECT 'policy', schemaname || '.' || tablename || ' ' || policyname || ' ' || permissive::text
     || ' ' || cmd || ' ' || array_to_string(roles, ',') || ' ' || coalesce(qual, '') || ' '
     || coalesce(with_check, '')
@@ -86,6 +86,11 @@ CHANGED_SINCE_LEGACY = {
     # shows the deadline, retries and owner (sql/history_views.sql)
     "prediction_facts", "apply_prediction_event", "job_derived_values", "job_history",
     "job_stream_stats",
+    # issue 19: the key goes in event_keys first (migration 017); partitions and their upkeep
+    "append_event", "event_partition_size", "job_first_position", "maintain_event_partitions",
+    # issue 19 (migration 018): a webhook's event keeps its facts, the delivery log its body
+    # (sql/store.sql); the fold reads the logs' whole length where the event kept only their tail
+    "webhook_facts", "append_webhooks", "maintain_delivery_partitions", "prune_deliveries",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same
@@ -102,6 +107,41 @@ SHAPE_CHANGED_SINCE_LEGACY = (
     r"^is_known_event_type\(", r"^is_event_type\(",
 )
 
+# issue 19 (migration 017): events is rebuilt as a partitioned table, and its keys are unique
+# through a table of their own. What the partitioned table is as a relation (kind p), its
+# comment, its indexes (each now ON ONLY the parent), the unique constraint and index on
+# event_key it can no longer have, and the sequence's grant (append_event now calls nextval)
+# changed on purpose; event_keys and the event_partitions view are new, and so are (migration
+# 018) the delivery log (deliveries, delivery_partitions) and the record of retention
+# (store_upkeep). events' columns, its other constraints (events_type_known...), triggers and
+# policies compare as before.
+_NEW_TABLES = {"event_keys", "deliveries", "store_upkeep", "store_upkeep_id_seq"}
+_NEW_VIEWS = {"event_partitions", "delivery_partitions"}
+_NEW_INDEXES = {"event_keys_pkey", "deliveries_position", "store_upkeep_pkey"}
+_EVENTS_INDEXES = {"events_pkey", "events_event_key_unique", "events_recorded_at_brin",
+                   "events_stream_position"}
+PARTITIONED_STORE = {
+    "relation": {"events"} | _EVENTS_INDEXES | _NEW_TABLES | _NEW_VIEWS | _NEW_INDEXES,
+    "comment": {"events", "event_keys", "deliveries", "store_upkeep"},
+    "constraint": {"events_event_key_unique", "event_keys_pkey", "store_upkeep_pkey"},
+    "index": _EVENTS_INDEXES | _NEW_INDEXES,
+    "privilege": {"events_position_seq"} | _EVENTS_INDEXES | _NEW_TABLES | _NEW_VIEWS | _NEW_INDEXES,
+    "column": _NEW_TABLES | _NEW_VIEWS,
+    "policy": {"event_keys", "deliveries"},
+    "trigger": {"event_keys"},
+    "view": _NEW_VIEWS,
+}
+
+
+def _partitioned_store(kind: str, item: str) -> bool:
+    if kind == "index":
+        name = re.search(r"INDEX (\S+) ON", item).group(1)
+    elif kind == "constraint":
+        name = item.split()[1]
+    else:
+        name = re.split(r"[ .(]", item.removeprefix("public."), maxsplit=1)[0]
+    return name in PARTITIONED_STORE.get(kind, ())
+
 
 def _changed_since_legacy(kind: str, item: str) -> bool:
     name = re.split(r"[ (]", item, maxsplit=1)[0]
@@ -116,7 +156,8 @@ def without_comments(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     purpose since the old layout (CHANGED_SINCE_LEGACY) left out."""
     out = []
     for kind, item in items:
-        if any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item):
+        if (any(re.search(rf"\b{name}", item) for name in BOOKKEEPING) or _changed_since_legacy(kind, item)
+                or _partitioned_store(kind, item)):
             continue
         if kind == "function":
             item = " ".join(re.sub(r"--[^\n]*", "", item).split())

@@ -11,7 +11,7 @@ from service import create_app, dashboard
 from service.db import queries
 from tests.conftest import new_job_id, payload
 from tests.signing import SECRET, signed
-from tests.workload import LIFECYCLE, bodies, create_job, submit
+from tests.workload import LIFECYCLE, WEBHOOK_FACTS, bodies, create_job, submit
 
 WEBHOOK_SECRET_2 = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
 
@@ -153,6 +153,10 @@ def test_health_counts_webhooks_and_their_acknowledgement_time(client, conn):
     assert len(report["webhooks"]["series"]) == dashboard.BUCKETS
     assert report["ack_ms"]["samples"] == 4 and 0 <= report["ack_ms"]["p50"] <= report["ack_ms"]["p95"] < 5000
     assert report["status_counts"]["processing"] == 1  # its output is still to be processed
+    kept = report["store"]
+    assert kept["deliveries_oldest"][:10] == report["at"][:10] and kept["pruned_at"] is None
+    assert 0 < kept["deliveries_bytes"] < kept["database_bytes"] and kept["events_bytes"] > 0
+    assert (kept["retention_days"], kept["event_partitions"]) == (30, 3)
     assert client.get("/api/dashboard/health?minutes=7").status_code == 422
 
 
@@ -212,7 +216,9 @@ def test_the_timeline_marks_repeats_and_polls_and_gives_raw_json_on_request(clie
                      ("replicate.webhook", True, "replicate"), ("replicate.polled", False, "reconciler")]
     assert "data" not in timeline["events"][1]
     raw = client.get(f"/api/dashboard/events/{timeline['events'][1]['position']}").get_json()
-    assert raw["data"] == body and raw["metadata"]["headers"]["webhook-id"] == "msg_first"
+    assert raw["metadata"]["headers"]["webhook-id"] == "msg_first"
+    assert raw["delivery"]["body"] == body and raw["delivery"]["headers"]["webhook-id"] == "msg_first"
+    assert raw["data"] == {k: v for k, v in body.items() if k in WEBHOOK_FACTS}
     assert client.get(f"/api/dashboard/jobs/{new_job_id()}/timeline").status_code == 404
     assert client.get("/api/dashboard/events/999999").status_code == 404
 

@@ -273,7 +273,11 @@ def test_a_legacy_database_upgrades_to_the_catalog_of_a_fresh_one_and_keeps_its_
         # The layout changed; what the objects do did not: the old files' last definitions,
         # comments and layout of the code aside, are the new files' definitions.
         assert without_comments(legacy) == without_comments(upgraded)
-        assert rows(a) == migrated_rows(data)
+        assert rows(a) == migrated_rows(data)  # every event and projection row, in partitions now
+        keys = {r["event_key"]: r["position"] for r in a.execute("SELECT * FROM event_keys")}
+        assert keys == {e["event_key"]: e["position"] for e in data["events"]}
+        assert {r["p"] for r in a.execute("SELECT tableoid::regclass::text AS p FROM events")} == {
+            "store_partitions.events_000000"}
         result = replay.replay(a, check=True)
         assert result.differences == 0 and result.events == len(data["events"])
         recorded = {r["version"]: r["checksum"] for r in a.execute("SELECT * FROM schema_migrations")}

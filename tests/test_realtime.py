@@ -93,7 +93,9 @@ def job_with_logs(conn: psycopg.Connection, log_lines: int) -> str:
 def test_job_and_prediction_changes_are_streamed_and_events_are_not(slot):
     job_id = job_with_logs(slot, log_lines=2)
     everything = peek_all(slot)
-    assert {c["table"] for c in everything} >= {"events", "jobs", "predictions", "tasks"}
+    # events is written through its partitions (migration 017): the WAL names the partition
+    written = {"events" if c["table"].startswith("events_0") else c["table"] for c in everything}
+    assert written >= {"events", "jobs", "predictions", "tasks"}
     streamed = changes(slot, realtime_tables(slot))
     tables = {c["table"] for c in streamed}
     assert tables == {"jobs", "predictions"}

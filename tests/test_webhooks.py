@@ -13,7 +13,7 @@ from service.errors import ConfigError
 from tests.conftest import FIXTURES, PAYLOADS, new_job_id, payload
 from tests.signing import SECRET, signed
 from tests.waiting import wait_for
-from tests.workload import create_job
+from tests.workload import create_job, facts
 
 VECTORS = json.loads((FIXTURES / "signing_vectors.json").read_text())["vectors"]
 
@@ -42,7 +42,10 @@ def test_a_signed_webhook_is_recorded_with_its_metadata(client, conn):
     assert response.get_json() == {"status": "recorded", "position": 2}
     event = conn.execute("SELECT * FROM events WHERE position = 2").fetchone()
     assert (event["event_key"], event["stream"], event["type"]) == ("msg_a1", job, "replicate.webhook")
-    assert event["data"] == json.loads(body)
+    assert event["data"] == facts(json.loads(body))
+    delivery = conn.execute("SELECT * FROM deliveries").fetchone()
+    assert (delivery["position"], delivery["webhook_id"], delivery["body"]) == (2, "msg_a1", json.loads(body))
+    assert delivery["headers"] == event["metadata"]["headers"]
     assert event["metadata"]["query"] == {"job": job, "step": "1", "index": None}
     assert event["metadata"]["headers"]["webhook-id"] == "msg_a1"
     assert "webhook-signature" not in event["metadata"]["headers"]
@@ -211,7 +214,8 @@ def test_a_body_that_does_not_open_with_a_brace_is_stored_as_parsed(client, conn
     raw, _ = signed(payload("succeeded_sdxl_polled_list_output"))
     body, headers = signed(wrap(raw))
     assert post(client, body, headers).status_code == 200
-    assert conn.execute("SELECT data FROM events").fetchone()["data"] == json.loads(raw)
+    assert conn.execute("SELECT body FROM deliveries").fetchone()["body"] == json.loads(raw)
+    assert conn.execute("SELECT data FROM events").fetchone()["data"] == facts(json.loads(raw))
 
 
 # ---- group commit: webhooks that arrive together are recorded in one transaction

@@ -19,6 +19,21 @@ LIFECYCLE = [  # one SDXL prediction as Replicate reports it, in order
 FAILED = ["starting_sdxl_create_response", "failed_flux11pro_nsfw_with_traceback_logs"]
 CANCELED = ["starting_sdxl_create_response", "canceled_sdxl_after_start"]
 
+# What a webhook's event keeps of its body (docs/sql.md, "The delivery log"); the logs are
+# kept up to their last LOGS_KEPT characters, with their whole length beside them when cut.
+WEBHOOK_FACTS = frozenset({"id", "status", "error", "metrics", "output", "model", "version",
+                           "data_removed", "created_at", "started_at", "completed_at", "logs"})
+LOGS_KEPT = 4000
+
+
+def facts(body: dict[str, Any]) -> dict[str, Any]:
+    """The event data a webhook with this body is recorded as."""
+    kept = {k: v for k, v in body.items() if k in WEBHOOK_FACTS}
+    logs = body.get("logs")
+    if isinstance(logs, str) and len(logs) > LOGS_KEPT:
+        kept.update(logs=logs[-LOGS_KEPT:], logs_length=len(logs))
+    return kept
+
 
 def bodies(names: list[str], prediction_id: str) -> list[dict[str, Any]]:
     """The payloads, re-keyed to one prediction id, as successive states of it."""

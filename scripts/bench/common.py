@@ -24,7 +24,9 @@ from service import db, migrations  # noqa: E402
 PAYLOADS = ROOT / "tests" / "fixtures" / "replicate" / "payloads"
 # The ceiling baselines' table (append.py, append_instructions.py, ingest.py): a copy of the
 # events table with its columns, keys, indexes, checks and compression, and no fold.
-RECORDED_TABLE = "CREATE TABLE recorded_events (LIKE events INCLUDING ALL)"
+# events is partitioned since migration 017 and its keys are unique through event_keys: the
+# copy is one plain table, with the key unique in it, as events was.
+RECORDED_TABLE = "CREATE TABLE recorded_events (LIKE events INCLUDING ALL, UNIQUE (event_key))"
 
 # One SDXL prediction's states as Replicate reported them, and how some end instead.
 TEMPLATES = {

@@ -47,6 +47,21 @@ CREATE OR REPLACE TRIGGER events_no_truncate
 REVOKE ALL ON events FROM PUBLIC;
 REVOKE ALL ON events FROM app_user;
 GRANT SELECT, INSERT ON events TO app_user;
+-- The idempotency keys (migration 017) are as append-only as the events they name.
+CREATE OR REPLACE TRIGGER event_keys_no_update_delete
+    BEFORE UPDATE OR DELETE ON event_keys
+    FOR EACH ROW EXECUTE FUNCTION events_refuse_change();
+CREATE OR REPLACE TRIGGER event_keys_no_truncate
+    BEFORE TRUNCATE ON event_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION events_refuse_change();
+REVOKE ALL ON event_keys FROM PUBLIC;
+REVOKE ALL ON event_keys FROM app_user;
+GRANT SELECT, INSERT ON event_keys TO app_user;
+GRANT USAGE ON SEQUENCE events_position_seq TO app_user;
+-- The delivery log (migration 018): appended with the events; only retention drops it.
+REVOKE ALL ON deliveries FROM PUBLIC;
+REVOKE ALL ON deliveries FROM app_user;
+GRANT SELECT, INSERT ON deliveries TO app_user;
 
 -- Row-level security is on for every table (migration 009): app_user reads and appends
 -- events, as its privileges say. No other policy touches events (service_role bypasses
@@ -55,32 +70,128 @@ DROP POLICY IF EXISTS events_app_user_select ON events;
 CREATE POLICY events_app_user_select ON events FOR SELECT TO app_user USING (true);
 DROP POLICY IF EXISTS events_app_user_insert ON events;
 CREATE POLICY events_app_user_insert ON events FOR INSERT TO app_user WITH CHECK (true);
+DROP POLICY IF EXISTS event_keys_app_user_select ON event_keys;
+CREATE POLICY event_keys_app_user_select ON event_keys FOR SELECT TO app_user USING (true);
+DROP POLICY IF EXISTS event_keys_app_user_insert ON event_keys;
+CREATE POLICY event_keys_app_user_insert ON event_keys FOR INSERT TO app_user WITH CHECK (true);
+DROP POLICY IF EXISTS deliveries_app_user_select ON deliveries;
+CREATE POLICY deliveries_app_user_select ON deliveries FOR SELECT TO app_user USING (true);
+DROP POLICY IF EXISTS deliveries_app_user_insert ON deliveries;
+CREATE POLICY deliveries_app_user_insert ON deliveries FOR INSERT TO app_user WITH CHECK (true);
 
 
 -- Append -------------------------------------------------------------------------------------
 -- Record one event and fold it into the projections, in the caller's transaction.
--- Idempotent by event_key: a duplicate records nothing, changes nothing, and returns
--- the original event's position with duplicate = true. Appends to one stream are
--- serialised (advisory lock), so a job's derived counts never miss a concurrent event;
--- a full replay holds a SHARE lock on events, so appends wait for it to commit.
+-- Idempotent by event_key, forever: the key is recorded in event_keys first, with the
+-- position the event will have, and a key already there records nothing, changes nothing,
+-- and returns the original event's position with duplicate = true, wherever (in whichever
+-- partition) that event is. A second append of a key not yet committed waits for the first
+-- to end, as a unique index makes it. Appends to one stream are serialised (advisory
+-- lock), so a job's derived counts never miss a concurrent event; a full replay holds a
+-- SHARE lock on events, so appends wait for it to commit.
 CREATE OR REPLACE FUNCTION append_event(
     p_event_key text, p_stream text, p_type text, p_data jsonb, p_metadata jsonb DEFAULT '{}'
 ) RETURNS TABLE (event_position bigint, duplicate boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     e events;
+    v_position bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_stream, 0));
-    INSERT INTO events (event_key, stream, type, data, metadata)
-    VALUES (p_event_key, p_stream, p_type, p_data, coalesce(p_metadata, '{}'::jsonb))
+    INSERT INTO event_keys (event_key, position)
+    VALUES (p_event_key, nextval('events_position_seq'))
     ON CONFLICT (event_key) DO NOTHING
-    RETURNING * INTO e;
-    IF e.position IS NULL THEN
-        RETURN QUERY SELECT ev.position, true FROM events ev WHERE ev.event_key = p_event_key;
+    RETURNING position INTO v_position;
+    IF v_position IS NULL THEN
+        RETURN QUERY SELECT k.position, true FROM event_keys k WHERE k.event_key = p_event_key;
         RETURN;
     END IF;
+    INSERT INTO events (position, event_key, stream, type, data, metadata)
+    OVERRIDING SYSTEM VALUE
+    VALUES (v_position, p_event_key, p_stream, p_type, p_data, coalesce(p_metadata, '{}'::jsonb))
+    RETURNING * INTO e;
     PERFORM apply_event(e);
     RETURN QUERY SELECT e.position, false;
+END $$;
+
+
+-- Partitions ---------------------------------------------------------------------------------
+-- events is range-partitioned by position (migration 017): partition n, named
+-- store_partitions.events_<n, six digits>, holds positions [n * size, (n + 1) * size).
+-- The size of the partitions created from now on; those already made keep theirs.
+CREATE OR REPLACE FUNCTION event_partition_size() RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1000000::bigint $$;
+
+-- The partitions of events, in position order, with their bounds and size on disk (table,
+-- TOAST and indexes). The default partition has NULL bounds and comes last.
+CREATE OR REPLACE VIEW event_partitions AS
+SELECT c.oid::regclass::text AS partition,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''?(\d+)''?\)'))[1]::bigint AS from_position,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \(''?(\d+)''?\)'))[1]::bigint AS to_position,
+       pg_total_relation_size(c.oid) AS bytes
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'events'::regclass
+ORDER BY from_position NULLS LAST;
+
+-- The least position a stream's events can have: its job.created's (every other event of a
+-- job is appended after the job exists), found by its key (service/commands.py:
+-- created:<job>); 0 for a stream that is no job's. A read of one job's events bounded
+-- below by it skips the older partitions, so it costs the same at any size of the store.
+CREATE OR REPLACE FUNCTION job_first_position(p_stream text) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT coalesce((SELECT k.position FROM event_keys k WHERE k.event_key = 'created:' || p_stream), 0)
+$$;
+
+-- Keep partitions ahead of the appends: after it, the positions up to p_ahead partitions'
+-- worth past the newest one handed out have a partition. Any rows the default partition
+-- caught (appended past the last partition while this had not run) move to partitions of
+-- their own first: detached, the partitions they need created, copied back in position
+-- order, dropped. Their positions and keys do not change (event_keys still points at
+-- them). Returns the names of the partitions created.
+--
+-- Runs at migrate (the end of this file) and from the worker every few minutes (service/
+-- partitions.py); where the server has pg_partman, it can run this instead, and pg_cron can
+-- call it on Supabase (docs/deploy.md). Quick when there is nothing to do: it reads the
+-- catalog and the sequence. Creating a partition takes a brief ACCESS EXCLUSIVE lock on
+-- events: an append in flight finishes first, the next waits for the CREATE.
+CREATE OR REPLACE FUNCTION maintain_event_partitions(p_ahead integer DEFAULT 2)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_size bigint := event_partition_size();
+    v_newest bigint;
+    v_from bigint;
+    v_moved bigint;
+    v_name text;
+BEGIN
+    -- one maintainer at a time (the worker's processes, migrate, pg_cron)
+    PERFORM pg_advisory_xact_lock(7215019);
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+    INTO v_newest FROM events_position_seq;
+    SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
+    IF EXISTS (SELECT FROM store_partitions.events_default) THEN
+        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE events DETACH PARTITION store_partitions.events_default;
+        ALTER TABLE store_partitions.events_default RENAME TO events_default_moving;
+        CREATE TABLE store_partitions.events_default PARTITION OF events DEFAULT;
+        v_newest := greatest(v_newest, (SELECT max(position) FROM store_partitions.events_default_moving));
+    END IF;
+    WHILE v_from <= v_newest + p_ahead * v_size LOOP
+        v_name := 'events_' || lpad((v_from / v_size)::text, 6, '0');
+        EXECUTE format('CREATE TABLE store_partitions.%I PARTITION OF events FOR VALUES FROM (%s) TO (%s)',
+                       v_name, v_from, v_from + v_size);
+        RETURN NEXT 'store_partitions.' || v_name;
+        v_from := v_from + v_size;
+    END LOOP;
+    IF to_regclass('store_partitions.events_default_moving') IS NOT NULL THEN
+        INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT position, event_key, stream, type, data, metadata, recorded_at
+        FROM store_partitions.events_default_moving ORDER BY position;
+        GET DIAGNOSTICS v_moved = ROW_COUNT;
+        DROP TABLE store_partitions.events_default_moving;
+        RAISE NOTICE 'moved % events out of the default partition', v_moved;
+    END IF;
 END $$;
 
 
@@ -105,6 +216,30 @@ BEGIN
     RETURN coalesce(v_stream, p_prediction_id);
 END $$;
 
+-- What a webhook's event keeps of its body: what the projections and history views read
+-- (sql/fold.sql's prediction_facts and prediction_body, history_event_summary, the
+-- submission's adoption of a prediction), and nothing else. The whole body, with its
+-- headers, goes to the delivery log (deliveries, migration 018), which retention empties.
+-- The logs, the big part of a body (Replicate resends them whole, every half second while a
+-- prediction runs), are kept as the tail predictions.logs_tail keeps, with their whole
+-- length in logs_length when they were cut. Input, urls, webhook settings and other fields
+-- are left out. A body that is no JSON object is kept as it is (the events constraint
+-- refuses it, as before).
+CREATE OR REPLACE FUNCTION webhook_facts(p_body jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(p_body) <> 'object' THEN p_body ELSE
+        coalesce((SELECT jsonb_object_agg(f.key, f.value) FROM jsonb_each(p_body) f
+                  WHERE f.key IN ('id', 'status', 'error', 'metrics', 'output', 'model', 'version',
+                                  'data_removed', 'created_at', 'started_at', 'completed_at')),
+                 '{}'::jsonb)
+        || CASE WHEN NOT p_body ? 'logs' THEN '{}'::jsonb
+                WHEN jsonb_typeof(p_body -> 'logs') <> 'string' OR length(p_body ->> 'logs') <= 4000
+                    THEN jsonb_build_object('logs', p_body -> 'logs')
+                ELSE jsonb_build_object('logs', right(p_body ->> 'logs', 4000),
+                                        'logs_length', length(p_body ->> 'logs')) END
+    END
+$$;
+
 -- Webhooks that arrive together are recorded together: one statement, one transaction,
 -- one commit for the group (group commit; service/groups.py gathers them in the web
 -- process). Each webhook is still appended and folded exactly as alone: the same
@@ -122,6 +257,7 @@ RETURNS TABLE (n integer, event_position bigint, duplicate boolean, stream text)
 LANGUAGE plpgsql AS $$
 DECLARE
     w record;
+    a record;
 BEGIN
     FOR w IN
         -- nullif: a JSON null is SQL NULL here, as it is when append_webhook is called
@@ -131,9 +267,14 @@ BEGIN
         FROM jsonb_array_elements(p_group) WITH ORDINALITY AS g(e, n)
         ORDER BY stream, g.n
     LOOP
-        RETURN QUERY
-        SELECT w.n, a.event_position, a.duplicate, w.stream
-        FROM append_event(w.webhook_id, w.stream, 'replicate.webhook', w.body, w.metadata) a;
+        SELECT * INTO a
+        FROM append_event(w.webhook_id, w.stream, 'replicate.webhook', webhook_facts(w.body), w.metadata);
+        IF NOT a.duplicate THEN
+            INSERT INTO deliveries (position, webhook_id, headers, body)
+            VALUES (a.event_position, w.webhook_id,
+                    coalesce(w.metadata -> 'headers', '{}'::jsonb), w.body);
+        END IF;
+        RETURN QUERY SELECT w.n, a.event_position, a.duplicate, w.stream;
     END LOOP;
 END $$;
 
@@ -145,6 +286,101 @@ LANGUAGE sql AS $$
     FROM append_webhooks(jsonb_build_array(jsonb_build_object(
         'webhook_id', p_webhook_id, 'job', p_job, 'body', p_body, 'metadata', p_metadata))) a
 $$;
+
+
+
+-- The delivery log's partitions ------------------------------------------------------------
+-- deliveries (migration 018) is partitioned by the UTC day a webhook was received:
+-- store_partitions.deliveries_YYYYMMDD. The partitions, with their day and size on disk;
+-- the default partition (day NULL) last.
+CREATE OR REPLACE VIEW delivery_partitions AS
+SELECT c.oid::regclass::text AS partition,
+       to_date(substring(c.relname FROM '^deliveries_(\d{8})$'), 'YYYYMMDD') AS day,
+       pg_total_relation_size(c.oid) AS bytes
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'deliveries'::regclass
+ORDER BY day NULLS LAST;
+
+-- Create the delivery log's partitions from today (UTC) to p_days_ahead days ahead, after
+-- moving any rows the default partition caught into partitions of their days, as
+-- maintain_event_partitions does for events. Returns the partitions created.
+CREATE OR REPLACE FUNCTION maintain_delivery_partitions(p_days_ahead integer DEFAULT 3)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+    v_day date;
+    v_caught date[] := '{}';  -- the days of the rows the default partition caught
+    v_name text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7215018);
+    v_day := v_today;
+    IF EXISTS (SELECT FROM store_partitions.deliveries_default) THEN
+        LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE deliveries DETACH PARTITION store_partitions.deliveries_default;
+        ALTER TABLE store_partitions.deliveries_default RENAME TO deliveries_default_moving;
+        CREATE TABLE store_partitions.deliveries_default PARTITION OF deliveries DEFAULT;
+        EXECUTE 'SELECT array_agg(DISTINCT (received_at AT TIME ZONE ''UTC'')::date) '
+                'FROM store_partitions.deliveries_default_moving' INTO v_caught;
+        v_day := least(v_day, (SELECT min(d) FROM unnest(v_caught) d));
+    END IF;
+    WHILE v_day <= v_today + p_days_ahead LOOP
+        v_name := 'deliveries_' || to_char(v_day, 'YYYYMMDD');
+        IF to_regclass('store_partitions.' || v_name) IS NULL
+           AND (v_day >= v_today OR v_day = ANY (v_caught)) THEN
+            EXECUTE format('CREATE TABLE store_partitions.%I PARTITION OF deliveries '
+                           'FOR VALUES FROM (%L) TO (%L)', v_name,
+                           v_day::timestamp AT TIME ZONE 'UTC', (v_day + 1)::timestamp AT TIME ZONE 'UTC');
+            RETURN NEXT 'store_partitions.' || v_name;
+        END IF;
+        v_day := v_day + 1;
+    END LOOP;
+    IF to_regclass('store_partitions.deliveries_default_moving') IS NOT NULL THEN
+        EXECUTE 'INSERT INTO deliveries SELECT * FROM store_partitions.deliveries_default_moving';
+        DROP TABLE store_partitions.deliveries_default_moving;
+    END IF;
+END $$;
+
+-- Retention: the delivery log's partitions whose whole day is more than p_retention_days
+-- days old (UTC), with their size; dropped unless p_dry_run, and the run recorded in
+-- store_upkeep (the dashboard shows when retention last ran). 0 days keeps everything.
+-- Whole partitions only, never rows; the default partition is never dropped. A DROP takes
+-- a brief ACCESS EXCLUSIVE lock on deliveries: a webhook's append waits for it, not for a
+-- scan (scripts/bench/scale.py measures the wait). p_today: the day it counts from (a
+-- test's or a dry run's "as of"), today (UTC) by default.
+CREATE OR REPLACE FUNCTION prune_deliveries(
+    p_retention_days integer, p_dry_run boolean DEFAULT false, p_today date DEFAULT NULL
+) RETURNS TABLE (partition text, day date, bytes bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_cutoff date := coalesce(p_today, (now() AT TIME ZONE 'UTC')::date) - p_retention_days;
+    v_dropped text[] := '{}';
+    v_freed bigint := 0;
+    r record;
+BEGIN
+    IF p_retention_days IS NULL OR p_retention_days < 0 THEN
+        RAISE EXCEPTION 'retention must be 0 (forever) or a number of days, not %', p_retention_days
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pg_advisory_xact_lock(7215018);
+    FOR r IN SELECT * FROM delivery_partitions d
+             WHERE p_retention_days > 0 AND d.day IS NOT NULL AND d.day < v_cutoff ORDER BY d.day LOOP
+        IF NOT p_dry_run THEN
+            EXECUTE format('DROP TABLE %s', r.partition);
+        END IF;
+        partition := r.partition; day := r.day; bytes := r.bytes;
+        v_dropped := v_dropped || r.partition;
+        v_freed := v_freed + r.bytes;
+        RETURN NEXT;
+    END LOOP;
+    IF NOT p_dry_run THEN
+        INSERT INTO store_upkeep (action, dropped, freed_bytes) VALUES ('prune', v_dropped, v_freed);
+    END IF;
+END $$;
+
+-- At every migrate: partitions ahead of the appends (and none missing after an upgrade).
+SELECT count(*) FROM maintain_event_partitions();
+SELECT count(*) FROM maintain_delivery_partitions();
 
 
 -- sql/fold.sql -----------------------------------------------------------------------------
@@ -327,7 +563,10 @@ AS $$
                || fold_key_part(pos, 19) END,
            false  -- superseded: only a job.retried event sets it (apply_event, rebuild_predictions)
     FROM coalesce('{}'::jsonb || prediction_body(type, data)) AS body(b)
-    CROSS JOIN LATERAL coalesce(length(body.b ->> 'logs')) AS n(logs_length)
+    -- logs_length: a webhook's event keeps the logs' tail and their whole length (webhook_facts)
+    CROSS JOIN LATERAL coalesce(CASE WHEN body.b ->> 'logs_length' ~ '^[0-9]{1,9}$'
+                                     THEN (body.b ->> 'logs_length')::integer END,
+                                length(body.b ->> 'logs')) AS n(logs_length)
     WHERE body.b ->> 'id' IS NOT NULL
 $$;
 
@@ -1786,13 +2025,15 @@ DECLARE
     -- Ours only: a Supabase project's public schema also holds its other tables, whose
     -- privileges are not this file's business.
     v_relations text[] := ARRAY[
-        'events', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
+        'events', 'event_keys', 'event_partitions', 'deliveries', 'delivery_partitions',
+        'store_upkeep', 'jobs', 'predictions', 'outputs', 'tasks', 'unrecorded_webhooks',
         'jobs_feed_listeners', 'schema_migrations', 'schema_repeatables', 'job_stream_stats',
         'job_step_rollups', 'job_step_output_rollups', 'job_history', 'job_timeline',
         'model_daily_summary', 'orphan_predictions', 'owner_compute', 'model_compute'];
     v_sequences text[] := ARRAY[
         pg_get_serial_sequence('events', 'position'), pg_get_serial_sequence('tasks', 'id'),
-        pg_get_serial_sequence('unrecorded_webhooks', 'id')];
+        pg_get_serial_sequence('unrecorded_webhooks', 'id'),
+        pg_get_serial_sequence('store_upkeep', 'id')];
     v_role text;
     v_name text;
 BEGIN
@@ -1824,6 +2065,10 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
         GRANT INSERT ON events TO service_role;
+        -- an append records its key (migration 017) and takes its position itself
+        GRANT INSERT ON event_keys TO service_role;
+        GRANT USAGE ON SEQUENCE events_position_seq TO service_role;
+        GRANT INSERT ON deliveries TO service_role;
     END IF;
 END $$;
 
@@ -1962,9 +2207,9 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'a7046567f2322d1f056a85bb10ae5463489fd22b8f6bfba515333c067d4a3ec3')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'bde2a8fbce0295cea4c9c5b933d075237e5f10b3d10502133fee1d62f5139ef6')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'be6d6667b9631ae9890449614058c13ed271e90b19c5d707e9a3b857c108d9f5')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '0dff3cd2a4df96e8a2785e2496b7999bde06e3a414027026adc5c6087fa35438')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'ea3ee71706278dd5b87e24de7a283589472a2050bfeb9379611c6bb3728a2928')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
@@ -1974,5 +2219,5 @@ INSERT INTO schema_repeatables (name, checksum) VALUES ('queue.sql', '7b14a2d892
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('dashboard.sql', '20eabd2914fcbee482e0e6256d912aa0e1ad305ca8276dcae26334db6165234d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('supabase_security.sql', '9abb5ac847639b505e2318786e951bc7882c849fbb00ea951a9abfaea71b533d')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('supabase_security.sql', 'b162fa4bebbbc977c0cc31b99970de3a0eb2e6e44fbbd17e9f34c1843496c12d')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();

@@ -53,6 +53,30 @@ function tipButton(id, text) {
     h("p", { id: `${id}-tip` }, text));
 }
 
+function bytes(n) {
+  const units = ["bytes", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return i ? `${n.toFixed(1)} ${units[i]}` : `${n} bytes`;
+}
+
+// The store: its size, the delivery log's oldest day, and when retention last ran.
+function storeStats(store) {
+  const kept = store.retention_days ? `kept ${store.retention_days} days (EVENTS_RAW_RETENTION_DAYS)` : "kept forever";
+  const pruned = store.pruned_at
+    ? `${new Date(store.pruned_at).toLocaleString()}, freed ${bytes(store.pruned_bytes)}`
+    : "never (the worker runs it daily)";
+  return [
+    stat("Store size", bytes(store.database_bytes),
+      `events ${bytes(store.events_bytes)} in ${store.event_partitions} partitions; delivery log ${bytes(store.deliveries_bytes)}`,
+      { id: "store-size" }),
+    stat("Delivery log since", store.deliveries_oldest ? store.deliveries_oldest.slice(0, 10) : "–",
+      `whole webhook bodies, ${kept}`, { id: "deliveries-oldest" }),
+    stat("Retention last ran", store.pruned_at ? store.pruned_at.slice(0, 10) : "never", pruned,
+      { id: "retention" }),
+  ];
+}
+
 function render(body, report, config) {
   const w = report.webhooks;
   const window = WINDOW_NAMES[report.window_minutes] || `${report.window_minutes} min`;
@@ -73,7 +97,8 @@ function render(body, report, config) {
       { tip: ACK_TIP, id: "ack" }),
     stat("Stuck jobs", String(stuck.count),
       `no event for over ${duration(stuck.threshold_seconds)} (RECONCILE_AFTER_SECONDS)`,
-      { tone: stuck.count ? "warn" : "", id: "stuck" }));
+      { tone: stuck.count ? "warn" : "", id: "stuck" }),
+    ...storeStats(report.store));
   const stuckList = stuck.jobs.length ? h("ul", { class: "stuck-list", "aria-label": "Stuck jobs" },
     stuck.jobs.map((job) => h("li", {},
       h("a", { href: `#/jobs/${job.id}`, "aria-label": `Job ${job.id}` }, h("code", {}, shortId(job.id))),

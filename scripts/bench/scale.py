@@ -1,0 +1,300 @@
+"""The event store at scale: append, one job's events, full replay, retention, disk.
+
+    .venv/bin/python scripts/bench/scale.py [--sizes 1000000,20000000] [--database-url URL]
+
+For each size, a scratch database is migrated and filled with generated events made from the
+real payloads (generate_events.sql, set-based; each webhook's event keeps what webhook_facts
+keeps, the keys go to event_keys, partitions are made ahead), then measured in this order:
+
+* full replay (service.replay.replay; the projections start empty): events/s;
+* append throughput: new jobs' webhooks appended one transaction each through append_webhook
+  (the live path's SQL), from one connection: events/s;
+* one job's events through the API (GET /api/jobs/<id>/events, Flask's test client on a
+  real pool): p50 and p99 over jobs picked at random;
+* bytes on disk per event (events with its partitions and indexes, event_keys).
+
+The baseline, in the same run: today's unpartitioned store (the SQL of --baseline-commit,
+taken from git) at the first size, measured the same way, and its bytes per event with whole
+bodies. Then, on a partitioned store of the first size: a day of delivery log (whole bodies;
+--log-rows of them) is dropped by prune while webhooks are appended at --rate per second:
+the slowest append (the acknowledgement waits for its commit) and how many failed; and the
+delivery log's bytes per webhook, for the disk a user making --images-per-day needs per month.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+from common import (
+    PROMPTS,
+    ROOT,
+    add_database_url,
+    scratch_database,
+    server,
+    server_version,
+    templates,
+    with_database,
+)
+from psycopg.types.json import Jsonb
+
+from service import create_app, db, migrations, store
+from service.replay import replay
+
+GENERATE_SQL = (Path(__file__).with_name("generate_events.sql")).read_text()
+TEMPLATE_PROMPT = "A chariot pulled by a team of six rainbow unicorns"
+EVENTS_PER_JOB = 5.1
+# The partitioned store keeps a webhook's facts; today's kept the whole body.
+FACTS_SQL = GENERATE_SQL.replace(
+    "SELECT e.event_key, j.job, e.type, e.data, e.metadata,",
+    "SELECT e.event_key, j.job, e.type,\n"
+    "       CASE WHEN e.type = 'replicate.webhook' THEN webhook_facts(e.data) ELSE e.data END,\n"
+    "       e.metadata,")
+assert FACTS_SQL != GENERATE_SQL
+WEBHOOKS_PER_IMAGE = 3.5  # start, a log or two, completed (the issue's 300,000-400,000 a day)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000000,20000000", help="store sizes, comma-separated")
+    parser.add_argument("--appends", type=int, default=3000, help="webhooks appended per measure")
+    parser.add_argument("--reads", type=int, default=300, help="jobs whose events are read")
+    parser.add_argument("--rate", type=int, default=300, help="webhooks/s while a day is dropped")
+    parser.add_argument("--log-rows", type=int, default=100_000, help="deliveries in the dropped day")
+    parser.add_argument("--images-per-day", type=int, default=100_000)
+    parser.add_argument("--baseline-commit", default="6504d9f", help="today's SQL, from git")
+    parser.add_argument("--no-replay", action="store_true", help="skip the full replay")
+    add_database_url(parser)
+    return parser.parse_args()
+
+
+def baseline_sql(commit: str, into: Path) -> Path:
+    subprocess.run(f"git -C {ROOT} archive {commit} sql | tar -x -C {into}", shell=True, check=True)
+    return into / "sql"
+
+
+def generate(url: str, events: int, partitioned: bool, chunk_jobs: int = 20_000) -> float:
+    """Fill events with `events` generated events; returns the seconds it took."""
+    params = {name: Jsonb(body) for name, body in templates().items()}
+    params |= {"prompts": PROMPTS, "template_prompt": TEMPLATE_PROMPT}
+    started, written, lo = time.perf_counter(), 0, 0
+    with db.connect(url, autocommit=True) as conn:
+        if partitioned:  # as the worker keeps them: ahead of the appends
+            conn.execute("SELECT count(*) FROM maintain_event_partitions(%s)",
+                         (math.ceil(events / 1_000_000) + 2,))
+        while written < events:
+            jobs = min(chunk_jobs, math.ceil((events - written) / EVENTS_PER_JOB) + 1)
+            sql = FACTS_SQL if partitioned else GENERATE_SQL
+            written += conn.execute(sql, params | {"lo": lo, "hi": lo + jobs,
+                                                   "max_rows": events - written}).rowcount
+            lo += jobs
+            elapsed = time.perf_counter() - started
+            print(f"    generated {written:>11,} / {events:,} ({elapsed:.0f} s)", flush=True)
+        if partitioned:
+            conn.execute("INSERT INTO event_keys SELECT event_key, position FROM events")
+        conn.execute("VACUUM (ANALYZE) events")
+        if partitioned:
+            conn.execute("VACUUM (ANALYZE) event_keys")
+    return time.perf_counter() - started
+
+
+def full_replay(url: str) -> float:
+    with db.connect(url) as conn:
+        result = replay(conn)
+    return result.events_per_second
+
+
+def appends(url: str, n: int) -> float:
+    """Webhooks of new jobs, one transaction each, through append_webhook: events/s."""
+    bodies = templates()
+    run = uuid.uuid4().hex[:8]
+    with db.connect(url, autocommit=True) as conn:
+        jobs = [str(uuid.uuid4()) for _ in range(max(1, n // 4))]
+        for job in jobs:
+            conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
+                         (f"created:{job}", job, Jsonb({"model": "stability-ai/sdxl", "count": 1})))
+        states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
+        started = time.perf_counter()
+        for i in range(n):
+            job = jobs[i % len(jobs)]
+            body = dict(states[i % 3], id=f"p{run}{i % len(jobs)}")
+            conn.execute("SELECT * FROM append_webhook(%s, %s, %s, %s)",
+                         (f"msg_{run}_{i}", job, Jsonb(body), Jsonb({"query": {"job": job, "step": "1"}})))
+        return n / (time.perf_counter() - started)
+
+
+def reads(url: str, n: int) -> tuple[float, float]:
+    """One job's events through the API: (p50, p99) in ms."""
+    app = create_app({"DATABASE_URL": url, "TESTING": True})
+    try:
+        with db.connect(url) as conn:
+            # a random sample across the whole store (TABLESAMPLE: every part of it, cheaply)
+            jobs = [str(r["id"]) for r in conn.execute(
+                "SELECT id FROM jobs TABLESAMPLE SYSTEM (5) LIMIT %s", (n * 20,))]
+        picked = random.Random(1).sample(jobs, min(n, len(jobs)))
+        client, times = app.test_client(), []
+        client.get(f"/api/jobs/{picked[0]}/events")  # warm the pool
+        for job in picked:
+            started = time.perf_counter()
+            response = client.get(f"/api/jobs/{job}/events")
+            times.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200 and response.get_json()["events"], response.status_code
+        times.sort()
+        return statistics.median(times), times[max(0, math.ceil(0.99 * len(times)) - 1)]
+    finally:
+        app.extensions["db_pool"].close()
+
+
+def bytes_per_event(url: str, partitioned: bool) -> float:
+    with db.connect(url) as conn:
+        sql = ("SELECT (pg_total_relation_size('events') + pg_total_relation_size('event_keys') "
+               " + (SELECT sum(bytes) FROM event_partitions))::float / (SELECT count(*) FROM events) AS b"
+               if partitioned else
+               "SELECT pg_total_relation_size('events')::float / (SELECT count(*) FROM events) AS b")
+        return conn.execute(sql).fetchone()["b"]
+
+
+def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) -> dict:
+    label = "partitioned" if partitioned else "unpartitioned (today)"
+    print(f"  {label}, {size:,} events:", flush=True)
+    out = {"build_s": generate(url, size, partitioned)}
+    print(f"    built in {out['build_s']:.0f} s", flush=True)
+    out["replay"] = None if args.no_replay else full_replay(url)
+    if args.no_replay:  # the API reads jobs: build them anyway, untimed
+        full_replay(url)
+    out["append"] = appends(url, args.appends)
+    # today's schema lacks what the API reads now (job_first_position): its reads are not measured
+    out["p50"], out["p99"] = reads(url, args.reads) if partitioned else (math.nan, math.nan)
+    out["bytes"] = bytes_per_event(url, partitioned)
+    print(f"    replay {out['replay'] or 0:,.0f} ev/s; append {out['append']:,.0f} ev/s; job events "
+          f"p50 {out['p50']:.1f} ms p99 {out['p99']:.1f} ms; {out['bytes']:,.0f} B/event", flush=True)
+    return out
+
+
+def retention(url: str, args: argparse.Namespace) -> dict:
+    """Drop a day of delivery log while webhooks arrive at args.rate/s."""
+    bodies = templates()
+    old = (datetime.now(UTC) - timedelta(days=40)).date()
+    with db.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE store_partitions.deliveries_{old:%Y%m%d} PARTITION OF deliveries "
+                     f"FOR VALUES FROM ('{old} 00:00+00') TO ('{old + timedelta(days=1)} 00:00+00')")
+        conn.execute("""
+            INSERT INTO deliveries (received_at, position, webhook_id, headers, body)
+            SELECT %s::timestamptz + i * interval '1 ms', i, 'msg_' || i,
+                   '{"webhook-id": "x", "content-type": "application/json"}',
+                   (ARRAY[%s::jsonb, %s::jsonb, %s::jsonb])[1 + i %% 3] || jsonb_build_object('id', 'p' || i)
+            FROM generate_series(1, %s) i""",
+                     (datetime(old.year, old.month, old.day, tzinfo=UTC), Jsonb(bodies["processing"]),
+                      Jsonb(bodies["more_logs"]), Jsonb(bodies["succeeded"]), args.log_rows))
+        row = conn.execute("SELECT sum(bytes)::float AS b FROM delivery_partitions "
+                           "WHERE day = %s", (old,)).fetchone()
+        per_delivery = row["b"] / args.log_rows
+        job = str(uuid.uuid4())
+        conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', '{}')", (f"created:{job}", job))
+
+    latencies, failures, stop = [], [], threading.Event()
+
+    def flow() -> None:
+        run = uuid.uuid4().hex[:8]
+        with db.connect(url, autocommit=True) as conn:
+            i, started = 0, time.perf_counter()
+            while not stop.is_set():
+                due = started + i / args.rate
+                time.sleep(max(0.0, due - time.perf_counter()))
+                t0 = time.perf_counter()
+                try:
+                    body = dict(bodies["processing"], id=f"q{run}{i % 50}")
+                    conn.execute("SELECT * FROM append_webhook(%s, %s, %s, '{}')",
+                                 (f"msg_{run}_{i}", job, Jsonb(body)))
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                except Exception as exc:  # counted: a lost webhook
+                    failures.append(repr(exc))
+                i += 1
+
+    threads = [threading.Thread(target=flow)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    with db.connect(url, autocommit=True) as conn:
+        t0 = time.perf_counter()
+        dropped = store.prune(conn, 30)
+        drop_ms = (time.perf_counter() - t0) * 1000
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {"dropped": [p.partition for p in dropped], "freed": sum(p.bytes for p in dropped),
+            "drop_ms": drop_ms, "max_ms": max(latencies),
+            "p99_ms": sorted(latencies)[int(0.99 * len(latencies))],
+            "sent": len(latencies) + len(failures), "lost": len(failures), "per_delivery": per_delivery}
+
+
+def main() -> None:
+    args = parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with server(args.database_url) as (server_url, where):
+        print(f"server: {where}, PostgreSQL {server_version(server_url)}; sizes {sizes}", flush=True)
+        results = {}
+        for size in sizes:
+            with scratch_database(server_url, f"bench_scale_{size}") as url:
+                results[size] = measure(url, size, True, args)
+                if size == sizes[0]:
+                    kept = retention(url, args)
+        with tempfile.TemporaryDirectory() as tmp:
+            old_sql = baseline_sql(args.baseline_commit, Path(tmp))
+            name = f"bench_scale_today_{sizes[0]}"
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                admin.execute(f'CREATE DATABASE "{name}"')
+            url = with_database(server_url, name)
+            try:
+                with db.connect(url, autocommit=True) as conn:
+                    migrations.migrate(conn, old_sql)
+                today = measure(url, sizes[0], False, args)
+            finally:
+                with psycopg.connect(server_url, autocommit=True) as admin:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    report(args, sizes, results, today, kept)
+
+
+def report(args: argparse.Namespace, sizes: list[int], results: dict, today: dict, kept: dict) -> None:
+    lo, hi = sizes[0], sizes[-1]
+    small, large = results[lo], results[hi]
+    print("\nfigures (goal in brackets):")
+    print(f"  append at {hi:,} vs {lo:,}: {large['append']:,.0f} / {small['append']:,.0f} ev/s "
+          f"= {large['append'] / small['append']:.2f}x [>= 0.9x]")
+    print(f"  append partitioned vs today's unpartitioned at {lo:,}: {small['append']:,.0f} / "
+          f"{today['append']:,.0f} ev/s = {small['append'] / today['append']:.2f}x [>= 0.9x]")
+    print(f"  one job's events p99 at {hi:,} vs {lo:,}: {large['p99']:.1f} / {small['p99']:.1f} ms "
+          f"= {large['p99'] / small['p99']:.2f}x [<= 1.5x] (p50 {large['p50']:.1f} / {small['p50']:.1f} ms)")
+    if not args.no_replay:
+        print(f"  full replay at {hi:,} vs {lo:,}: {large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
+              f"= {large['replay'] / small['replay']:.2f}x [>= 1x] "
+              f"(today's at {lo:,}: {today['replay']:,.0f} ev/s)")
+    print(f"  dropping a day of delivery log ({args.log_rows:,} bodies, {kept['freed'] / 2**20:,.0f} MB) "
+          f"at {args.rate}/s: drop {kept['drop_ms']:.0f} ms, slowest append {kept['max_ms']:.0f} ms "
+          f"(p99 {kept['p99_ms']:.0f} ms) [<= 250 ms], {kept['lost']} lost of {kept['sent']:,} [0]")
+    events_b, log_b, whole_b = small["bytes"], kept["per_delivery"], today["bytes"]
+    per_day = args.images_per_day * WEBHOOKS_PER_IMAGE
+    month = per_day * 30.4
+    print(f"  bytes per event: today's store {whole_b:,.0f} B (whole bodies); now {events_b + log_b:,.0f} B "
+          f"while the delivery log keeps it ({events_b:,.0f} event + {log_b:,.0f} delivery), "
+          f"{events_b:,.0f} B after retention")
+    print(f"  {args.images_per_day:,} images/day = {per_day:,.0f} webhooks/day: "
+          f"{(month * events_b + per_day * 30 * log_b) / 1e9:,.1f} GB after the first month "
+          f"(30 days of log), then +{month * events_b / 1e9:,.1f} GB a month "
+          f"(today's store: +{month * whole_b / 1e9:,.1f} GB a month)")
+
+
+if __name__ == "__main__":
+    main()

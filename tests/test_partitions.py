@@ -1,0 +1,147 @@
+"""events range-partitioned by position (migration 017): keys unique forever through
+event_keys, partitions kept ahead of the appends, and an append past the last partition."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from service import replay, store
+from service.db import queries
+from tests.conftest import new_job_id
+from tests.test_migrations import rows
+from tests.workload import LIFECYCLE, bodies, create_job, submit, webhook
+
+SIZE = 1_000_000
+
+
+def partitions(conn) -> list[dict]:
+    return conn.execute("SELECT * FROM event_partitions").fetchall()
+
+
+def jump_to(conn, position: int) -> None:
+    """The next append takes this position, as if the store held that many events."""
+    conn.execute("SELECT setval('events_position_seq', %s, false)", (position,))
+
+
+def where(conn, position: int) -> str:
+    return conn.execute("SELECT tableoid::regclass::text AS p FROM events WHERE position = %s",
+                        (position,)).fetchone()["p"]
+
+
+def test_a_fresh_store_has_partitions_ahead_and_a_default(conn):
+    names = [p["partition"] for p in partitions(conn)]
+    assert names == ["store_partitions.events_000000", "store_partitions.events_000001",
+                     "store_partitions.events_000002", "store_partitions.events_default"]
+    assert [(p["from_position"], p["to_position"]) for p in partitions(conn)][:3] == [
+        (0, SIZE), (SIZE, 2 * SIZE), (2 * SIZE, 3 * SIZE)]
+    assert store.maintain_partitions(conn) == []  # nothing to do: two partitions ahead already
+
+
+def test_a_duplicate_whose_first_copy_sits_in_an_old_partition_is_still_a_duplicate(conn):
+    job = new_job_id()
+    create_job(conn, job)
+    states = bodies(LIFECYCLE, "p1")
+    submit(conn, job, states[0])
+    first = webhook(conn, job, states[1], key="msg_old")
+    assert where(conn, first.position) == "store_partitions.events_000000"
+    jump_to(conn, 2 * SIZE + 10)
+    assert store.maintain_partitions(conn) == ["store_partitions.events_000003",
+                                               "store_partitions.events_000004"]
+    later = webhook(conn, job, states[2], key="msg_new")
+    assert where(conn, later.position) == "store_partitions.events_000002"
+    before = rows(conn)
+    again = webhook(conn, job, dict(states[1], status="succeeded"), key="msg_old")
+    assert (again.position, again.duplicate) == (first.position, True)
+    assert rows(conn) == before  # recorded once, changed nothing
+    assert conn.execute("SELECT count(*) AS n FROM events WHERE event_key = 'msg_old'").fetchone()["n"] == 1
+    # and through the group commit, alone or beside a new webhook
+    group = conn.execute("SELECT * FROM append_webhooks(%s::jsonb)", (psycopg.types.json.Jsonb([
+        {"webhook_id": "msg_old", "job": job, "body": states[1], "metadata": {}},
+        {"webhook_id": "msg_newer", "job": job, "body": states[3], "metadata": {}}]),)).fetchall()
+    assert [(r["n"], r["duplicate"]) for r in group] == [(1, True), (2, False)]
+    assert group[0]["event_position"] == first.position
+
+
+def test_an_append_past_the_last_partition_succeeds_and_maintenance_moves_it(conn, client):
+    job = new_job_id()
+    create_job(conn, job)
+    states = bodies(LIFECYCLE, "p1")
+    submit(conn, job, states[0])
+    jump_to(conn, 7 * SIZE + 5)  # far past events_000002, and maintenance has not run
+    late = [webhook(conn, job, body, key=f"late_{n}") for n, body in enumerate(states[1:])]
+    assert {where(conn, a.position) for a in late} == {"store_partitions.events_default"}
+    before = rows(conn)
+    listed = client.get(f"/api/jobs/{job}/events").get_json()["events"]
+    assert [e["position"] for e in listed][-len(late):] == [a.position for a in late]
+    assert replay.replay(conn, check=True).differences == 0
+
+    created = store.maintain_partitions(conn)
+    assert created == [f"store_partitions.events_{n:06d}" for n in range(3, 10)]
+    assert {where(conn, a.position) for a in late} == {"store_partitions.events_000007"}
+    assert conn.execute("SELECT count(*) AS n FROM store_partitions.events_default").fetchone()["n"] == 0
+    assert rows(conn) == before  # every event and every projection row as they were
+    assert client.get(f"/api/jobs/{job}/events").get_json()["events"] == listed
+    # the next append goes to a partition of its own, and the key table still refuses repeats
+    after = webhook(conn, job, states[-1], key="after")
+    assert where(conn, after.position) == "store_partitions.events_000007"
+    assert webhook(conn, job, states[1], key="late_0").duplicate
+
+
+def test_a_replay_reads_every_partition_in_order(conn):
+    for n in range(3):  # a job in each of three partitions, the last one's webhooks in a fourth
+        jump_to(conn, n * SIZE + 1)
+        job = new_job_id()
+        create_job(conn, job)
+        states = bodies(LIFECYCLE, f"pred{n}")
+        submit(conn, job, states[0])
+        if n == 2:
+            jump_to(conn, 3 * SIZE + 1)
+            store.maintain_partitions(conn)
+        for k, body in enumerate(states[1:]):
+            webhook(conn, job, body, key=f"msg_{n}_{k}")
+    held = conn.execute("SELECT DISTINCT tableoid::regclass::text AS p FROM events ORDER BY 1").fetchall()
+    assert [r["p"] for r in held] == [f"store_partitions.events_{n:06d}" for n in range(4)]
+    before = rows(conn)
+    assert replay.replay(conn, check=True).differences == 0
+    conn.execute("TRUNCATE jobs, predictions, outputs, job_activity")
+    result = replay.replay(conn)
+    assert result.events == len(before["events"]) and len(before["jobs"]) == 3
+    assert rows(conn) == before
+
+
+def test_one_jobs_events_are_read_from_its_partitions_only(conn):
+    old = new_job_id()
+    create_job(conn, old)
+    jump_to(conn, 2 * SIZE + 1)
+    job = new_job_id()
+    create_job(conn, job)
+    plan = conn.execute("EXPLAIN (ANALYZE, COSTS OFF, FORMAT JSON) " + queries["job_events"].replace(
+        "%(stream)s", "'" + job + "'")).fetchone()["QUERY PLAN"]
+    text = str(plan)
+    assert "events_000002" in text
+    assert "events_000000" not in text and "events_000001" not in text
+
+
+@pytest.mark.parametrize("statement", ["UPDATE event_keys SET position = 0", "DELETE FROM event_keys",
+                                       "TRUNCATE event_keys"])
+def test_the_keys_are_as_immutable_as_the_events(conn, statement):
+    create_job(conn, new_job_id())
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        conn.execute(statement)
+
+
+def test_a_partition_refuses_updates_too(conn):
+    create_job(conn, new_job_id())
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        conn.execute("UPDATE store_partitions.events_000000 SET type = 'job.canceled'")
+
+
+def test_maintenance_gives_way_to_a_long_reader_instead_of_holding_appends_behind_it(conn, db_url):
+    jump_to(conn, 2 * SIZE + 1)  # the next partition is due
+    create_job(conn, new_job_id())
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM events")  # a report, its transaction still open
+        assert store.maintain_partitions(conn) == []  # gave up after the lock timeout
+    assert store.maintain_partitions(conn) == ["store_partitions.events_000003",
+                                               "store_partitions.events_000004"]
