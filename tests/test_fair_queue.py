@@ -196,7 +196,11 @@ def test_a_second_owners_two_predictions_are_created_within_the_first_creates_af
         assert stack.wait(a, {"completed"}, 90)["progress"]["succeeded"] == 50
     after = submissions_after(conn, b)
     last_of_b = max(i for i, stream in enumerate(after) if stream == b) + 1
-    assert after.count(b) == 2 and last_of_b <= 4, after[:8]
+    # Bob, Alice, Bob after at most one create of Alice's already in flight: 4. One more of
+    # Alice's can come first only when the worker claimed it while Bob's create was still
+    # committing (his tasks not yet visible), which a loaded machine makes likelier. The claim
+    # order itself is asserted exactly by the claim tests above.
+    assert after.count(b) == 2 and last_of_b <= 5, after[:8]
     assert submitted(conn, a) == 50
 
 
