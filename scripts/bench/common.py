@@ -73,15 +73,16 @@ def server(database_url: str | None) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def scratch_database(server_url: str, name: str) -> Iterator[str]:
-    """A new migrated database, dropped afterwards whatever happens."""
+def scratch_database(server_url: str, name: str, sql_dir: Path | None = None) -> Iterator[str]:
+    """A new database migrated by sql_dir (default: this checkout's sql/), dropped afterwards
+    whatever happens."""
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
     url = with_database(server_url, name)
     try:
         with db.connect(url, autocommit=True) as conn:
-            migrations.migrate(conn)
+            migrations.migrate(conn, sql_dir or migrations.SQL_DIR)
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:

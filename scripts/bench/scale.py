@@ -35,7 +35,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 from common import (
     PROMPTS,
     ROOT,
@@ -44,11 +43,10 @@ from common import (
     server,
     server_version,
     templates,
-    with_database,
 )
 from psycopg.types.json import Jsonb
 
-from service import create_app, db, migrations, store
+from service import create_app, db, store
 from service.replay import replay
 
 GENERATE_SQL = (Path(__file__).with_name("generate_events.sql")).read_text()
@@ -252,18 +250,8 @@ def main() -> None:
                     kept = retention(url, args)
         with tempfile.TemporaryDirectory() as tmp:
             old_sql = baseline_sql(args.baseline_commit, Path(tmp))
-            name = f"bench_scale_today_{sizes[0]}"
-            with psycopg.connect(server_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                admin.execute(f'CREATE DATABASE "{name}"')
-            url = with_database(server_url, name)
-            try:
-                with db.connect(url, autocommit=True) as conn:
-                    migrations.migrate(conn, old_sql)
+            with scratch_database(server_url, f"bench_scale_today_{sizes[0]}", old_sql) as url:
                 today = measure(url, sizes[0], False, args)
-            finally:
-                with psycopg.connect(server_url, autocommit=True) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     report(args, sizes, results, today, kept)
 
 

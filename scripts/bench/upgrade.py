@@ -20,14 +20,16 @@ import time
 from pathlib import Path
 
 import psycopg
-from common import add_database_url, server, server_version, templates, with_database
+from common import add_database_url, scratch_database, server, server_version, templates
 from psycopg.types.json import Jsonb
 from scale import baseline_sql, full_replay, generate
 
 from service import db, migrations
 
-# every row of a table, as text, in order; the webhook sent during the upgrade left out
-CHECKSUM = ("SELECT count(*) AS n, md5(string_agg(md5(t::text), '' ORDER BY {order})) AS sum "
+# every row of a table, as JSON, in order, without the columns migrations since add (021:
+# jobs.deadline, predictions.superseded); the webhook sent during the upgrade left out
+CHECKSUM = ("SELECT count(*) AS n, md5(string_agg("
+            "md5((to_jsonb(t) - '{{deadline,superseded}}'::text[])::text), '' ORDER BY {order})) AS sum "
             "FROM {table} t WHERE to_jsonb(t) ->> 'event_key' IS DISTINCT FROM 'msg_during_upgrade'")
 TABLES = {"events": "position", "jobs": "id", "predictions": "id", "outputs": "prediction_id, index",
           "job_activity": "job_id"}
@@ -45,14 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     with server(args.database_url) as (server_url, where), tempfile.TemporaryDirectory() as tmp:
         print(f"server: {where}, PostgreSQL {server_version(server_url)}", flush=True)
-        name = "bench_upgrade"
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            admin.execute(f'CREATE DATABASE "{name}"')
-        url = with_database(server_url, name)
-        try:
-            with db.connect(url, autocommit=True) as conn:
-                migrations.migrate(conn, baseline_sql(args.baseline_commit, Path(tmp)))
+        old_sql = baseline_sql(args.baseline_commit, Path(tmp))
+        with scratch_database(server_url, "bench_upgrade", old_sql) as url:
             generate(url, args.events, partitioned=False)
             full_replay(url)
             with db.connect(url, autocommit=True) as conn:
@@ -95,9 +91,6 @@ def main() -> None:
                   f"jobs, outputs, job_activity unchanged: "
                   f"{all(before[t] == after[t] for t in ('jobs', 'outputs', 'job_activity'))}; "
                   f"keys matching their event: {keys['n']:,} of {after['events']['n'] + 1:,}")
-        finally:
-            with psycopg.connect(server_url, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":
