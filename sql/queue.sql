@@ -22,9 +22,14 @@ CREATE OR REPLACE TRIGGER tasks_notify_insert AFTER INSERT ON tasks
 
 -- The owner a job's tasks are queued under: its owner_id, or the nil uuid for a job with
 -- none (one more owner). See migration 020.
+-- PL/pgSQL: a SQL function with a subquery is not inlined, and its body was planned again
+-- at every call (twice a finished prediction); this one's plan is made once a session.
 CREATE OR REPLACE FUNCTION task_owner_key(p_job_id uuid) RETURNS uuid
-LANGUAGE sql STABLE
-RETURN coalesce((SELECT owner_id FROM jobs WHERE id = p_job_id), '00000000-0000-0000-0000-000000000000'::uuid);
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN coalesce((SELECT owner_id FROM jobs WHERE id = p_job_id),
+                    '00000000-0000-0000-0000-000000000000'::uuid);
+END $$;
 
 -- Enqueue once per task_key; returns the task id, new or existing. fair_rank is the task's
 -- place in virtual time, in steps of 2: two after its owner's last task of its kind that is

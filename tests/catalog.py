@@ -91,6 +91,8 @@ CHANGED_SINCE_LEGACY = {
     # issue 19 (migration 018): a webhook's event keeps its facts, the delivery log its body
     # (sql/store.sql); the fold reads the logs' whole length where the event kept only their tail
     "webhook_facts", "append_webhooks", "maintain_delivery_partitions", "prune_deliveries",
+    # issue 19 (append speed): PL/pgSQL where a SQL function's body was planned at every call
+    "append_webhook",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same
@@ -105,6 +107,9 @@ SHAPE_CHANGED_SINCE_LEGACY = (
     r"^job_history\.(deadline|retries|owner_id) ", r"^job_stream_stats\.retried_at ",
     r"^(owner_compute|model_compute)\b", r"^cancel_after_seconds\(",
     r"^is_known_event_type\(", r"^is_event_type\(",
+    # issue 19 (append speed, 023_held_tasks_index.sql and sql/fold.sql): the held
+    # submissions' own index; the deadline probe out of job_derived_values' inlined body
+    r"\btasks_held_running\b", r"^job_stopped_by_deadline\(",
 )
 
 # issue 19 (migration 017): events is rebuilt as a partitioned table, and its keys are unique
