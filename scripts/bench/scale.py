@@ -13,12 +13,15 @@ keeps, the keys go to event_keys, partitions are made ahead), then measured in t
   real pool): p50 and p99 over jobs picked at random;
 * bytes on disk per event (events with its partitions and indexes, event_keys).
 
-The baseline, in the same run: today's unpartitioned store (the SQL of --baseline-commit,
-taken from git) at the first size, measured the same way, and its bytes per event with whole
-bodies. Then, on a partitioned store of the first size: a day of delivery log (whole bodies;
---log-rows of them) is dropped by prune while webhooks are appended at --rate per second:
-the slowest append (the acknowledgement waits for its commit) and how many failed; and the
-delivery log's bytes per webhook, for the disk a user making --images-per-day needs per month.
+The baselines, in the same run: the unpartitioned store (the SQL of each --baseline-commits
+commit, taken from git) at the first size, measured the same way, and its bytes per event
+with whole bodies. The default two: 6504d9f, the store as issue 19 found it, and be99c1a,
+the last commit before issue 19's merge (issue 20's fold work in, unpartitioned), which
+tells the store's own cost apart from the fold's. Then, on a partitioned store of the first
+size: a day of delivery log (whole bodies; --log-rows of them) is dropped by prune while
+webhooks are appended at --rate per second: the slowest append (the acknowledgement waits
+for its commit) and how many failed; and the delivery log's bytes per webhook, for the disk
+a user making --images-per-day needs per month.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=int, default=300, help="webhooks/s while a day is dropped")
     parser.add_argument("--log-rows", type=int, default=100_000, help="deliveries in the dropped day")
     parser.add_argument("--images-per-day", type=int, default=100_000)
-    parser.add_argument("--baseline-commit", default="6504d9f", help="today's SQL, from git")
+    parser.add_argument("--baseline-commits", default="6504d9f,be99c1a",
+                        help="the unpartitioned stores' SQL, from git, comma-separated")
     parser.add_argument("--no-replay", action="store_true", help="skip the full replay")
     add_database_url(parser)
     return parser.parse_args()
@@ -248,27 +252,33 @@ def main() -> None:
                 results[size] = measure(url, size, True, args)
                 if size == sizes[0]:
                     kept = retention(url, args)
-        with tempfile.TemporaryDirectory() as tmp:
-            old_sql = baseline_sql(args.baseline_commit, Path(tmp))
-            with scratch_database(server_url, f"bench_scale_today_{sizes[0]}", old_sql) as url:
-                today = measure(url, sizes[0], False, args)
-    report(args, sizes, results, today, kept)
+        todays = {}
+        for commit in args.baseline_commits.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                old_sql = baseline_sql(commit, Path(tmp))
+                print(f"  baseline {commit}:", flush=True)
+                with scratch_database(server_url, f"bench_scale_today_{sizes[0]}", old_sql) as url:
+                    todays[commit] = measure(url, sizes[0], False, args)
+    report(args, sizes, results, todays, kept)
 
 
-def report(args: argparse.Namespace, sizes: list[int], results: dict, today: dict, kept: dict) -> None:
+def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: dict, kept: dict) -> None:
     lo, hi = sizes[0], sizes[-1]
     small, large = results[lo], results[hi]
+    today = next(iter(todays.values()))  # the first baseline: the store as the issue found it
     print("\nfigures (goal in brackets):")
     print(f"  append at {hi:,} vs {lo:,}: {large['append']:,.0f} / {small['append']:,.0f} ev/s "
           f"= {large['append'] / small['append']:.2f}x [>= 0.9x]")
-    print(f"  append partitioned vs today's unpartitioned at {lo:,}: {small['append']:,.0f} / "
-          f"{today['append']:,.0f} ev/s = {small['append'] / today['append']:.2f}x [>= 0.9x]")
+    for commit, base in todays.items():
+        print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
+              f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x]")
     print(f"  one job's events p99 at {hi:,} vs {lo:,}: {large['p99']:.1f} / {small['p99']:.1f} ms "
           f"= {large['p99'] / small['p99']:.2f}x [<= 1.5x] (p50 {large['p50']:.1f} / {small['p50']:.1f} ms)")
     if not args.no_replay:
         print(f"  full replay at {hi:,} vs {lo:,}: {large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
               f"= {large['replay'] / small['replay']:.2f}x [>= 1x] "
-              f"(today's at {lo:,}: {today['replay']:,.0f} ev/s)")
+              f"(unpartitioned at {lo:,}: "
+              + ", ".join(f"{c} {b['replay']:,.0f}" for c, b in todays.items()) + " ev/s)")
     print(f"  dropping a day of delivery log ({args.log_rows:,} bodies, {kept['freed'] / 2**20:,.0f} MB) "
           f"at {args.rate}/s: drop {kept['drop_ms']:.0f} ms, slowest append {kept['max_ms']:.0f} ms "
           f"(p99 {kept['p99_ms']:.0f} ms) [<= 250 ms], {kept['lost']} lost of {kept['sent']:,} [0]")
