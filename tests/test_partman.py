@@ -297,3 +297,35 @@ def test_on_a_supabase_like_project_the_owner_hands_over_and_anon_reaches_no_par
             "OR has_table_privilege('authenticated', c.oid, 'TRUNCATE') "
             "OR has_table_privilege('service_role', c.oid, 'DELETE') OR NOT c.relrowsecurity)").fetchall()
         assert granted == []
+
+
+def test_the_setting_reaches_migrate_through_the_command(conn, db_url):
+    from tests.test_cli import cli_env, flask
+
+    def migrate(mode: str):
+        return flask("migrate", env=cli_env(DATABASE_URL=db_url, EVENT_PARTITIONS=mode))
+
+    kept = migrate("builtin")
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.splitlines() == ["database is up to date",
+                                        "events' partitions: kept by the built-in upkeep"]
+    if has_partman(conn):
+        assert migrate("auto").stdout.splitlines()[1] == "events' partitions: kept by pg_partman"
+        assert migrations.event_partitions_keeper(conn) == "pg_partman"
+    else:
+        refused = migrate("partman")
+        assert refused.returncode != 0 and "EVENT_PARTITIONS=partman, but this server has no " \
+                                           "pg_partman" in refused.stderr
+        assert migrate("auto").stdout.splitlines()[1] == "events' partitions: kept by the built-in upkeep"
+    bad = migrate("sometimes")
+    assert bad.returncode == 2 and "EVENT_PARTITIONS must be auto, partman or builtin" in bad.stderr
+
+
+def test_the_setting_is_one_of_three():
+    from service.config import Settings
+    from service.errors import ConfigError
+
+    assert Settings.from_env({}).EVENT_PARTITIONS == "auto"
+    assert Settings.from_env({"EVENT_PARTITIONS": " Builtin "}).EVENT_PARTITIONS == "builtin"
+    with pytest.raises(ConfigError, match="EVENT_PARTITIONS must be auto, partman or builtin"):
+        Settings.from_env({"EVENT_PARTITIONS": "pg_partman"})
