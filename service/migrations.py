@@ -148,6 +148,10 @@ def _keep_event_partitions(conn: psycopg.Connection, mode: str) -> None:
     except (psycopg.errors.FeatureNotSupported, psycopg.errors.InvalidParameterValue) as exc:
         raise MigrationError(f"{exc.diag.message_primary}"
                              + (f"; {exc.diag.message_hint}" if exc.diag.message_hint else "")) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:  # partman: auto falls back by itself
+        raise MigrationError(f"EVENT_PARTITIONS={mode}: this role may not install or use pg_partman "
+                             f"here ({exc.diag.message_primary}); have an administrator create the "
+                             "extension, or set EVENT_PARTITIONS=auto or builtin") from exc
     if keeper != before:
         logger.info("events' partitions handed from %s to %s", before, keeper,
                     extra={"action": "event_partitions", "keeper": keeper, "was": before})

@@ -329,3 +329,25 @@ def test_the_setting_is_one_of_three():
     assert Settings.from_env({"EVENT_PARTITIONS": " Builtin "}).EVENT_PARTITIONS == "builtin"
     with pytest.raises(ConfigError, match="EVENT_PARTITIONS must be auto, partman or builtin"):
         Settings.from_env({"EVENT_PARTITIONS": "pg_partman"})
+
+
+def test_a_role_that_may_not_create_pg_partman_keeps_the_own_upkeep_with_auto(supabase_url):
+    """On a plain PostgreSQL only a superuser may create pg_partman 4.x: the project's owner,
+    not one, migrating with auto keeps the built-in upkeep (all of the hand-over undone), and
+    with partman is told why it cannot."""
+    from tests.supabase import OWNER
+
+    with db.connect(supabase_url, autocommit=True) as admin:
+        if not os.environ.get("DATABASE_URL") or not has_partman(admin):
+            pytest.skip("needs pg_partman on the server (DATABASE_URL, scripts/setup_pg_tools.sh)")
+        admin.execute(f"ALTER DATABASE {supabase_url.rsplit('/', 1)[1]} OWNER TO {OWNER}")
+    with db.connect(supabase_url, autocommit=True) as conn:
+        conn.execute(f"SET ROLE {OWNER}")
+        before = rows(conn), partitions(conn)
+        with pytest.raises(migrations.MigrationError, match="may not install or use pg_partman"):
+            migrations.migrate(conn, event_partitions="partman")
+        migrations.migrate(conn, event_partitions="auto")
+        assert migrations.event_partitions_keeper(conn) == "builtin"
+        assert conn.execute("SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'partman'"
+                            ).fetchone()["n"] == 0
+        assert (rows(conn), partitions(conn)) == before
