@@ -142,16 +142,32 @@ def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR, *,
 
 
 def _keep_event_partitions(conn: psycopg.Connection, mode: str) -> None:
+    """manage_event_partitions(mode); its warnings (auto keeping the built-in upkeep because
+    the hand-over to pg_partman failed, and why) are logged here, its errors are one line."""
     before = event_partitions_keeper(conn)
+    warnings: list[str] = []
+
+    def note(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+            warnings.append(diag.message_primary)
+
+    conn.add_notice_handler(note)
     try:
         keeper = conn.execute("SELECT manage_event_partitions(%s) AS keeper", (mode,)).fetchone()["keeper"]
     except (psycopg.errors.FeatureNotSupported, psycopg.errors.InvalidParameterValue) as exc:
         raise MigrationError(f"{exc.diag.message_primary}"
                              + (f"; {exc.diag.message_hint}" if exc.diag.message_hint else "")) from exc
-    except psycopg.errors.InsufficientPrivilege as exc:  # partman: auto falls back by itself
+    except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(f"EVENT_PARTITIONS={mode}: this role may not install or use pg_partman "
                              f"here ({exc.diag.message_primary}); have an administrator create the "
                              "extension, or set EVENT_PARTITIONS=auto or builtin") from exc
+    except psycopg.errors.DatabaseError as exc:  # pg_partman's own errors come as raise_exception
+        raise MigrationError(f"EVENT_PARTITIONS={mode}: events' partitions could not be handed to "
+                             f"pg_partman: {(exc.diag.message_primary or str(exc)).splitlines()[0]}") from exc
+    finally:
+        conn.remove_notice_handler(note)
+    for warning in warnings:
+        logger.warning("%s", warning, extra={"action": "event_partitions", "keeper": keeper})
     if keeper != before:
         logger.info("events' partitions handed from %s to %s", before, keeper,
                     extra={"action": "event_partitions", "keeper": keeper, "was": before})

@@ -390,13 +390,15 @@ BEGIN
         PERFORM event_partitions_to_partman();
         RETURN 'pg_partman';
     END IF;
-    -- auto: a role that may not install or use pg_partman here (a plain PostgreSQL whose
-    -- pg_partman only a superuser may create) keeps the loop; the hand-over is all or nothing
+    -- auto: where the hand-over fails (a role that may not install or use pg_partman here,
+    -- as on a plain PostgreSQL, where only a superuser may create it; pg_partman's own
+    -- errors, which it raises again as plain exceptions) events keeps the loop, with a
+    -- warning saying why. The hand-over is all or nothing: none of it is left.
     BEGIN
         PERFORM event_partitions_to_partman();
-    EXCEPTION WHEN insufficient_privilege THEN
-        RAISE WARNING 'pg_partman is available but could not be used (%): events keeps the built-in '
-                      'partition upkeep', SQLERRM;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_partman is available but events could not be handed to it (%: %); '
+                      'events keeps the built-in partition upkeep', SQLSTATE, split_part(SQLERRM, E'\n', 1);
         RETURN 'builtin';
     END;
     RETURN 'pg_partman';

@@ -331,7 +331,7 @@ def test_the_setting_is_one_of_three():
         Settings.from_env({"EVENT_PARTITIONS": "pg_partman"})
 
 
-def test_a_role_that_may_not_create_pg_partman_keeps_the_own_upkeep_with_auto(supabase_url):
+def test_a_role_that_may_not_create_pg_partman_keeps_the_own_upkeep_with_auto(supabase_url, caplog):
     """On a plain PostgreSQL only a superuser may create pg_partman 4.x: the project's owner,
     not one, migrating with auto keeps the built-in upkeep (all of the hand-over undone), and
     with partman is told why it cannot."""
@@ -348,6 +348,9 @@ def test_a_role_that_may_not_create_pg_partman_keeps_the_own_upkeep_with_auto(su
             migrations.migrate(conn, event_partitions="partman")
         migrations.migrate(conn, event_partitions="auto")
         assert migrations.event_partitions_keeper(conn) == "builtin"
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("could not be handed to it (42501: permission denied to create extension" in m
+                   for m in said), said
         assert conn.execute("SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'partman'"
                             ).fetchone()["n"] == 0
         assert (rows(conn), partitions(conn)) == before

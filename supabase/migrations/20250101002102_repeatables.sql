@@ -410,13 +410,15 @@ BEGIN
         PERFORM event_partitions_to_partman();
         RETURN 'pg_partman';
     END IF;
-    -- auto: a role that may not install or use pg_partman here (a plain PostgreSQL whose
-    -- pg_partman only a superuser may create) keeps the loop; the hand-over is all or nothing
+    -- auto: where the hand-over fails (a role that may not install or use pg_partman here,
+    -- as on a plain PostgreSQL, where only a superuser may create it; pg_partman's own
+    -- errors, which it raises again as plain exceptions) events keeps the loop, with a
+    -- warning saying why. The hand-over is all or nothing: none of it is left.
     BEGIN
         PERFORM event_partitions_to_partman();
-    EXCEPTION WHEN insufficient_privilege THEN
-        RAISE WARNING 'pg_partman is available but could not be used (%): events keeps the built-in '
-                      'partition upkeep', SQLERRM;
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_partman is available but events could not be handed to it (%: %); '
+                      'events keeps the built-in partition upkeep', SQLSTATE, split_part(SQLERRM, E'\n', 1);
         RETURN 'builtin';
     END;
     RETURN 'pg_partman';
@@ -2496,7 +2498,7 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '67171d29ad50b2fd7202a9f6b399876e33d830bd3fc76e46128ef5a887584d08')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '257ff08d3eadc5462c92ff5b32ca59e8eaa4485c0ebf7e8db867eb2cd466f79e')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '0dff3cd2a4df96e8a2785e2496b7999bde06e3a414027026adc5c6087fa35438')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
