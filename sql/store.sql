@@ -206,9 +206,14 @@ END $$;
 -- default partition caught move out as in the loop (pg_partman's own partition_data_id
 -- would DELETE them from the default partition, which events' triggers refuse, and
 -- pg_partman cannot attach a partition whose range the default holds rows of); the
--- partitions they and the next appends need are made by pg_partman (create_partition_id),
--- then its run_maintenance for events does the rest it is configured for (premake).
--- Called by maintain_event_partitions, which holds the maintainers' lock.
+-- partitions they and the next appends need, up to pg_partman's premake (or p_ahead, if
+-- more) past the newest position handed out, are made by pg_partman (create_partition_id);
+-- then its run_maintenance for events, which so finds its premake met and makes nothing
+-- (it would drop partitions if someone set a retention for events in part_config: never
+-- do; events are kept forever). The locks creating partitions needs are taken here first,
+-- so a lock timeout (service/store.py) ends this as such: pg_partman raises every error
+-- of its own again as a plain exception. Called by maintain_event_partitions, which holds
+-- the maintainers' lock.
 CREATE OR REPLACE FUNCTION maintain_event_partitions_partman(p_ahead integer DEFAULT 2)
 RETURNS SETOF text
 LANGUAGE plpgsql AS $$
@@ -218,6 +223,7 @@ DECLARE
                         WHERE extname = 'pg_partman');
     v_parent text := events_table_name();
     v_size bigint;
+    v_ahead bigint;
     v_before text[] := ARRAY(SELECT partition FROM event_partitions);
     v_newest bigint;
     v_from bigint;
@@ -227,8 +233,8 @@ DECLARE
     v_caught boolean := false;
     v_moved bigint;
 BEGIN
-    EXECUTE format('SELECT partition_interval::bigint FROM %I.part_config WHERE parent_table = %L',
-                   v_schema, v_parent) INTO v_size;
+    EXECUTE format('SELECT partition_interval::bigint, greatest(premake, %s) FROM %I.part_config '
+                   'WHERE parent_table = %L', p_ahead, v_schema, v_parent) INTO v_size, v_ahead;
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
@@ -248,10 +254,16 @@ BEGIN
         EXECUTE format('SELECT greatest(%s, max(position)) FROM %I.events_default_moving', v_newest, v_nsp)
         INTO v_newest;
     END IF;
-    IF v_from <= v_newest + p_ahead * v_size THEN
+    IF v_from <= v_newest + v_ahead * v_size THEN
+        IF NOT v_caught THEN  -- what ATTACH PARTITION takes (the ACCESS EXCLUSIVE above covers it)
+            LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE;
+            IF v_default IS NOT NULL THEN
+                EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', v_nsp, v_name);
+            END IF;
+        END IF;
         EXECUTE format('SELECT %I.create_partition_id(p_parent_table := %L, p_partition_ids := %L::bigint[]%s)',
                        v_schema, v_parent,
-                       ARRAY(SELECT generate_series(v_from, v_newest + p_ahead * v_size, v_size)),
+                       ARRAY(SELECT generate_series(v_from, v_newest + v_ahead * v_size, v_size)),
                        CASE WHEN v_major < 5 THEN ', p_analyze := false' ELSE '' END);
     END IF;
     IF v_caught THEN

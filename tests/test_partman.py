@@ -354,3 +354,14 @@ def test_a_role_that_may_not_create_pg_partman_keeps_the_own_upkeep_with_auto(su
         assert conn.execute("SELECT count(*) AS n FROM pg_namespace WHERE nspname = 'partman'"
                             ).fetchone()["n"] == 0
         assert (rows(conn), partitions(conn)) == before
+
+
+def test_maintenance_gives_way_to_a_long_reader_with_pg_partman_too(partman_conn, db_url):
+    conn = partman_conn
+    hand_over(conn)
+    jump_to(conn, 4 * SIZE + 1)  # the next partitions are due
+    create_job(conn, new_job_id())
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM events")  # a report, its transaction still open
+        assert store.maintain_partitions(conn) == []  # gave up after the lock timeout
+    assert store.maintain_partitions(conn) == [f"events_p{n * SIZE}" for n in range(5, 9)]
