@@ -174,7 +174,7 @@ def main() -> int:
             raise ConfigError(problem)
         url = resolve_database_url(settings.DATABASE_URL, settings.DATA_DIR)
         with connect(url, autocommit=True) as conn:
-            applied = migrations.migrate(conn)
+            applied = migrations.migrate(conn, event_partitions=settings.EVENT_PARTITIONS)
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 # Tools some tests need from Debian, never a reconfiguration of a running server:
 #  * wal2json (postgresql-15-wal2json), the plugin Supabase Realtime decodes the WAL with,
 #    for tests/test_realtime.py on a private PostgreSQL 15 cluster;
+#  * pg_partman (postgresql-15-partman), which the service hands events' partitions to where
+#    the server has it (sql/store.sql, manage_event_partitions), for tests/test_partman.py;
 #  * PgBouncer, a transaction-mode pooler standing in for Supavisor in tests/test_pooler.py.
 #    Only its binary is unpacked into .venv/pgbouncer (apt-get download): installing the
 #    package would also register and, on a systemd machine, start a pgbouncer service.
@@ -23,6 +25,16 @@ elif [[ ! -f "$("$pg_config" --pkglibdir)/wal2json.so" ]]; then
   else
     echo "setup: wal2json is missing and this is not root with apt-get; install postgresql-15-wal2json" \
          "to run the Realtime test (it will skip)" >&2
+  fi
+fi
+
+if [[ -x $pg_config && ! -f "$("$pg_config" --sharedir)/extension/pg_partman.control" ]]; then
+  if can_install; then
+    echo "setup: installing postgresql-15-partman (apt-get)" >&2
+    apt_install postgresql-15-partman || echo "setup: could not install pg_partman; the pg_partman tests will skip" >&2
+  else
+    echo "setup: pg_partman is missing and this is not root with apt-get; install postgresql-15-partman" \
+         "to run the pg_partman tests (they will skip)" >&2
   fi
 fi
 

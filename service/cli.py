@@ -93,10 +93,13 @@ def migrate_command() -> None:
     """Apply the sql/migrations/NNN_*.sql not yet applied, then sql/*.sql if any changed."""
     with _connect(autocommit=True) as conn:
         try:
-            applied = migrations.migrate(conn)
+            applied = migrations.migrate(conn, event_partitions=current_app.config["EVENT_PARTITIONS"])
         except migrations.MigrationError as exc:
             raise click.ClickException(str(exc)) from exc
+        keeper = migrations.event_partitions_keeper(conn)
     click.echo(f"applied {', '.join(applied)}" if applied else "database is up to date")
+    click.echo("events' partitions: kept by pg_partman" if keeper == "pg_partman"
+               else "events' partitions: kept by the built-in upkeep")
 
 
 @click.command("replay")

@@ -143,6 +143,9 @@ class Settings:
     RECONCILE_INTERVAL_SECONDS: int = 60
     # The delivery log (whole webhook bodies) is kept this many days; 0 = forever
     EVENTS_RAW_RETENTION_DAYS: int = 30
+    # Who keeps events' partitions (applied by migrate): auto = pg_partman where the server
+    # has it, else the built-in upkeep; partman = pg_partman, which must be there; builtin
+    EVENT_PARTITIONS: str = "auto"
     WORKER_POLL_SECONDS: int = 5
     WORKER_LEASE_SECONDS: int = 300
     # Per job owner (sql/queue.sql, claim_task), 0 = off: predictions in flight, creates a minute
@@ -193,6 +196,9 @@ class Settings:
         if log_format not in {"json", "text"}:
             raise ConfigError(f"LOG_FORMAT must be json or text, got {log_format!r}")
         pool_max = _int(env, "DB_POOL_MAX", 10, 1, 200)
+        event_partitions = env.get("EVENT_PARTITIONS", "").strip().lower() or "auto"
+        if event_partitions not in {"auto", "partman", "builtin"}:
+            raise ConfigError(f"EVENT_PARTITIONS must be auto, partman or builtin, got {event_partitions!r}")
         return cls(
             DATABASE_URL=url,
             DATA_DIR=env.get("DATA_DIR", "").strip() or str(ROOT / ".data"),
@@ -218,6 +224,7 @@ class Settings:
             RECONCILE_AFTER_SECONDS=_int(env, "RECONCILE_AFTER_SECONDS", 300, 1, 24 * 3600),
             RECONCILE_INTERVAL_SECONDS=_int(env, "RECONCILE_INTERVAL_SECONDS", 60, 1, 24 * 3600),
             EVENTS_RAW_RETENTION_DAYS=_int(env, "EVENTS_RAW_RETENTION_DAYS", 30, 0, 100 * 365),
+            EVENT_PARTITIONS=event_partitions,
             WORKER_POLL_SECONDS=_int(env, "WORKER_POLL_SECONDS", 5, 1, 300),
             WORKER_LEASE_SECONDS=_int(env, "WORKER_LEASE_SECONDS", 300, 3, 24 * 3600),
             OWNER_MAX_RUNNING=_int(env, "OWNER_MAX_RUNNING", 0, 0, 100_000),

@@ -111,9 +111,15 @@ def repeatables(sql_dir: Path = SQL_DIR) -> list[Repeatable]:
     return [Repeatable(sql_dir / name, name) for name in REPEATABLES]
 
 
-def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR, *,
+            event_partitions: str | None = None) -> list[str]:
     """Apply every migration not yet recorded, then the repeatable files if any changed; all
     in one transaction. Returns what was applied now: versions, then repeatable file names.
+
+    event_partitions (the EVENT_PARTITIONS setting: auto, partman or builtin) says who keeps
+    events' partitions, and hands them over, in the same transaction, when that changes
+    (manage_event_partitions in sql/store.sql); checked at every run, so a database that
+    gains pg_partman is handed to it at the next one. None leaves them with their keeper.
 
     Refuses to run when an applied migration has changed since: migrations are never edited
     once applied; write a new one instead.
@@ -130,7 +136,46 @@ def migrate(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
             logger.info("applied migration %s", migration.version,
                         extra={"action": "migrate", "version": migration.version})
         reapplied = _apply_repeatables(conn, files)
+        if event_partitions is not None:
+            _keep_event_partitions(conn, event_partitions)
     return [m.version for m in pending] + reapplied
+
+
+def _keep_event_partitions(conn: psycopg.Connection, mode: str) -> None:
+    """manage_event_partitions(mode); its warnings (auto keeping the built-in upkeep because
+    the hand-over to pg_partman failed, and why) are logged here, its errors are one line."""
+    before = event_partitions_keeper(conn)
+    warnings: list[str] = []
+
+    def note(diag: psycopg.errors.Diagnostic) -> None:
+        if diag.severity_nonlocalized == "WARNING" and diag.message_primary:
+            warnings.append(diag.message_primary)
+
+    conn.add_notice_handler(note)
+    try:
+        keeper = conn.execute("SELECT manage_event_partitions(%s) AS keeper", (mode,)).fetchone()["keeper"]
+    except (psycopg.errors.FeatureNotSupported, psycopg.errors.InvalidParameterValue) as exc:
+        raise MigrationError(f"{exc.diag.message_primary}"
+                             + (f"; {exc.diag.message_hint}" if exc.diag.message_hint else "")) from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationError(f"EVENT_PARTITIONS={mode}: this role may not install or use pg_partman "
+                             f"here ({exc.diag.message_primary}); have an administrator create the "
+                             "extension, or set EVENT_PARTITIONS=auto or builtin") from exc
+    except psycopg.errors.DatabaseError as exc:  # pg_partman's own errors come as raise_exception
+        raise MigrationError(f"EVENT_PARTITIONS={mode}: events' partitions could not be handed to "
+                             f"pg_partman: {(exc.diag.message_primary or str(exc)).splitlines()[0]}") from exc
+    finally:
+        conn.remove_notice_handler(note)
+    for warning in warnings:
+        logger.warning("%s", warning, extra={"action": "event_partitions", "keeper": keeper})
+    if keeper != before:
+        logger.info("events' partitions handed from %s to %s", before, keeper,
+                    extra={"action": "event_partitions", "keeper": keeper, "was": before})
+
+
+def event_partitions_keeper(conn: psycopg.Connection) -> str:
+    """Who keeps events' partitions: 'pg_partman' or 'builtin' (sql/store.sql)."""
+    return conn.execute("SELECT event_partitions_keeper() AS keeper").fetchone()["keeper"]
 
 
 def _apply_repeatables(conn: psycopg.Connection, files: list[Repeatable]) -> list[str]:

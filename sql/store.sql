@@ -122,6 +122,301 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce((SELECT k.position FROM event_keys k WHERE k.event_key = 'created:' || p_stream), 0)
 $$;
 
+-- pg_partman -------------------------------------------------------------------------------
+-- Where the server has pg_partman (pg_available_extensions), it can keep events' partitions
+-- instead of the loop in maintain_event_partitions: `flask --app service migrate` hands them
+-- to it (EVENT_PARTITIONS=auto, the default, or partman; service/migrations.py calls
+-- manage_event_partitions) and hands them back with EVENT_PARTITIONS=builtin. Either way
+-- maintain_event_partitions is what runs the upkeep (the worker, or pg_cron): pg_partman's
+-- own background worker is not needed, and events is registered with automatic maintenance
+-- off, so a run_maintenance() of every partman table (pg_partman's background worker, a
+-- pg_cron job of another of the project's tables) leaves events alone.
+--
+-- pg_partman names a partition <table>_p<first position> (events_p3000000) and keeps it in
+-- the schema of its parent, public: there, unlike in store_partitions, the Supabase API
+-- could reach it, and a newer Supabase project grants every new table in public to anon.
+-- secure_event_partitions takes every privilege off each partition and turns row-level
+-- security on (with no policy, only the owner reads one directly); every read and append
+-- goes through events, as before. The partitions' positions are the same as the loop's
+-- (event_partition_size() wide, from 0), so handing them over renames and moves them; no
+-- row is copied, and no position or key changes.
+--
+-- pg_partman 4.x (Debian 12's postgresql-15-partman is 4.7) and 5.x (recent Supabase
+-- projects) differ where this calls them: create_parent's p_type ('native' in 4.x, 'range'
+-- in 5.x) and create_partition_id's p_analyze (4.x only). Named arguments cover the rest.
+
+-- The schema pg_partman is installed in, or NULL when it is not installed in this database.
+CREATE OR REPLACE FUNCTION pg_partman_schema() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+    WHERE e.extname = 'pg_partman'
+$$;
+
+-- events as pg_partman names a parent: schema.table, unquoted.
+CREATE OR REPLACE FUNCTION events_table_name() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = 'events'::regclass
+$$;
+
+-- Who keeps events' partitions: 'pg_partman' when pg_partman's part_config lists events,
+-- else 'builtin' (maintain_event_partitions' own loop).
+CREATE OR REPLACE FUNCTION event_partitions_keeper() RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_schema text := pg_partman_schema();
+    v_listed boolean;
+BEGIN
+    IF v_schema IS NULL THEN
+        RETURN 'builtin';
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT FROM %I.part_config WHERE parent_table = %L)',
+                   v_schema, events_table_name()) INTO v_listed;
+    RETURN CASE WHEN v_listed THEN 'pg_partman' ELSE 'builtin' END;
+END $$;
+
+-- Take every privilege off events' partitions outside store_partitions (pg_partman's, in
+-- public) and turn row-level security on for them: they are read and appended through
+-- events only. Quick when there is nothing to do (it reads the catalog).
+CREATE OR REPLACE FUNCTION secure_event_partitions() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT c.oid::regclass AS rel, c.relrowsecurity,
+               ARRAY(SELECT DISTINCT a.grantee FROM aclexplode(c.relacl) a
+                     WHERE a.grantee <> c.relowner) AS grantees
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'events'::regclass
+          AND c.relnamespace <> 'store_partitions'::regnamespace
+    LOOP
+        IF NOT r.relrowsecurity THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', r.rel);
+        END IF;
+        IF cardinality(r.grantees) > 0 THEN
+            EXECUTE format('REVOKE ALL ON %s FROM %s', r.rel,
+                           (SELECT string_agg(CASE WHEN g = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(g)) END, ', ')
+                            FROM unnest(r.grantees) g));
+        END IF;
+    END LOOP;
+END $$;
+
+-- The upkeep of maintain_event_partitions where pg_partman keeps the partitions: rows the
+-- default partition caught move out as in the loop (pg_partman's own partition_data_id
+-- would DELETE them from the default partition, which events' triggers refuse, and
+-- pg_partman cannot attach a partition whose range the default holds rows of); the
+-- partitions they and the next appends need, up to pg_partman's premake (or p_ahead, if
+-- more) past the newest position handed out, are made by pg_partman (create_partition_id);
+-- then its run_maintenance for events, which so finds its premake met and makes nothing
+-- (it would drop partitions if someone set a retention for events in part_config: never
+-- do; events are kept forever). The locks creating partitions needs are taken here first,
+-- so a lock timeout (service/store.py) ends this as such: pg_partman raises every error
+-- of its own again as a plain exception. Called by maintain_event_partitions, which holds
+-- the maintainers' lock.
+CREATE OR REPLACE FUNCTION maintain_event_partitions_partman(p_ahead integer DEFAULT 2)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_schema text := pg_partman_schema();
+    v_major integer := (SELECT split_part(extversion, '.', 1)::integer FROM pg_extension
+                        WHERE extname = 'pg_partman');
+    v_parent text := events_table_name();
+    v_size bigint;
+    v_ahead bigint;
+    v_before text[] := ARRAY(SELECT partition FROM event_partitions);
+    v_newest bigint;
+    v_from bigint;
+    v_default regclass;
+    v_nsp text;   -- the default partition's schema and name
+    v_name text;
+    v_caught boolean := false;
+    v_moved bigint;
+BEGIN
+    EXECUTE format('SELECT partition_interval::bigint, greatest(premake, %s) FROM %I.part_config '
+                   'WHERE parent_table = %L', p_ahead, v_schema, v_parent) INTO v_size, v_ahead;
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+    INTO v_newest FROM events_position_seq;
+    SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
+    SELECT c.oid::regclass, c.relnamespace::regnamespace::text, c.relname::text
+    INTO v_default, v_nsp, v_name
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'events'::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
+    IF v_default IS NOT NULL THEN
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', v_default) INTO v_caught;
+    END IF;
+    IF v_caught THEN
+        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+        EXECUTE format('ALTER TABLE events DETACH PARTITION %I.%I', v_nsp, v_name);
+        EXECUTE format('ALTER TABLE %I.%I RENAME TO events_default_moving', v_nsp, v_name);
+        -- the same name and schema again, empty
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF events DEFAULT', v_nsp, v_name);
+        EXECUTE format('SELECT greatest(%s, max(position)) FROM %I.events_default_moving', v_newest, v_nsp)
+        INTO v_newest;
+    END IF;
+    IF v_from <= v_newest + v_ahead * v_size THEN
+        IF NOT v_caught THEN  -- what ATTACH PARTITION takes (the ACCESS EXCLUSIVE above covers it)
+            LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE;
+            IF v_default IS NOT NULL THEN
+                EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', v_nsp, v_name);
+            END IF;
+        END IF;
+        EXECUTE format('SELECT %I.create_partition_id(p_parent_table := %L, p_partition_ids := %L::bigint[]%s)',
+                       v_schema, v_parent,
+                       ARRAY(SELECT generate_series(v_from, v_newest + v_ahead * v_size, v_size)),
+                       CASE WHEN v_major < 5 THEN ', p_analyze := false' ELSE '' END);
+    END IF;
+    IF v_caught THEN
+        EXECUTE format('INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at) '
+                       'OVERRIDING SYSTEM VALUE '
+                       'SELECT position, event_key, stream, type, data, metadata, recorded_at '
+                       'FROM %I.events_default_moving ORDER BY position', v_nsp);
+        GET DIAGNOSTICS v_moved = ROW_COUNT;
+        EXECUTE format('DROP TABLE %I.events_default_moving', v_nsp);
+        RAISE NOTICE 'moved % events out of the default partition', v_moved;
+    END IF;
+    EXECUTE format('SELECT %I.run_maintenance(p_parent_table := %L)', v_schema, v_parent);
+    PERFORM secure_event_partitions();
+    RETURN QUERY SELECT p.partition FROM event_partitions p
+                 WHERE p.from_position IS NOT NULL AND p.partition <> ALL (v_before)
+                 ORDER BY p.from_position;
+END $$;
+
+-- Hand events' partitions to pg_partman: install it (in the schema partman) if it is not
+-- installed, move the rows the default partition holds into partitions of their own (the
+-- loop), give every partition pg_partman's name in events' schema, drop our (now empty)
+-- default partition, and register events with create_parent, which makes its default
+-- partition and any partition missing up to its premake. Caller holds no lock; this takes
+-- events' ACCESS EXCLUSIVE lock until its transaction ends (a catalog change, no copy).
+CREATE OR REPLACE FUNCTION event_partitions_to_partman() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_schema text := pg_partman_schema();
+    v_major integer;
+    v_parent text := events_table_name();
+    v_parent_schema text := split_part(events_table_name(), '.', 1);
+    v_held boolean;
+    r record;
+BEGIN
+    IF v_schema IS NULL THEN
+        CREATE SCHEMA IF NOT EXISTS partman;
+        CREATE EXTENSION pg_partman SCHEMA partman;
+        v_schema := 'partman';
+    END IF;
+    v_major := (SELECT split_part(extversion, '.', 1)::integer FROM pg_extension WHERE extname = 'pg_partman');
+    LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+    PERFORM count(*) FROM maintain_event_partitions();  -- the loop: the default partition emptied
+    FOR r IN
+        SELECT c.oid::regclass AS rel, c.relnamespace::regnamespace::text AS nsp, c.relname::text AS name,
+               p.from_position
+        FROM event_partitions p JOIN pg_class c ON c.oid = p.partition::regclass
+    LOOP
+        IF r.from_position IS NULL THEN  -- the default partition, emptied above
+            EXECUTE format('SELECT EXISTS (SELECT FROM %s)', r.rel) INTO v_held;
+            IF v_held THEN
+                RAISE EXCEPTION '% still holds events: not handed to pg_partman', r.rel;
+            END IF;
+            EXECUTE format('DROP TABLE %s', r.rel);
+            CONTINUE;
+        END IF;
+        IF r.name <> 'events_p' || r.from_position THEN
+            EXECUTE format('ALTER TABLE %s RENAME TO %I', r.rel, 'events_p' || r.from_position);
+        END IF;
+        IF r.nsp <> v_parent_schema THEN
+            EXECUTE format('ALTER TABLE %I.%I SET SCHEMA %I', r.nsp, 'events_p' || r.from_position,
+                           v_parent_schema);
+        END IF;
+    END LOOP;
+    EXECUTE format('SELECT %I.create_parent(p_parent_table := %L, p_control := %L, p_type := %L, '
+                   'p_interval := %L, p_premake := 4, p_automatic_maintenance := %L, p_jobmon := false)',
+                   v_schema, v_parent, 'position', CASE WHEN v_major < 5 THEN 'native' ELSE 'range' END,
+                   event_partition_size()::text, 'off');
+    PERFORM secure_event_partitions();
+END $$;
+
+-- Hand events' partitions back to the loop: events leaves pg_partman's part_config (with
+-- its template table), and every partition, the default one too, moves to store_partitions
+-- with the name it has (the loop finds partitions by their bounds, not their names; its
+-- default partition is store_partitions.events_default).
+CREATE OR REPLACE FUNCTION event_partitions_from_partman() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_schema text := pg_partman_schema();
+    v_parent text := events_table_name();
+    v_template text;
+    r record;
+BEGIN
+    LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+    EXECUTE format('DELETE FROM %I.part_config WHERE parent_table = %L RETURNING template_table',
+                   v_schema, v_parent) INTO v_template;
+    IF v_template IS NOT NULL THEN
+        EXECUTE format('DROP TABLE IF EXISTS %s', v_template);
+    END IF;
+    FOR r IN
+        SELECT c.oid::regclass AS rel, c.relname::text AS name, p.from_position
+        FROM event_partitions p JOIN pg_class c ON c.oid = p.partition::regclass
+        WHERE c.relnamespace <> 'store_partitions'::regnamespace
+    LOOP
+        EXECUTE format('ALTER TABLE %s SET SCHEMA store_partitions', r.rel);
+        IF r.from_position IS NULL AND r.name <> 'events_default' THEN
+            EXECUTE format('ALTER TABLE store_partitions.%I RENAME TO events_default', r.name);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Who is to keep events' partitions, as the operator chose (EVENT_PARTITIONS): 'partman'
+-- (pg_partman, which the server must have), 'builtin' (the loop, even where pg_partman is
+-- there), or 'auto' (pg_partman where the server has it, else the loop). Hands them over
+-- when the keeper changes; a database set up with the loop that later gains pg_partman is
+-- handed over at the next migrate. Returns the keeper: 'pg_partman' or 'builtin'.
+CREATE OR REPLACE FUNCTION manage_event_partitions(p_mode text DEFAULT 'auto') RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_keeper text;
+BEGIN
+    IF p_mode IS NULL OR p_mode NOT IN ('auto', 'partman', 'builtin') THEN
+        RAISE EXCEPTION 'EVENT_PARTITIONS must be auto, partman or builtin, not %', p_mode
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pg_advisory_xact_lock(7215019);  -- no maintenance meanwhile
+    v_keeper := event_partitions_keeper();
+    IF p_mode = 'builtin' THEN
+        IF v_keeper = 'pg_partman' THEN
+            PERFORM event_partitions_from_partman();
+        END IF;
+        RETURN 'builtin';
+    END IF;
+    IF v_keeper = 'pg_partman' THEN
+        RETURN v_keeper;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_partman') THEN
+        IF p_mode = 'partman' THEN
+            RAISE EXCEPTION 'EVENT_PARTITIONS=partman, but this server has no pg_partman '
+                            '(pg_available_extensions does not list it)'
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'install pg_partman on the server, or set EVENT_PARTITIONS=auto or builtin';
+        END IF;
+        RETURN 'builtin';
+    END IF;
+    IF p_mode = 'partman' THEN
+        PERFORM event_partitions_to_partman();
+        RETURN 'pg_partman';
+    END IF;
+    -- auto: where the hand-over fails (a role that may not install or use pg_partman here,
+    -- as on a plain PostgreSQL, where only a superuser may create it; pg_partman's own
+    -- errors, which it raises again as plain exceptions) events keeps the loop, with a
+    -- warning saying why. The hand-over is all or nothing: none of it is left.
+    BEGIN
+        PERFORM event_partitions_to_partman();
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_partman is available but events could not be handed to it (%: %); '
+                      'events keeps the built-in partition upkeep', SQLSTATE, split_part(SQLERRM, E'\n', 1);
+        RETURN 'builtin';
+    END;
+    RETURN 'pg_partman';
+END $$;
+
+
 -- Keep partitions ahead of the appends: after it, the positions up to p_ahead partitions'
 -- worth past the newest one handed out have a partition. Any rows the default partition
 -- caught (appended past the last partition while this had not run) move to partitions of
@@ -129,11 +424,15 @@ $$;
 -- order, dropped. Their positions and keys do not change (event_keys still points at
 -- them). Returns the names of the partitions created.
 --
+-- Where pg_partman keeps events' partitions (manage_event_partitions above), the same, with
+-- the partitions made by pg_partman (maintain_event_partitions_partman); otherwise by the
+-- loop here, which names them store_partitions.events_<n, six digits>.
+--
 -- Runs at migrate (the end of this file) and from the worker every few minutes (service/
--- partitions.py); where the server has pg_partman, it can run this instead, and pg_cron can
--- call it on Supabase (docs/deploy.md). Quick when there is nothing to do: it reads the
--- catalog and the sequence. Creating a partition takes a brief ACCESS EXCLUSIVE lock on
--- events: an append in flight finishes first, the next waits for the CREATE.
+-- store.py), with either keeper; pg_cron can call it instead on Supabase (docs/deploy.md).
+-- Quick when there is nothing to do: it reads the catalog and the sequence. Creating a
+-- partition takes a brief ACCESS EXCLUSIVE lock on events: an append in flight finishes
+-- first, the next waits for the CREATE.
 CREATE OR REPLACE FUNCTION maintain_event_partitions(p_ahead integer DEFAULT 2)
 RETURNS SETOF text
 LANGUAGE plpgsql AS $$
@@ -146,6 +445,10 @@ DECLARE
 BEGIN
     -- one maintainer at a time (the worker's processes, migrate, pg_cron)
     PERFORM pg_advisory_xact_lock(7215019);
+    IF event_partitions_keeper() = 'pg_partman' THEN
+        RETURN QUERY SELECT * FROM maintain_event_partitions_partman(p_ahead);
+        RETURN;
+    END IF;
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;

@@ -93,6 +93,10 @@ CHANGED_SINCE_LEGACY = {
     "webhook_facts", "append_webhooks", "maintain_delivery_partitions", "prune_deliveries",
     # issue 19 (append speed): PL/pgSQL where a SQL function's body was planned at every call
     "append_webhook",
+    # issue 19: pg_partman keeps events' partitions where the server has it (sql/store.sql)
+    "pg_partman_schema", "events_table_name", "event_partitions_keeper", "secure_event_partitions",
+    "maintain_event_partitions_partman", "event_partitions_to_partman",
+    "event_partitions_from_partman", "manage_event_partitions",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same

@@ -85,7 +85,10 @@ def test_an_unmigrated_database_says_to_migrate_then_migrate_makes_it_work(serve
         replayed = flask("replay", env=env)
         assert replayed.returncode == 0, replayed.stderr
         assert replayed.stdout.splitlines()[0].startswith("0 events, 0 jobs, 0 predictions in ")
-        assert flask("migrate", env=env).stdout == "database is up to date\n"
+        again = flask("migrate", env=env).stdout.splitlines()
+        assert again[0] == "database is up to date"
+        assert again[1] in ("events' partitions: kept by the built-in upkeep",
+                            "events' partitions: kept by pg_partman")  # as the server has it
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
