@@ -445,6 +445,20 @@ RETURN CASE WHEN canceled_at IS NOT NULL THEN 'canceled' ELSE
              END)
 END;
 
+-- Whether a job's predictions were stopped by its deadline (see job_derived_values). PL/pgSQL,
+-- so it is opaque to the planner: as a subquery in job_derived_values' inlined body it made
+-- every plan of touch_job's call a custom plan (its generic plan priced the subquery, a
+-- custom plan folds it away when the job has no deadline), and planning that call again at
+-- every append cost more than half as much as the rest of the append (pg_stat_statements:
+-- ~520 us a call). Called only for a failed job with a deadline.
+CREATE OR REPLACE FUNCTION job_stopped_by_deadline(p_job uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN EXISTS (SELECT FROM predictions p
+                   WHERE p.job_id = p_job AND NOT p.superseded
+                     AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'));
+END $$;
+
 -- Every derived column of a job from its base row and the rollups of its two steps.
 -- Shared by touch_job (the live path, one job at a time) and rebuild_jobs (every job at
 -- once). An inlinable SQL function: its body becomes part of the calling query. The counts
@@ -461,20 +475,6 @@ END;
 -- the lookup is rare.
 -- A job without a deadline keeps the error it had: a canceled prediction there was
 -- canceled by someone else (at replicate.com, say).
--- Whether a job's predictions were stopped by its deadline (see job_derived_values). PL/pgSQL,
--- so it is opaque to the planner: as a subquery in job_derived_values' inlined body it made
--- every plan of touch_job's call a custom plan (its generic plan priced the subquery, a
--- custom plan folds it away when the job has no deadline), and planning that call again at
--- every append cost more than half as much as the rest of the append (pg_stat_statements:
--- ~520 us a call). Called only for a failed job with a deadline.
-CREATE OR REPLACE FUNCTION job_stopped_by_deadline(p_job uuid) RETURNS boolean
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN EXISTS (SELECT FROM predictions p
-                   WHERE p.job_id = p_job AND NOT p.superseded
-                     AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'));
-END $$;
-
 DROP FUNCTION IF EXISTS job_derived_values(timestamptz, integer, boolean, job_step_rollups,
     job_step_output_rollups, job_step_rollups, job_step_output_rollups);
 CREATE OR REPLACE FUNCTION job_derived_values(

@@ -122,6 +122,60 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce((SELECT k.position FROM event_keys k WHERE k.event_key = 'created:' || p_stream), 0)
 $$;
 
+-- Rows the default partition caught (appended past the last partition while the upkeep had
+-- not run) are moved out by both keepers of the partitions alike: detach_caught_events takes
+-- the default partition out of events (ACCESS EXCLUSIVE on events, to the end of the
+-- transaction) and puts an empty one in its place, with the same name and schema; once the
+-- partitions they need exist, restore_caught_events copies them back in position order and
+-- drops the detached table. Their positions and keys do not change (event_keys still points
+-- at them). detach_caught_events returns NULLs when the default partition holds nothing.
+CREATE OR REPLACE FUNCTION events_default_partition() RETURNS regclass
+LANGUAGE sql STABLE AS $$
+    SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'events'::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
+$$;
+
+CREATE OR REPLACE FUNCTION detach_caught_events(OUT moving regclass, OUT newest bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_default regclass := events_default_partition();
+    v_nsp text;
+    v_name text;
+    v_caught boolean := false;
+BEGIN
+    IF v_default IS NOT NULL THEN
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', v_default) INTO v_caught;
+    END IF;
+    IF NOT v_caught THEN
+        RETURN;
+    END IF;
+    SELECT c.relnamespace::regnamespace::text, c.relname::text INTO v_nsp, v_name
+    FROM pg_class c WHERE c.oid = v_default;
+    LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+    EXECUTE format('ALTER TABLE events DETACH PARTITION %s', v_default);
+    EXECUTE format('ALTER TABLE %s RENAME TO events_default_moving', v_default);
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF events DEFAULT', v_nsp, v_name);
+    moving := v_default;  -- the same table, renamed
+    EXECUTE format('SELECT max(position) FROM %s', moving) INTO newest;
+END $$;
+
+CREATE OR REPLACE FUNCTION restore_caught_events(p_moving regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_moved bigint;
+BEGIN
+    IF p_moving IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at) '
+                   'OVERRIDING SYSTEM VALUE '
+                   'SELECT position, event_key, stream, type, data, metadata, recorded_at '
+                   'FROM %s ORDER BY position', p_moving);
+    GET DIAGNOSTICS v_moved = ROW_COUNT;
+    EXECUTE format('DROP TABLE %s', p_moving);
+    RAISE NOTICE 'moved % events out of the default partition', v_moved;
+END $$;
+
 -- pg_partman -------------------------------------------------------------------------------
 -- Where the server has pg_partman (pg_available_extensions), it can keep events' partitions
 -- instead of the loop in maintain_event_partitions: `flask --app service migrate` hands them
@@ -228,37 +282,21 @@ DECLARE
     v_newest bigint;
     v_from bigint;
     v_default regclass;
-    v_nsp text;   -- the default partition's schema and name
-    v_name text;
-    v_caught boolean := false;
-    v_moved bigint;
+    v_caught record;
 BEGIN
     EXECUTE format('SELECT partition_interval::bigint, greatest(premake, %s) FROM %I.part_config '
                    'WHERE parent_table = %L', p_ahead, v_schema, v_parent) INTO v_size, v_ahead;
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
-    SELECT c.oid::regclass, c.relnamespace::regnamespace::text, c.relname::text
-    INTO v_default, v_nsp, v_name
-    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-    WHERE i.inhparent = 'events'::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
-    IF v_default IS NOT NULL THEN
-        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', v_default) INTO v_caught;
-    END IF;
-    IF v_caught THEN
-        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
-        EXECUTE format('ALTER TABLE events DETACH PARTITION %I.%I', v_nsp, v_name);
-        EXECUTE format('ALTER TABLE %I.%I RENAME TO events_default_moving', v_nsp, v_name);
-        -- the same name and schema again, empty
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF events DEFAULT', v_nsp, v_name);
-        EXECUTE format('SELECT greatest(%s, max(position)) FROM %I.events_default_moving', v_newest, v_nsp)
-        INTO v_newest;
-    END IF;
+    v_caught := detach_caught_events();
+    v_newest := greatest(v_newest, v_caught.newest);
     IF v_from <= v_newest + v_ahead * v_size THEN
-        IF NOT v_caught THEN  -- what ATTACH PARTITION takes (the ACCESS EXCLUSIVE above covers it)
+        IF v_caught.moving IS NULL THEN  -- what ATTACH PARTITION takes (detaching took more)
             LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE;
+            v_default := events_default_partition();
             IF v_default IS NOT NULL THEN
-                EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', v_nsp, v_name);
+                EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', v_default);
             END IF;
         END IF;
         EXECUTE format('SELECT %I.create_partition_id(p_parent_table := %L, p_partition_ids := %L::bigint[]%s)',
@@ -266,15 +304,7 @@ BEGIN
                        ARRAY(SELECT generate_series(v_from, v_newest + v_ahead * v_size, v_size)),
                        CASE WHEN v_major < 5 THEN ', p_analyze := false' ELSE '' END);
     END IF;
-    IF v_caught THEN
-        EXECUTE format('INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at) '
-                       'OVERRIDING SYSTEM VALUE '
-                       'SELECT position, event_key, stream, type, data, metadata, recorded_at '
-                       'FROM %I.events_default_moving ORDER BY position', v_nsp);
-        GET DIAGNOSTICS v_moved = ROW_COUNT;
-        EXECUTE format('DROP TABLE %I.events_default_moving', v_nsp);
-        RAISE NOTICE 'moved % events out of the default partition', v_moved;
-    END IF;
+    PERFORM restore_caught_events(v_caught.moving);
     EXECUTE format('SELECT %I.run_maintenance(p_parent_table := %L)', v_schema, v_parent);
     PERFORM secure_event_partitions();
     RETURN QUERY SELECT p.partition FROM event_partitions p
@@ -440,7 +470,7 @@ DECLARE
     v_size bigint := event_partition_size();
     v_newest bigint;
     v_from bigint;
-    v_moved bigint;
+    v_caught record;
     v_name text;
 BEGIN
     -- one maintainer at a time (the worker's processes, migrate, pg_cron)
@@ -452,13 +482,8 @@ BEGIN
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
-    IF EXISTS (SELECT FROM store_partitions.events_default) THEN
-        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
-        ALTER TABLE events DETACH PARTITION store_partitions.events_default;
-        ALTER TABLE store_partitions.events_default RENAME TO events_default_moving;
-        CREATE TABLE store_partitions.events_default PARTITION OF events DEFAULT;
-        v_newest := greatest(v_newest, (SELECT max(position) FROM store_partitions.events_default_moving));
-    END IF;
+    v_caught := detach_caught_events();
+    v_newest := greatest(v_newest, v_caught.newest);
     WHILE v_from <= v_newest + p_ahead * v_size LOOP
         v_name := 'events_' || lpad((v_from / v_size)::text, 6, '0');
         EXECUTE format('CREATE TABLE store_partitions.%I PARTITION OF events FOR VALUES FROM (%s) TO (%s)',
@@ -466,15 +491,7 @@ BEGIN
         RETURN NEXT 'store_partitions.' || v_name;
         v_from := v_from + v_size;
     END LOOP;
-    IF to_regclass('store_partitions.events_default_moving') IS NOT NULL THEN
-        INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at)
-        OVERRIDING SYSTEM VALUE
-        SELECT position, event_key, stream, type, data, metadata, recorded_at
-        FROM store_partitions.events_default_moving ORDER BY position;
-        GET DIAGNOSTICS v_moved = ROW_COUNT;
-        DROP TABLE store_partitions.events_default_moving;
-        RAISE NOTICE 'moved % events out of the default partition', v_moved;
-    END IF;
+    PERFORM restore_caught_events(v_caught.moving);
 END $$;
 
 

@@ -97,6 +97,7 @@ CHANGED_SINCE_LEGACY = {
     "pg_partman_schema", "events_table_name", "event_partitions_keeper", "secure_event_partitions",
     "maintain_event_partitions_partman", "event_partitions_to_partman",
     "event_partitions_from_partman", "manage_event_partitions",
+    "events_default_partition", "detach_caught_events", "restore_caught_events",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same

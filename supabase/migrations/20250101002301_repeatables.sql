@@ -142,6 +142,60 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce((SELECT k.position FROM event_keys k WHERE k.event_key = 'created:' || p_stream), 0)
 $$;
 
+-- Rows the default partition caught (appended past the last partition while the upkeep had
+-- not run) are moved out by both keepers of the partitions alike: detach_caught_events takes
+-- the default partition out of events (ACCESS EXCLUSIVE on events, to the end of the
+-- transaction) and puts an empty one in its place, with the same name and schema; once the
+-- partitions they need exist, restore_caught_events copies them back in position order and
+-- drops the detached table. Their positions and keys do not change (event_keys still points
+-- at them). detach_caught_events returns NULLs when the default partition holds nothing.
+CREATE OR REPLACE FUNCTION events_default_partition() RETURNS regclass
+LANGUAGE sql STABLE AS $$
+    SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+    WHERE i.inhparent = 'events'::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT'
+$$;
+
+CREATE OR REPLACE FUNCTION detach_caught_events(OUT moving regclass, OUT newest bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_default regclass := events_default_partition();
+    v_nsp text;
+    v_name text;
+    v_caught boolean := false;
+BEGIN
+    IF v_default IS NOT NULL THEN
+        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', v_default) INTO v_caught;
+    END IF;
+    IF NOT v_caught THEN
+        RETURN;
+    END IF;
+    SELECT c.relnamespace::regnamespace::text, c.relname::text INTO v_nsp, v_name
+    FROM pg_class c WHERE c.oid = v_default;
+    LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+    EXECUTE format('ALTER TABLE events DETACH PARTITION %s', v_default);
+    EXECUTE format('ALTER TABLE %s RENAME TO events_default_moving', v_default);
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF events DEFAULT', v_nsp, v_name);
+    moving := v_default;  -- the same table, renamed
+    EXECUTE format('SELECT max(position) FROM %s', moving) INTO newest;
+END $$;
+
+CREATE OR REPLACE FUNCTION restore_caught_events(p_moving regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_moved bigint;
+BEGIN
+    IF p_moving IS NULL THEN
+        RETURN;
+    END IF;
+    EXECUTE format('INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at) '
+                   'OVERRIDING SYSTEM VALUE '
+                   'SELECT position, event_key, stream, type, data, metadata, recorded_at '
+                   'FROM %s ORDER BY position', p_moving);
+    GET DIAGNOSTICS v_moved = ROW_COUNT;
+    EXECUTE format('DROP TABLE %s', p_moving);
+    RAISE NOTICE 'moved % events out of the default partition', v_moved;
+END $$;
+
 -- pg_partman -------------------------------------------------------------------------------
 -- Where the server has pg_partman (pg_available_extensions), it can keep events' partitions
 -- instead of the loop in maintain_event_partitions: `flask --app service migrate` hands them
@@ -248,37 +302,21 @@ DECLARE
     v_newest bigint;
     v_from bigint;
     v_default regclass;
-    v_nsp text;   -- the default partition's schema and name
-    v_name text;
-    v_caught boolean := false;
-    v_moved bigint;
+    v_caught record;
 BEGIN
     EXECUTE format('SELECT partition_interval::bigint, greatest(premake, %s) FROM %I.part_config '
                    'WHERE parent_table = %L', p_ahead, v_schema, v_parent) INTO v_size, v_ahead;
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
-    SELECT c.oid::regclass, c.relnamespace::regnamespace::text, c.relname::text
-    INTO v_default, v_nsp, v_name
-    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-    WHERE i.inhparent = 'events'::regclass AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
-    IF v_default IS NOT NULL THEN
-        EXECUTE format('SELECT EXISTS (SELECT FROM %s)', v_default) INTO v_caught;
-    END IF;
-    IF v_caught THEN
-        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
-        EXECUTE format('ALTER TABLE events DETACH PARTITION %I.%I', v_nsp, v_name);
-        EXECUTE format('ALTER TABLE %I.%I RENAME TO events_default_moving', v_nsp, v_name);
-        -- the same name and schema again, empty
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF events DEFAULT', v_nsp, v_name);
-        EXECUTE format('SELECT greatest(%s, max(position)) FROM %I.events_default_moving', v_newest, v_nsp)
-        INTO v_newest;
-    END IF;
+    v_caught := detach_caught_events();
+    v_newest := greatest(v_newest, v_caught.newest);
     IF v_from <= v_newest + v_ahead * v_size THEN
-        IF NOT v_caught THEN  -- what ATTACH PARTITION takes (the ACCESS EXCLUSIVE above covers it)
+        IF v_caught.moving IS NULL THEN  -- what ATTACH PARTITION takes (detaching took more)
             LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE;
+            v_default := events_default_partition();
             IF v_default IS NOT NULL THEN
-                EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', v_nsp, v_name);
+                EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', v_default);
             END IF;
         END IF;
         EXECUTE format('SELECT %I.create_partition_id(p_parent_table := %L, p_partition_ids := %L::bigint[]%s)',
@@ -286,15 +324,7 @@ BEGIN
                        ARRAY(SELECT generate_series(v_from, v_newest + v_ahead * v_size, v_size)),
                        CASE WHEN v_major < 5 THEN ', p_analyze := false' ELSE '' END);
     END IF;
-    IF v_caught THEN
-        EXECUTE format('INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at) '
-                       'OVERRIDING SYSTEM VALUE '
-                       'SELECT position, event_key, stream, type, data, metadata, recorded_at '
-                       'FROM %I.events_default_moving ORDER BY position', v_nsp);
-        GET DIAGNOSTICS v_moved = ROW_COUNT;
-        EXECUTE format('DROP TABLE %I.events_default_moving', v_nsp);
-        RAISE NOTICE 'moved % events out of the default partition', v_moved;
-    END IF;
+    PERFORM restore_caught_events(v_caught.moving);
     EXECUTE format('SELECT %I.run_maintenance(p_parent_table := %L)', v_schema, v_parent);
     PERFORM secure_event_partitions();
     RETURN QUERY SELECT p.partition FROM event_partitions p
@@ -460,7 +490,7 @@ DECLARE
     v_size bigint := event_partition_size();
     v_newest bigint;
     v_from bigint;
-    v_moved bigint;
+    v_caught record;
     v_name text;
 BEGIN
     -- one maintainer at a time (the worker's processes, migrate, pg_cron)
@@ -472,13 +502,8 @@ BEGIN
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
     INTO v_newest FROM events_position_seq;
     SELECT coalesce(max(to_position), 0) INTO v_from FROM event_partitions;
-    IF EXISTS (SELECT FROM store_partitions.events_default) THEN
-        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
-        ALTER TABLE events DETACH PARTITION store_partitions.events_default;
-        ALTER TABLE store_partitions.events_default RENAME TO events_default_moving;
-        CREATE TABLE store_partitions.events_default PARTITION OF events DEFAULT;
-        v_newest := greatest(v_newest, (SELECT max(position) FROM store_partitions.events_default_moving));
-    END IF;
+    v_caught := detach_caught_events();
+    v_newest := greatest(v_newest, v_caught.newest);
     WHILE v_from <= v_newest + p_ahead * v_size LOOP
         v_name := 'events_' || lpad((v_from / v_size)::text, 6, '0');
         EXECUTE format('CREATE TABLE store_partitions.%I PARTITION OF events FOR VALUES FROM (%s) TO (%s)',
@@ -486,15 +511,7 @@ BEGIN
         RETURN NEXT 'store_partitions.' || v_name;
         v_from := v_from + v_size;
     END LOOP;
-    IF to_regclass('store_partitions.events_default_moving') IS NOT NULL THEN
-        INSERT INTO events (position, event_key, stream, type, data, metadata, recorded_at)
-        OVERRIDING SYSTEM VALUE
-        SELECT position, event_key, stream, type, data, metadata, recorded_at
-        FROM store_partitions.events_default_moving ORDER BY position;
-        GET DIAGNOSTICS v_moved = ROW_COUNT;
-        DROP TABLE store_partitions.events_default_moving;
-        RAISE NOTICE 'moved % events out of the default partition', v_moved;
-    END IF;
+    PERFORM restore_caught_events(v_caught.moving);
 END $$;
 
 
@@ -1145,6 +1162,20 @@ RETURN CASE WHEN canceled_at IS NOT NULL THEN 'canceled' ELSE
              END)
 END;
 
+-- Whether a job's predictions were stopped by its deadline (see job_derived_values). PL/pgSQL,
+-- so it is opaque to the planner: as a subquery in job_derived_values' inlined body it made
+-- every plan of touch_job's call a custom plan (its generic plan priced the subquery, a
+-- custom plan folds it away when the job has no deadline), and planning that call again at
+-- every append cost more than half as much as the rest of the append (pg_stat_statements:
+-- ~520 us a call). Called only for a failed job with a deadline.
+CREATE OR REPLACE FUNCTION job_stopped_by_deadline(p_job uuid) RETURNS boolean
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN EXISTS (SELECT FROM predictions p
+                   WHERE p.job_id = p_job AND NOT p.superseded
+                     AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'));
+END $$;
+
 -- Every derived column of a job from its base row and the rollups of its two steps.
 -- Shared by touch_job (the live path, one job at a time) and rebuild_jobs (every job at
 -- once). An inlinable SQL function: its body becomes part of the calling query. The counts
@@ -1161,20 +1192,6 @@ END;
 -- the lookup is rare.
 -- A job without a deadline keeps the error it had: a canceled prediction there was
 -- canceled by someone else (at replicate.com, say).
--- Whether a job's predictions were stopped by its deadline (see job_derived_values). PL/pgSQL,
--- so it is opaque to the planner: as a subquery in job_derived_values' inlined body it made
--- every plan of touch_job's call a custom plan (its generic plan priced the subquery, a
--- custom plan folds it away when the job has no deadline), and planning that call again at
--- every append cost more than half as much as the rest of the append (pg_stat_statements:
--- ~520 us a call). Called only for a failed job with a deadline.
-CREATE OR REPLACE FUNCTION job_stopped_by_deadline(p_job uuid) RETURNS boolean
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
-BEGIN
-    RETURN EXISTS (SELECT FROM predictions p
-                   WHERE p.job_id = p_job AND NOT p.superseded
-                     AND (p.status IN ('aborted', 'canceled') OR p.error = 'deadline exceeded'));
-END $$;
-
 DROP FUNCTION IF EXISTS job_derived_values(timestamptz, integer, boolean, job_step_rollups,
     job_step_output_rollups, job_step_rollups, job_step_output_rollups);
 CREATE OR REPLACE FUNCTION job_derived_values(
@@ -2538,9 +2555,9 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'eff179a72dacf7dc6d7379a1a5315b2c4918174668557a1de2e4c2523feee2da')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '7651b8baf27848f26e9e24712a14ac295b993a122417fe528e687d81267fbc9a')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '56fcc65500590b68d8026bf4d3dc36bdf8b60062eb23700c8aec5f2e6dcf47ce')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '41d80373226b76cd31cbf19badb6bc070867e9152075a2267b732474f66061d5')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'ea3ee71706278dd5b87e24de7a283589472a2050bfeb9379611c6bb3728a2928')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
