@@ -32,10 +32,14 @@ SELECT pg_advisory_xact_lock(hashtextextended(s, 0))
 FROM (SELECT s FROM unnest(%(streams)s::text[]) s ORDER BY s) o;
 
 -- job_events --
--- A job's events in recording order. The lower bound on position (its job.created's)
--- leaves out the partitions of events older than the job (job_first_position, sql/store.sql).
+-- A job's events in recording order. The bounds on position (its job.created's and its
+-- last event's: job_first_position, job_last_position in sql/store.sql) leave out the
+-- partitions of events older and newer than the job's, so a read costs the same at any size.
 SELECT position, type, event_key, recorded_at, data, metadata
-FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) ORDER BY position;
+FROM events
+WHERE stream = %(stream)s
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
+ORDER BY position;
 
 -- database_ok --
 -- Health check: the database answers and the schema is there.
@@ -167,7 +171,8 @@ ORDER BY p.id, u.ordinality;
 SELECT type, data ->> 'step' AS step, data ->> 'index' AS index, data ->> 'error' AS error,
        coalesce(data -> 'final' = 'true'::jsonb, false) AS final
 FROM events
-WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s)
+WHERE stream = %(stream)s
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
   AND type IN ('prediction.submitted', 'prediction.submit_failed')
 ORDER BY position;
 
@@ -182,7 +187,9 @@ SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metada
        outputs, error, created_at, started_at, completed_at, deadline,
        (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at,
        owner_id,
-       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried')::integer
+       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried'
+            AND e.position BETWEEN job_first_position(jobs.id::text)
+                               AND job_last_position(jobs.id::text))::integer
            AS retries
 FROM jobs WHERE id = %(id)s::uuid
   AND (%(owner)s::uuid IS NULL OR owner_id = %(owner)s::uuid);
@@ -207,7 +214,9 @@ SELECT id, status, model, version, deployment, aspect_ratio, postprocess, metada
        predictions_expected, predictions_succeeded, predictions_failed, outputs_processed,
        outputs, error, created_at, started_at, completed_at, deadline,
        (SELECT a.updated_at FROM job_activity a WHERE a.job_id = jobs.id) AS updated_at,
-       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried')::integer
+       (SELECT count(*) FROM events e WHERE e.stream = jobs.id::text AND e.type = 'job.retried'
+            AND e.position BETWEEN job_first_position(jobs.id::text)
+                               AND job_last_position(jobs.id::text))::integer
            AS retries
 FROM jobs
 WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
@@ -221,14 +230,19 @@ LIMIT %(limit)s;
 
 -- job_created_data --
 -- What a job's job.created event recorded: tells a repeated create from a reused Idempotency-Key.
-SELECT data FROM events WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'job.created'
+SELECT data FROM events
+WHERE stream = %(stream)s
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
+  AND type = 'job.created'
 ORDER BY position LIMIT 1;
 
 -- prediction_for_slot --
 -- The first webhook Replicate sent for a job's step and index in a retry round (all from
 -- the webhook URL; no retry in it: the first round, 0).
 SELECT data FROM events
-WHERE stream = %(stream)s AND position >= job_first_position(%(stream)s) AND type = 'replicate.webhook'
+WHERE stream = %(stream)s
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
+  AND type = 'replicate.webhook'
   AND metadata -> 'query' ->> 'step' = %(step)s AND metadata -> 'query' ->> 'index' = %(index)s
   AND coalesce(metadata -> 'query' ->> 'retry', '0') = %(retry)s
 ORDER BY position LIMIT 1;

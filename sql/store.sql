@@ -122,6 +122,21 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT coalesce((SELECT k.position FROM event_keys k WHERE k.event_key = 'created:' || p_stream), 0)
 $$;
 
+-- The greatest position a job's events can have: its job_activity row's last_position.
+-- touch_job (sql/fold.sql) writes it in the transaction of every event of a job stream, so
+-- in any one snapshot no event of the job lies beyond it (the rebuild writes it from the
+-- same events). With job_first_position it bounds a read of one job's events on both
+-- sides, so the read touches only the partitions that hold them: without the upper bound,
+-- an old job's read probed every later partition's index. The greatest bigint (no bound)
+-- for a stream that is no job's, which has no job_activity row. PL/pgSQL: a SQL function
+-- whose body reads a table is planned again at each call.
+CREATE OR REPLACE FUNCTION job_last_position(p_stream text) RETURNS bigint
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN coalesce((SELECT a.last_position FROM job_activity a
+                     WHERE a.job_id = stream_job_id(p_stream)), 9223372036854775807);
+END $$;
+
 -- Rows the default partition caught (appended past the last partition while the upkeep had
 -- not run) are moved out by both keepers of the partitions alike: detach_caught_events takes
 -- the default partition out of events (ACCESS EXCLUSIVE on events, to the end of the

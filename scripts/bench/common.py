@@ -73,20 +73,27 @@ def server(database_url: str | None) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def scratch_database(server_url: str, name: str, sql_dir: Path | None = None) -> Iterator[str]:
+def scratch_database(server_url: str, name: str, sql_dir: Path | None = None,
+                     keep: bool = False, reuse: bool = False) -> Iterator[str]:
     """A new database migrated by sql_dir (default: this checkout's sql/), dropped afterwards
-    whatever happens."""
+    whatever happens, unless kept. With reuse, one kept by an earlier run is migrated again
+    (the SQL may have changed since) and used as it is, if it exists."""
     with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not (reuse and exists):
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{name}"')
     url = with_database(server_url, name)
     try:
         with db.connect(url, autocommit=True) as conn:
             migrations.migrate(conn, sql_dir or migrations.SQL_DIR)
         yield url
     finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if keep:
+            print(f"  kept the database {name} (drop it with DROP DATABASE \"{name}\")", flush=True)
+        else:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def server_version(url: str) -> str:

@@ -77,6 +77,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-commits", default="6504d9f,be99c1a",
                         help="the unpartitioned stores' SQL, from git, comma-separated")
     parser.add_argument("--no-replay", action="store_true", help="skip the full replay")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the partitioned stores' databases (bench_scale_<size>) afterwards")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure the stores --keep kept, where they exist, without building "
+                             "them again (their projections are emptied first unless --no-replay)")
     add_database_url(parser)
     return parser.parse_args()
 
@@ -126,7 +131,15 @@ def settle(url: str) -> float:
 def full_replay(url: str) -> float:
     with db.connect(url) as conn:
         result = replay(conn)
+    print("    replay stages: " + ", ".join(f"{stage} {seconds:.1f} s"
+                                            for stage, seconds in result.timings.items()), flush=True)
     return result.events_per_second
+
+
+def built(url: str) -> int:
+    """How many events a kept store holds (0: none, build it)."""
+    with db.connect(url) as conn:
+        return conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
 
 
 def appends(url: str, n: int) -> float:
@@ -182,10 +195,18 @@ def bytes_per_event(url: str, partitioned: bool) -> float:
 def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) -> dict:
     label = "partitioned" if partitioned else "unpartitioned (today)"
     print(f"  {label}, {size:,} events:", flush=True)
-    out = {"build_s": generate(url, size, partitioned)}
-    print(f"    built in {out['build_s']:.0f} s", flush=True)
+    kept = built(url) if args.reuse and partitioned else 0
+    if kept:
+        out = {"build_s": math.nan}
+        print(f"    reused a kept store of {kept:,} events", flush=True)
+        if not args.no_replay:  # as a new store: the replay starts from empty projections
+            with db.connect(url, autocommit=True) as conn:
+                conn.execute("TRUNCATE jobs, predictions, outputs, job_activity")
+    else:
+        out = {"build_s": generate(url, size, partitioned)}
+        print(f"    built in {out['build_s']:.0f} s", flush=True)
     out["replay"] = None if args.no_replay else full_replay(url)
-    if args.no_replay:  # the API reads jobs: build them anyway, untimed
+    if args.no_replay and not kept:  # the API reads jobs: build them anyway, untimed
         full_replay(url)
     out["settle_s"] = settle(url)
     print(f"    settled in {out['settle_s']:.0f} s (vacuum of the projections, checkpoint)", flush=True)
@@ -263,7 +284,8 @@ def main() -> None:
         print(f"server: {where}, PostgreSQL {server_version(server_url)}; sizes {sizes}", flush=True)
         results = {}
         for size in sizes:
-            with scratch_database(server_url, f"bench_scale_{size}") as url:
+            with scratch_database(server_url, f"bench_scale_{size}",
+                                  keep=args.keep, reuse=args.reuse) as url:
                 results[size] = measure(url, size, True, args)
                 if size == sizes[0]:
                     kept = retention(url, args)
