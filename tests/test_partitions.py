@@ -168,3 +168,27 @@ def test_an_old_jobs_events_are_read_without_probing_the_newer_partitions(conn, 
     assert conn.execute("SELECT job_last_position('p_old') = 9223372036854775807 AS unbounded, "
                         "job_last_position(%s) = (SELECT max(position) FROM events WHERE stream = %s) "
                         "AS last", (old, old)).fetchone() == {"unbounded": True, "last": True}
+
+
+@pytest.mark.parametrize("statement", ["UPDATE event_keys SET position = 0", "DELETE FROM event_keys",
+                                       "TRUNCATE event_keys"])
+def test_the_keys_are_as_immutable_as_the_events(conn, statement):
+    create_job(conn, new_job_id())
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        conn.execute(statement)
+
+
+def test_a_partition_refuses_updates_too(conn):
+    create_job(conn, new_job_id())
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        conn.execute("UPDATE store_partitions.events_000000 SET type = 'job.canceled'")
+
+
+def test_maintenance_gives_way_to_a_long_reader_instead_of_holding_appends_behind_it(conn, db_url):
+    jump_to(conn, 2 * SIZE + 1)  # the next partition is due
+    create_job(conn, new_job_id())
+    with psycopg.connect(db_url) as reader:
+        reader.execute("SELECT count(*) FROM events")  # a report, its transaction still open
+        assert store.maintain_partitions(conn) == []  # gave up after the lock timeout
+    assert store.maintain_partitions(conn) == ["store_partitions.events_000003",
+                                               "store_partitions.events_000004"]
