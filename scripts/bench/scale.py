@@ -6,7 +6,8 @@ For each size, a scratch database is migrated and filled with generated events m
 real payloads (generate_events.sql, set-based; each webhook's event keeps what webhook_facts
 keeps, the keys go to event_keys, partitions are made ahead), then measured in this order:
 
-* full replay (service.replay.replay; the projections start empty): events/s;
+* full replay (service.replay.replay; the projections start empty, or with --replay-over
+  live are those a first, untimed replay built): events/s, and the time of each stage;
 * (untimed) the store is let come to rest: the projections vacuumed, a checkpoint (settle);
 * append throughput: new jobs' webhooks appended one transaction each through append_webhook
   (the live path's SQL), from one connection: events/s;
@@ -77,11 +78,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-commits", default="6504d9f,be99c1a",
                         help="the unpartitioned stores' SQL, from git, comma-separated")
     parser.add_argument("--no-replay", action="store_true", help="skip the full replay")
+    parser.add_argument("--replay-over", choices=("empty", "live"), default="empty",
+                        help="the timed replay starts from empty projections (a new store, or "
+                             "after a change of the fold's rules: every row is written) or runs "
+                             "over the live ones (the projection is rebuilt and compared, nothing "
+                             "differs; the replay benchmark's case)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the partitioned stores' databases (bench_scale_<size>) afterwards")
     parser.add_argument("--reuse", action="store_true",
                         help="measure the stores --keep kept, where they exist, without building "
-                             "them again (their projections are emptied first unless --no-replay)")
+                             "them again (their projections are emptied first for a timed replay "
+                             "over empty ones)")
     add_database_url(parser)
     return parser.parse_args()
 
@@ -199,15 +206,16 @@ def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
     if kept:
         out = {"build_s": math.nan}
         print(f"    reused a kept store of {kept:,} events", flush=True)
-        if not args.no_replay:  # as a new store: the replay starts from empty projections
+        if not args.no_replay and args.replay_over == "empty":  # as a new store
             with db.connect(url, autocommit=True) as conn:
                 conn.execute("TRUNCATE jobs, predictions, outputs, job_activity")
     else:
         out = {"build_s": generate(url, size, partitioned)}
         print(f"    built in {out['build_s']:.0f} s", flush=True)
+    if not kept and (args.no_replay or args.replay_over == "live"):
+        full_replay(url)  # untimed: the API reads jobs, a replay over live ones needs them
+        settle(url)
     out["replay"] = None if args.no_replay else full_replay(url)
-    if args.no_replay and not kept:  # the API reads jobs: build them anyway, untimed
-        full_replay(url)
     out["settle_s"] = settle(url)
     print(f"    settled in {out['settle_s']:.0f} s (vacuum of the projections, checkpoint)", flush=True)
     out["append"] = appends(url, args.appends)
@@ -312,7 +320,8 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
     print(f"  one job's events p99 at {hi:,} vs {lo:,}: {large['p99']:.1f} / {small['p99']:.1f} ms "
           f"= {large['p99'] / small['p99']:.2f}x [<= 1.5x] (p50 {large['p50']:.1f} / {small['p50']:.1f} ms)")
     if not args.no_replay:
-        print(f"  full replay at {hi:,} vs {lo:,}: {large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
+        print(f"  full replay over {args.replay_over} projections at {hi:,} vs {lo:,}: "
+              f"{large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
               f"= {large['replay'] / small['replay']:.2f}x [>= 1x] "
               f"(unpartitioned at {lo:,}: "
               + ", ".join(f"{c} {b['replay']:,.0f}" for c, b in todays.items()) + " ev/s)")
