@@ -290,6 +290,32 @@ def test_the_dashboard_works_at_phone_width(browser, stack):
         context.close()
 
 
+# The text segments between underscores of the health panel's setting names that the
+# browser laid out over more than one line (a name broken mid-word).
+SPLIT_SETTING_WORDS = """() => [...document.querySelectorAll('.stat-detail code.setting')]
+    .flatMap(c => [...c.childNodes].filter(n => n.nodeType === Node.TEXT_NODE && n.data !== '_'))
+    .filter(t => { const r = document.createRange(); r.selectNodeContents(t);
+                   return r.getClientRects().length > 1; })
+    .map(t => t.data)"""
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_setting_names_in_the_health_panel_wrap_only_after_an_underscore(browser, stack, viewport):
+    context = browser.new_context(viewport=viewport, base_url=stack.base_url)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto("/#/")
+        names = page.locator(".stat-detail code.setting")
+        expect(names).to_have_count(2)
+        assert sorted(names.all_inner_texts()) == ["EVENTS_RAW_RETENTION_DAYS", "RECONCILE_AFTER_SECONDS"]
+        assert page.evaluate(SPLIT_SETTING_WORDS) == []
+        size = page.locator('[data-stat="store-size"] .stat-value')
+        expect(size).to_have_text(re.compile(r"^\d+\.\d (KB|MB|GB)$"))
+    finally:
+        context.close()
+
+
 def test_keyboard_reaches_the_controls_in_order(page, stack):
     page.goto("/#/")
     expect(page.locator("table.jobs")).to_be_visible()

@@ -90,11 +90,20 @@ export function time(iso, { short = false } = {}) {
     short ? date.toLocaleTimeString() : date.toLocaleString());
 }
 
+const BYTE_UNITS = ["B", "KB", "MB", "GB", "TB"];
+
 export function bytes(n) {
   if (n === null || n === undefined) return "";
-  if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
-  return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+  let i = 0;
+  while (n >= 1024 && i < BYTE_UNITS.length - 1) { n /= 1024; i += 1; }
+  return i ? `${n.toFixed(1)} ${BYTE_UNITS[i]}` : `${n} B`;
+}
+
+// A setting's name (RECONCILE_AFTER_SECONDS) that a narrow card may wrap only after an
+// underscore, never mid-word; copied, it is the name as typed (<wbr> adds no character).
+export function settingName(name) {
+  return h("code", { class: "setting" },
+    name.split("_").flatMap((part, i) => (i ? ["_", h("wbr"), part] : [part])));
 }
 
 export function announce(text) {

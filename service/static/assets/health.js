@@ -2,7 +2,7 @@
 // to acknowledge, and jobs stuck past the reconciler's threshold.
 
 import { api } from "./api.js";
-import { badge, duration, h, replace, shortId, svg } from "./dom.js";
+import { badge, bytes, duration, h, replace, settingName, shortId, svg } from "./dom.js";
 
 const WINDOW_KEY = "dashboard.healthWindow";
 const WINDOW_NAMES = { 15: "15 min", 60: "1 hour", 360: "6 hours", 1440: "24 hours" };
@@ -53,16 +53,11 @@ function tipButton(id, text) {
     h("p", { id: `${id}-tip` }, text));
 }
 
-function bytes(n) {
-  const units = ["bytes", "kB", "MB", "GB", "TB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
-  return i ? `${n.toFixed(1)} ${units[i]}` : `${n} bytes`;
-}
-
 // The store: its size, the delivery log's oldest day, and when retention last ran.
 function storeStats(store) {
-  const kept = store.retention_days ? `kept ${store.retention_days} days (EVENTS_RAW_RETENTION_DAYS)` : "kept forever";
+  const kept = store.retention_days
+    ? [`kept ${store.retention_days} days (`, settingName("EVENTS_RAW_RETENTION_DAYS"), ")"]
+    : "kept forever";
   const pruned = store.pruned_at
     ? `${new Date(store.pruned_at).toLocaleString()}, freed ${bytes(store.pruned_bytes)}`
     : "never (the worker runs it daily)";
@@ -71,7 +66,7 @@ function storeStats(store) {
       `events ${bytes(store.events_bytes)} in ${store.event_partitions} partitions; delivery log ${bytes(store.deliveries_bytes)}`,
       { id: "store-size" }),
     stat("Delivery log since", store.deliveries_oldest ? store.deliveries_oldest.slice(0, 10) : "–",
-      `whole webhook bodies, ${kept}`, { id: "deliveries-oldest" }),
+      ["whole webhook bodies, ", kept], { id: "deliveries-oldest" }),
     stat("Retention last ran", store.pruned_at ? store.pruned_at.slice(0, 10) : "never", pruned,
       { id: "retention" }),
   ];
@@ -96,7 +91,7 @@ function render(body, report, config) {
       report.ack_ms.samples ? `p50 ${duration(report.ack_ms.p50 / 1000)} over ${report.ack_ms.samples}` : "no webhooks",
       { tip: ACK_TIP, id: "ack" }),
     stat("Stuck jobs", String(stuck.count),
-      `no event for over ${duration(stuck.threshold_seconds)} (RECONCILE_AFTER_SECONDS)`,
+      [`no event for over ${duration(stuck.threshold_seconds)} (`, settingName("RECONCILE_AFTER_SECONDS"), ")"],
       { tone: stuck.count ? "warn" : "", id: "stuck" }),
     ...storeStats(report.store));
   const stuckList = stuck.jobs.length ? h("ul", { class: "stuck-list", "aria-label": "Stuck jobs" },
