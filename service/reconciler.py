@@ -97,18 +97,25 @@ def _settle(conn, job: dict) -> int:
     job_id = job["job_id"]
     outputs = conn.execute(queries["unprocessed_outputs"], {"job_id": job_id}).fetchall()
     appended = [_output_failed(conn, job_id, o) for o in outputs] or [
-        _slot_failed(conn, job_id, step, index, refusal) for step, index, refusal in _open_slots(conn, job)]
+        _slot_failed(conn, job_id, step, index, retry, refusal)
+        for step, index, retry, refusal in _open_slots(conn, job)]
     return sum(not a.duplicate for a in appended)
 
 
-def _open_slots(conn, job: dict) -> list[tuple[int, int, str | None]]:
-    """(step, index, the refusal recorded for it if any) of each slot the first step short of
-    predictions lacks: not submitted, and no refusal for good counted in that step."""
+def _open_slots(conn, job: dict) -> list[tuple[int, int, int, str | None]]:
+    """(step, index, retry round, the refusal recorded for it if any) of each slot the first
+    step short of predictions lacks in the job's latest round: not submitted in that round,
+    and no refusal for good counted in that step. The first round (0) has every slot; a
+    retry round only those job.retried submitted again (the others keep their predictions),
+    and the predictions it superseded count no more."""
     job_id = job["job_id"]
     rows = conn.execute(queries["job_predictions_by_step"], {"job_id": job_id}).fetchall()
     counted = Counter(r["step"] for r in rows)
     steps = {r["id"]: r["step"] for r in rows}
-    said = conn.execute(queries["submission_slots"], {"stream": job_id}).fetchall()
+    latest = conn.execute(queries["latest_retry"], {"stream": job_id}).fetchone()
+    retry = latest["retry"] if latest else 0
+    said = [r for r in conn.execute(queries["submission_slots"], {"stream": job_id}).fetchall()
+            if r["retry"] == str(retry)]
     submitted = {(r["step"], r["index"]) for r in said if r["type"] == "prediction.submitted"}
     refusals = {(r["step"], r["index"]): r["error"] for r in said
                 if r["type"] == "prediction.submit_failed" and r["final"]}
@@ -116,21 +123,25 @@ def _open_slots(conn, job: dict) -> list[tuple[int, int, str | None]]:
     for step, expected in ((1, first), (2, int(job["has_next"]))):
         if counted[step] >= expected:
             continue
-        open_ = [i for i in range(expected) if (str(step), str(i)) not in submitted
-                 and steps.get(f"unsubmitted-{job_id}-{step}-{i}") != step]
-        return [(step, i, refusals.get((str(step), str(i)))) for i in open_[:expected - counted[step]]]
+        slots = sorted(s["index"] for s in latest["slots"] if s["step"] == step) if retry else range(expected)
+        open_ = [i for i in slots if (str(step), str(i)) not in submitted
+                 and steps.get(f"unsubmitted-{slot(job_id, step, i, retry, '-')}") != step]
+        return [(step, i, retry, refusals.get((str(step), str(i)))) for i in open_[:expected - counted[step]]]
     return []
 
 
-def _slot_failed(conn, job_id: str, step: int, index: int, refusal: str | None) -> events.Appended:
-    """A refusal for good, as SubmitPrediction.give_up records one: the refusal the slot
-    already had (counted in no step, as the fold before issue 21 left it), or a new one."""
+def _slot_failed(conn, job_id: str, step: int, index: int, retry: int,
+                 refusal: str | None) -> events.Appended:
+    """A refusal for good, as SubmitPrediction.give_up records one (in the slot's retry
+    round): the refusal the slot already had (counted in no step, as the fold before issue
+    21 left it), or a new one."""
     error = refusal or f"step {step}'s prediction {index + 1} was never submitted: {ENDED}"
     return events.append(
-        conn, key=f"submit_failed:{job_id}:{step}:{index}:stalled", stream=job_id,
+        conn, key=f"submit_failed:{slot(job_id, step, index, retry)}:stalled", stream=job_id,
         type="prediction.submit_failed",
         data={"step": step, "index": index, "error": error, "final": True, "stalled": True,
-              "prediction_id": f"unsubmitted-{job_id}-{step}-{index}"},
+              "prediction_id": f"unsubmitted-{slot(job_id, step, index, retry, '-')}",
+              **({"retry": retry} if retry else {})},
         metadata={"source": "reconciler"})
 
 

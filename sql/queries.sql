@@ -166,10 +166,12 @@ WHERE p.job_id = %(job_id)s::uuid AND p.status = 'succeeded'
 ORDER BY p.id, u.ordinality;
 
 -- submission_slots --
--- What a job's stream says of each slot (step, index) it submitted or tried to: submitted,
--- or refused (with the error, and whether for good), in order.
+-- What a job's stream says of each slot (step, index) it submitted or tried to, in each
+-- retry round (0: the first): submitted, or refused (with the error, and whether for good),
+-- in order.
 SELECT type, data ->> 'step' AS step, data ->> 'index' AS index, data ->> 'error' AS error,
-       coalesce(data -> 'final' = 'true'::jsonb, false) AS final
+       coalesce(data -> 'final' = 'true'::jsonb, false) AS final,
+       coalesce(data ->> 'retry', '0') AS retry
 FROM events
 WHERE stream = %(stream)s
   AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
@@ -177,8 +179,9 @@ WHERE stream = %(stream)s
 ORDER BY position;
 
 -- job_predictions_by_step --
--- A job's predictions, each with the step it counts in (job_step_rollups' coalesce).
-SELECT id, coalesce(step, 1) AS step FROM predictions WHERE job_id = %(job_id)s::uuid;
+-- A job's predictions that count, each with the step it counts in (job_step_rollups'
+-- coalesce): those a retry superseded count no more.
+SELECT id, coalesce(step, 1) AS step FROM predictions WHERE job_id = %(job_id)s::uuid AND NOT superseded;
 
 -- job_view --
 -- One job as the jobs API shows it, from the projection only; with an owner, only theirs.
@@ -408,7 +411,18 @@ SELECT version FROM schema_migrations;
 
 -- job_retries --
 -- How many retry rounds a job has had (job.retried events; a partial index finds them).
-SELECT count(*)::integer AS retries FROM events WHERE stream = %(stream)s AND type = 'job.retried';
+SELECT count(*)::integer AS retries FROM events
+WHERE stream = %(stream)s AND type = 'job.retried'
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s);
+
+-- latest_retry --
+-- A job's latest retry round and the slots (prediction_id, step, index) it submitted again;
+-- no row before its first.
+SELECT (data ->> 'retry')::integer AS retry, data -> 'slots' AS slots
+FROM events
+WHERE stream = %(stream)s AND type = 'job.retried'
+  AND position BETWEEN job_first_position(%(stream)s) AND job_last_position(%(stream)s)
+ORDER BY position DESC LIMIT 1;
 
 -- retryable_predictions --
 -- A job's predictions a retry submits again: failed, canceled or aborted, and not already

@@ -11,6 +11,7 @@ import requests
 
 from service import create_app, events
 from service.cli import worker_context
+from service.commands import retry_job
 from service.reconciler import reconcile
 from service.replay import replay
 from tests.conftest import new_job_id
@@ -188,6 +189,50 @@ def test_a_job_stuck_by_the_old_rules_is_ended_with_its_refusal(app):
         assert job_row(conn, job_id)["status"] == "failed"
         assert job_row(conn, job_id)["error"] == "404 not found"
         assert replay(conn, check=True).differences == 0
+
+
+def test_a_retried_job_whose_new_submission_was_lost_is_ended_by_the_reconciler(app):
+    """The retry round's slot is open though the prediction it superseded filled it in round
+    0: the reconciler records the refusal in the round the job is in, for the slot that round
+    submitted again (the second; the first kept its image), and the job ends."""
+    with app.extensions["db_pool"].connection() as conn:
+        job_id = new_job_id()
+        record(conn, job_id, f"created:{job_id}", "job.created",
+               {"model": "black-forest-labs/flux-schnell", "input": {"prompt": "x"}, "count": 2})
+        ids = [f"p{n}-{job_id[:8]}" for n in range(2)]
+        for n, (pid, status) in enumerate(zip(ids, ("succeeded", "failed"), strict=True)):
+            body = {"id": pid, "status": "starting", "model": "black-forest-labs/flux-schnell"}
+            record(conn, job_id, f"submitted:{job_id}:1:{n}", "prediction.submitted",
+                   {"step": 1, "index": n, "prediction": body})
+            record(conn, job_id, f"polled:{pid}", "replicate.polled",
+                   {**body, "status": status, "output": ["https://example.com/a.png"]}
+                   if status == "succeeded" else {**body, "status": status, "error": "NSFW"},
+                   query={"job": job_id, "step": "1"})
+        record(conn, job_id, f"processed:{ids[0]}:0", "output.processed",
+               {"prediction_id": ids[0], "index": 0, "source_url": "https://example.com/a.png",
+                "url": "/files/a.png", "width": 8, "height": 8, "bytes": 10})
+        conn.execute("UPDATE tasks SET status = 'done' WHERE job_id = %s AND kind = 'process_output'",
+                     (job_id,))
+        assert job_row(conn, job_id)["status"] == "completed"  # one image of two
+        assert retry_job(conn, job_id) == (1, [ids[1]])
+        lost = conn.execute("DELETE FROM tasks WHERE job_id = %s AND kind = 'submit_prediction' "
+                            "RETURNING payload", (job_id,)).fetchall()
+        assert [t["payload"] for t in lost] == [{"step": 1, "index": 1, "retry": 1}]
+        assert job_row(conn, job_id)["status"] not in ("completed", "failed")
+    assert reconciled(app)["stalled"] == 1
+    with app.extensions["db_pool"].connection() as conn:
+        assert job_row(conn, job_id) == {  # ended as its first round did: one image of two
+            "status": "completed", "predictions_expected": 2, "predictions_failed": 1, "error": None}
+        kept = conn.execute("SELECT id, status, error, superseded FROM predictions WHERE job_id = %s "
+                            "ORDER BY id", (job_id,)).fetchall()
+        assert kept == [
+            {"id": ids[0], "status": "succeeded", "error": None, "superseded": False},
+            {"id": ids[1], "status": "failed", "error": "NSFW", "superseded": True},
+            {"id": f"unsubmitted-{job_id}-1-1-retry1", "status": "failed", "superseded": False,
+             "error": "step 1's prediction 2 was never submitted: "
+                      "the reconciler found nothing running or queued for it"}]
+        assert replay(conn, check=True).differences == 0
+    assert reconciled(app)["stalled"] == 0  # ended: not found again
 
 
 def test_a_stalled_job_with_nothing_to_record_is_counted_and_left_alone(app):
