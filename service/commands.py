@@ -104,7 +104,7 @@ def retry_job(conn: psycopg.Connection, job_id: str, source: str = "api") -> tup
     job = conn.execute(queries["job_for_update"], {"id": job_id}).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
-    done = conn.execute(queries["job_retries"], {"stream": job_id}).fetchone()["retries"]
+    done = conn.execute(queries["job_retries"], events.job_stream(conn, job_id)).fetchone()["retries"]
     if job["status"] == "canceled":
         raise NotRetryable(f"job {job_id} was canceled; create it again instead")
     if job["status"] not in ("completed", "failed"):

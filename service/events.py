@@ -53,6 +53,15 @@ def append(
     return result
 
 
+def job_stream(conn: psycopg.Connection, job_id: uuid.UUID | str) -> dict[str, Any]:
+    """The parameters of a read of one job's events (sql/queries.sql): its stream, and the
+    bounds of its events' positions (lo, hi), read first so that the read is planned on the
+    partitions that hold them only (job_positions says why). A read in a later statement may
+    also see events committed since, up to hi."""
+    stream = str(job_id)
+    return {"stream": stream, **conn.execute(queries["job_positions"], {"stream": stream}).fetchone()}
+
+
 def _job_of(stream: str) -> str | None:
     """The job a stream is, for the log line; None for an orphan's stream (a prediction id)."""
     try:

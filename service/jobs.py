@@ -20,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import Schema, ValidationError
 from psycopg_pool import ConnectionPool
 
-from service import commands, costs, schemas, storage
+from service import commands, costs, events, schemas, storage
 from service.auth import Caller, Unauthorized, authenticate
 from service.db import queries
 from service.errors import NotFound, ServiceError
@@ -152,7 +152,8 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
 def job_view(conn: psycopg.Connection, job_id: uuid.UUID | str, owner: str | None = None) -> dict[str, Any]:
     """A job as the API shows it, from the projections; NotFound when there is none (or,
     with an owner, when it is another user's: their jobs do not exist for this one)."""
-    row = conn.execute(queries["job_view"], {"id": str(job_id), "owner": owner}).fetchone()
+    bounds = events.job_stream(conn, job_id)
+    row = conn.execute(queries["job_view"], {"id": str(job_id), "owner": owner, **bounds}).fetchone()
     if row is None:
         raise NotFound(f"no job {job_id}")
     predictions = conn.execute(queries["job_predictions_view"], {"job_id": str(job_id)}).fetchall()
@@ -198,7 +199,7 @@ def create(conn: psycopg.Connection, spec: dict[str, Any], key: str | None,
         spec = {**spec, "cancel_after": schemas.duration_seconds(current_app.config["JOB_CANCEL_AFTER"])}
     job_id, created = commands.create_job(conn, spec, key, owner_id=owner)
     if not created:
-        recorded = conn.execute(queries["job_created_data"], {"stream": job_id}).fetchone()
+        recorded = conn.execute(queries["job_created_data"], events.job_stream(conn, job_id)).fetchone()
         if recorded is None or recorded["data"] != recorded_spec(spec, owner):
             raise InvalidRequest({"Idempotency-Key": ["was used before for a different request"]},
                                  "the Idempotency-Key was used before for a different request")
@@ -227,7 +228,7 @@ def job_page(conn: psycopg.Connection, args: dict[str, Any], owner: str | None =
 def job_events(conn: psycopg.Connection, job_id: uuid.UUID, owner: str | None = None) -> dict[str, Any]:
     if owner:
         visible(conn, job_id, owner)
-    rows = conn.execute(queries["job_events"], {"stream": str(job_id)}).fetchall()
+    rows = conn.execute(queries["job_events"], events.job_stream(conn, job_id)).fetchall()
     if not rows:
         raise NotFound(f"no job {job_id}")
     return schemas.EventListSchema().dump({"events": rows})

@@ -112,9 +112,10 @@ def _open_slots(conn, job: dict) -> list[tuple[int, int, int, str | None]]:
     rows = conn.execute(queries["job_predictions_by_step"], {"job_id": job_id}).fetchall()
     counted = Counter(r["step"] for r in rows)
     steps = {r["id"]: r["step"] for r in rows}
-    latest = conn.execute(queries["latest_retry"], {"stream": job_id}).fetchone()
+    stream = events.job_stream(conn, job_id)
+    latest = conn.execute(queries["latest_retry"], stream).fetchone()
     retry = latest["retry"] if latest else 0
-    said = [r for r in conn.execute(queries["submission_slots"], {"stream": job_id}).fetchall()
+    said = [r for r in conn.execute(queries["submission_slots"], stream).fetchall()
             if r["retry"] == str(retry)]
     submitted = {(r["step"], r["index"]) for r in said if r["type"] == "prediction.submitted"}
     refusals = {(r["step"], r["index"]): r["error"] for r in said

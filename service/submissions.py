@@ -127,7 +127,7 @@ class SubmitPrediction:
             return None
         with ctx.pool.connection() as conn:
             row = conn.execute(queries["prediction_for_slot"], {
-                "stream": task.job_id, "step": str(task.payload["step"]),
+                **events.job_stream(conn, task.job_id), "step": str(task.payload["step"]),
                 "index": str(task.payload["index"]), "retry": str(task.payload.get("retry", 0))}).fetchone()
         if row:
             logger.warning("adopting a prediction an earlier attempt started", extra={

@@ -13,7 +13,7 @@ import os
 import psycopg
 import pytest
 
-from service import db, migrations, replay, store
+from service import db, events, migrations, replay, store
 from service.db import queries
 from tests.conftest import new_job_id
 from tests.test_migrations import rows
@@ -187,8 +187,8 @@ def test_one_jobs_events_are_read_from_its_partitions_only(partman_conn):
     jump_to(conn, 2 * SIZE + 1)
     job = new_job_id()
     create_job(conn, job)
-    plan = str(conn.execute("EXPLAIN (ANALYZE, COSTS OFF, FORMAT JSON) " + queries["job_events"].replace(
-        "%(stream)s", "'" + job + "'")).fetchone()["QUERY PLAN"])
+    plan = str(conn.execute("EXPLAIN (ANALYZE, COSTS OFF, FORMAT JSON) " + queries["job_events"],
+                            events.job_stream(conn, job)).fetchone()["QUERY PLAN"])
     assert "events_p2000000" in plan
     assert "events_p0" not in plan and "events_p1000000" not in plan
 

@@ -12,7 +12,9 @@ keeps, the keys go to event_keys, partitions are made ahead), then measured in t
 * append throughput: new jobs' webhooks appended one transaction each through append_webhook
   (the live path's SQL), from one connection: events/s;
 * one job's events through the API (GET /api/jobs/<id>/events, Flask's test client on a
-  real pool): p50 and p99 over jobs picked at random;
+  real pool): p50 and p99 over jobs picked at random from the whole store, first as they
+  come (cold), then the same jobs again (warm); per read, the blocks it touched and those
+  read from outside shared buffers, and the ms of those reads (track_io_timing);
 * bytes on disk per event (events with its partitions and indexes, event_keys).
 
 The baselines, in the same run: the unpartitioned store (the SQL of each --baseline-commits
@@ -37,9 +39,11 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 from common import (
     PROMPTS,
     ROOT,
@@ -49,6 +53,7 @@ from common import (
     server_version,
     templates,
 )
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from service import create_app, db, store
@@ -150,15 +155,19 @@ def built(url: str) -> int:
         return conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
 
 
-def appends(url: str, n: int) -> float:
-    """Webhooks of new jobs, one transaction each, through append_webhook: events/s."""
+def appends(url: str, n: int) -> tuple[float, dict]:
+    """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and per
+    append the blocks touched and read from outside shared buffers (as read_pass counts)."""
     bodies = templates()
     run = uuid.uuid4().hex[:8]
+    jobs = [str(uuid.uuid4()) for _ in range(max(1, n // 4))]
     with db.connect(url, autocommit=True) as conn:
-        jobs = [str(uuid.uuid4()) for _ in range(max(1, n // 4))]
         for job in jobs:
             conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
                          (f"created:{job}", job, Jsonb({"model": "stability-ai/sdxl", "count": 1})))
+    time.sleep(1)
+    before = database_io(url)
+    with db.connect(url, autocommit=True) as conn:
         states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
         started = time.perf_counter()
         for i in range(n):
@@ -166,29 +175,73 @@ def appends(url: str, n: int) -> float:
             body = dict(states[i % 3], id=f"p{run}{i % len(jobs)}")
             conn.execute("SELECT * FROM append_webhook(%s, %s, %s, %s)",
                          (f"msg_{run}_{i}", job, Jsonb(body), Jsonb({"query": {"job": job, "step": "1"}})))
-        return n / (time.perf_counter() - started)
+        rate = n / (time.perf_counter() - started)
+    time.sleep(1)
+    after = database_io(url)
+    return rate, {"blocks": (after["hit"] + after["read"] - before["hit"] - before["read"]) / n,
+                  "read": (after["read"] - before["read"]) / n, "io_ms": (after["ms"] - before["ms"]) / n}
 
 
-def reads(url: str, n: int) -> tuple[float, float]:
-    """One job's events through the API: (p50, p99) in ms."""
+def time_io(url: str) -> None:
+    """Have the database's new sessions time their reads (track_io_timing), where this role
+    may (a superuser); elsewhere the ms of reads show as 0."""
+    with db.connect(url, autocommit=True) as conn, suppress(psycopg.Error):
+        conn.execute(sql.SQL("ALTER DATABASE {} SET track_io_timing = on").format(
+            sql.Identifier(conn.info.dbname)))
+
+
+def database_io(url: str) -> dict:
+    """The blocks this database's backends found in shared buffers (hit) or had to read from
+    outside them (read: the OS's page cache or the disk), and the ms those reads took (counted
+    by backends with track_io_timing on)."""
+    with db.connect(url) as conn:
+        return conn.execute("SELECT blks_hit AS hit, blks_read AS read, blk_read_time AS ms "
+                            "FROM pg_stat_database WHERE datname = current_database()").fetchone()
+
+
+def read_pass(url: str, jobs: list[str], warm_up: str) -> tuple[list[float], dict]:
+    """Each job's events through the API (Flask's test client on a new pool): the times in
+    ms, and per read the blocks touched, those read from outside shared buffers and the ms
+    that took. The pool is closed before the counts are read: a backend hands its counts on
+    as it exits."""
+    before = database_io(url)
     app = create_app({"DATABASE_URL": url, "TESTING": True})
+    times = []
     try:
-        with db.connect(url) as conn:
-            # a random sample across the whole store (TABLESAMPLE: every part of it, cheaply)
-            jobs = [str(r["id"]) for r in conn.execute(
-                "SELECT id FROM jobs TABLESAMPLE SYSTEM (5) LIMIT %s", (n * 20,))]
-        picked = random.Random(1).sample(jobs, min(n, len(jobs)))
-        client, times = app.test_client(), []
-        client.get(f"/api/jobs/{picked[0]}/events")  # warm the pool
-        for job in picked:
+        client = app.test_client()
+        client.get(f"/api/jobs/{warm_up}/events")  # open the pool's connection, untimed
+        for job in jobs:
             started = time.perf_counter()
             response = client.get(f"/api/jobs/{job}/events")
             times.append((time.perf_counter() - started) * 1000)
             assert response.status_code == 200 and response.get_json()["events"], response.status_code
-        times.sort()
-        return statistics.median(times), times[max(0, math.ceil(0.99 * len(times)) - 1)]
     finally:
         app.extensions["db_pool"].close()
+    time.sleep(1)
+    after = database_io(url)
+    per = {k: (after[k] - before[k]) / len(jobs) for k in ("hit", "read", "ms")}
+    return sorted(times), {"blocks": per["hit"] + per["read"], "read": per["read"], "io_ms": per["ms"]}
+
+
+def reads(url: str, n: int) -> dict:
+    """One job's events through the API, for n jobs picked at random from the whole store:
+    p50 and p99 in ms, first as they come (cold: what the page cache holds then) and then
+    the same jobs again (warm), with each pass's blocks per read (see read_pass)."""
+    with db.connect(url, autocommit=True) as conn:
+        # SYSTEM sampling at the percentage that gives ~20n rows: blocks from every part of
+        # the table (a LIMIT on a larger sample would keep only the table's first blocks)
+        rows = conn.execute("SELECT greatest(reltuples, 1) AS n FROM pg_class WHERE oid = 'jobs'::regclass"
+                            ).fetchone()["n"]
+        percent = min(100.0, 100.0 * 20 * (n + 1) / rows)
+        jobs = [str(r["id"]) for r in conn.execute(
+            "SELECT id FROM jobs TABLESAMPLE SYSTEM (%s) REPEATABLE (1)", (percent,))]
+    picked = random.Random(1).sample(jobs, min(n + 1, len(jobs)))
+    out = {}
+    for label in ("cold", "warm"):
+        times, io = read_pass(url, picked[1:], picked[0])
+        out[label] = {"p50": statistics.median(times), "p99": times[max(0, math.ceil(0.99 * len(times)) - 1)],
+                      **io}
+    return out
 
 
 def bytes_per_event(url: str, partitioned: bool) -> float:
@@ -219,12 +272,20 @@ def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
     out["replay"] = None if args.no_replay else full_replay(url)
     out["settle_s"] = settle(url)
     print(f"    settled in {out['settle_s']:.0f} s (vacuum of the projections, checkpoint)", flush=True)
-    out["append"] = appends(url, args.appends)
-    # today's schema lacks what the API reads now (job_first_position): its reads are not measured
-    out["p50"], out["p99"] = reads(url, args.reads) if partitioned else (math.nan, math.nan)
+    time_io(url)
+    out["append"], out["append_io"] = appends(url, args.appends)
     out["bytes"] = bytes_per_event(url, partitioned)
-    print(f"    replay {out['replay'] or 0:,.0f} ev/s; append {out['append']:,.0f} ev/s; job events "
-          f"p50 {out['p50']:.1f} ms p99 {out['p99']:.1f} ms; {out['bytes']:,.0f} B/event", flush=True)
+    io = out["append_io"]
+    print(f"    replay {out['replay'] or 0:,.0f} ev/s; append {out['append']:,.0f} ev/s ({io['blocks']:.0f} "
+          f"blocks per append, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms); "
+          f"{out['bytes']:,.0f} B/event", flush=True)
+    # today's schema lacks what the API reads now (job_first_position): its reads are not measured
+    if partitioned:
+        out["reads"] = reads(url, args.reads)
+        for label, r in out["reads"].items():
+            print(f"    job events, {label}: p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms; per read "
+                  f"{r['blocks']:.1f} blocks, {r['read']:.1f} read from outside shared buffers "
+                  f"in {r['io_ms']:.2f} ms", flush=True)
     return out
 
 
@@ -319,8 +380,12 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
     for commit, base in todays.items():
         print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
               f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x]")
-    print(f"  one job's events p99 at {hi:,} vs {lo:,}: {large['p99']:.1f} / {small['p99']:.1f} ms "
-          f"= {large['p99'] / small['p99']:.2f}x [<= 1.5x] (p50 {large['p50']:.1f} / {small['p50']:.1f} ms)")
+    for label in ("cold", "warm"):
+        a, b = large["reads"][label], small["reads"][label]
+        print(f"  one job's events p99 at {hi:,} vs {lo:,}, {label}: {a['p99']:.1f} / {b['p99']:.1f} ms "
+              f"= {a['p99'] / b['p99']:.2f}x [<= 1.5x] (p50 {a['p50']:.1f} / {b['p50']:.1f} ms; "
+              f"blocks per read {a['blocks']:.1f} / {b['blocks']:.1f}, from outside shared buffers "
+              f"{a['read']:.1f} / {b['read']:.1f} in {a['io_ms']:.2f} / {b['io_ms']:.2f} ms)")
     if not args.no_replay:
         print(f"  full replay over {args.replay_over} projections at {hi:,} vs {lo:,}: "
               f"{large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
