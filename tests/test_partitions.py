@@ -184,6 +184,32 @@ def test_an_old_jobs_events_are_read_without_probing_the_newer_partitions(conn, 
                         "AS last", (old, old)).fetchone() == {"unbounded": True, "last": True}
 
 
+def scans(conn) -> dict[str, int]:
+    """Each partition's scans (its own and its indexes') so far in this transaction."""
+    return {r["partition"]: r["n"] for r in conn.execute(
+        "SELECT p.partition, pg_stat_get_xact_numscans(p.partition::regclass) "
+        "  + (SELECT coalesce(sum(pg_stat_get_xact_numscans(i.indexrelid)), 0) FROM pg_index i "
+        "     WHERE i.indrelid = p.partition::regclass) AS n FROM event_partitions p")}
+
+
+def test_a_new_job_and_its_new_prediction_read_no_partition_older_than_the_job(conn):
+    """Creating a job reads none of events' partitions (its stream has no other event), and the
+    fold's look for a job.retried naming a prediction it hears of for the first time
+    (sql/fold.sql: apply_prediction_event) reads the job's partitions only: unbounded,
+    each was an index probe in every partition, as many as the store has."""
+    create_job(conn, new_job_id())  # events_000000
+    jump_to(conn, 2 * SIZE + 5)
+    job = new_job_id()
+    with conn.transaction():
+        before = scans(conn)
+        create_job(conn, job)  # events_000002
+        created = scans(conn)
+        webhook(conn, job, bodies(LIFECYCLE, "p_first")[1], key="first_of_p")
+        after = scans(conn)
+    assert [p for p in created if created[p] > before[p]] == []
+    assert [p for p in after if after[p] > created[p]] == ["store_partitions.events_000002"]
+
+
 @pytest.mark.parametrize("statement", ["UPDATE event_keys SET position = 0", "DELETE FROM event_keys",
                                        "TRUNCATE event_keys"])
 def test_the_keys_are_as_immutable_as_the_events(conn, statement):
