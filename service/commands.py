@@ -104,14 +104,15 @@ def retry_job(conn: psycopg.Connection, job_id: str, source: str = "api") -> tup
     job = conn.execute(queries["job_for_update"], {"id": job_id}).fetchone()
     if job is None:
         raise NotFound(f"no job {job_id}")
-    done = conn.execute(queries["job_retries"], events.job_stream(conn, job_id)).fetchone()["retries"]
+    stream = events.job_stream(conn, job_id)
+    done = conn.execute(queries["job_retries"], stream).fetchone()["retries"]
     if job["status"] == "canceled":
         raise NotRetryable(f"job {job_id} was canceled; create it again instead")
     if job["status"] not in ("completed", "failed"):
         if done:
             return done, []  # its latest retry is still running
         raise NotRetryable(f"job {job_id} has not finished (it is {job['status']})")
-    slots = conn.execute(queries["retryable_predictions"], {"job_id": job_id}).fetchall()
+    slots = conn.execute(queries["retryable_predictions"], {"job_id": job_id, **stream}).fetchall()
     if not slots:
         raise NotRetryable(f"job {job_id} has no failed, canceled or aborted prediction to retry")
     retry = done + 1

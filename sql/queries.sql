@@ -436,13 +436,14 @@ ORDER BY position DESC LIMIT 1;
 -- A job's predictions a retry submits again: failed, canceled or aborted, and not already
 -- retried; each with its step and its index in that step, from the event that submitted it
 -- (or the refusal that stands in for it). An index no event records (a prediction adopted
--- from elsewhere) is numbered past any a job can have.
+-- from elsewhere) is numbered past any a job can have. Its events within its positions
+-- (job_positions).
 SELECT p.id, coalesce(p.step, 1) AS step,
        coalesce(s.index, 100000 + row_number() OVER (ORDER BY p.id))::integer AS index
 FROM predictions p
 LEFT JOIN LATERAL (
     SELECT small_int(e.data ->> 'index') AS index FROM events e
-    WHERE e.stream = p.job_id::text
+    WHERE e.stream = p.job_id::text AND e.position BETWEEN %(lo)s::bigint AND %(hi)s::bigint
       AND e.type IN ('prediction.submitted', 'prediction.submit_failed')
       AND coalesce(e.data -> 'prediction' ->> 'id', e.data ->> 'prediction_id') = p.id
     ORDER BY e.position LIMIT 1) s ON true

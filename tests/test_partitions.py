@@ -161,6 +161,7 @@ def test_an_old_jobs_events_are_read_without_probing_the_newer_partitions(conn, 
     for name, params in [("job_events", {}), ("submission_slots", {}), ("job_created_data", {}),
                          ("latest_retry", {}), ("job_retries", {}),
                          ("prediction_for_slot", {"step": "1", "index": "0", "retry": "0"}),
+                         ("retryable_predictions", {"job_id": old}),
                          ("job_view", {"id": old, "owner": None})]:
         plan = conn.execute(explain + queries[name], bounds | params).fetchone()["QUERY PLAN"]
         assert partitions_in(plan) == {"events_000000"}, name
