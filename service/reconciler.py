@@ -124,7 +124,8 @@ def _open_slots(conn, job: dict) -> list[tuple[int, int, int, str | None]]:
     for step, expected in ((1, first), (2, int(job["has_next"]))):
         if counted[step] >= expected:
             continue
-        slots = sorted(s["index"] for s in latest["slots"] if s["step"] == step) if retry else range(expected)
+        slots = (sorted(s["index"] for s in latest["slots"] or [] if s["step"] == step) if retry
+                 else range(expected))
         open_ = [i for i in slots if (str(step), str(i)) not in submitted
                  and steps.get(f"unsubmitted-{slot(job_id, step, i, retry, '-')}") != step]
         return [(step, i, retry, refusals.get((str(step), str(i)))) for i in open_[:expected - counted[step]]]
