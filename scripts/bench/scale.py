@@ -160,8 +160,8 @@ def built(url: str) -> int:
 
 
 def appends(url: str, n: int) -> tuple[float, dict]:
-    """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and per
-    append the blocks touched and read from outside shared buffers (as read_pass counts)."""
+    """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and
+    io_per's figures per append."""
     bodies = templates()
     run = uuid.uuid4().hex[:8]
     jobs = [str(uuid.uuid4()) for _ in range(max(1, n // 4))]
@@ -169,7 +169,7 @@ def appends(url: str, n: int) -> tuple[float, dict]:
         for job in jobs:
             conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
                          (f"created:{job}", job, Jsonb({"model": "stability-ai/sdxl", "count": 1})))
-    time.sleep(1)
+    time.sleep(1)  # the creating connection's counts land before `before` is read
     before = database_io(url)
     with db.connect(url, autocommit=True) as conn:
         states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
@@ -180,10 +180,7 @@ def appends(url: str, n: int) -> tuple[float, dict]:
             conn.execute("SELECT * FROM append_webhook(%s, %s, %s, %s)",
                          (f"msg_{run}_{i}", job, Jsonb(body), Jsonb({"query": {"job": job, "step": "1"}})))
         rate = n / (time.perf_counter() - started)
-    time.sleep(1)
-    after = database_io(url)
-    return rate, {"blocks": (after["hit"] + after["read"] - before["hit"] - before["read"]) / n,
-                  "read": (after["read"] - before["read"]) / n, "io_ms": (after["ms"] - before["ms"]) / n}
+    return rate, io_per(url, before, n)
 
 
 def time_io(url: str) -> None:
@@ -203,11 +200,19 @@ def database_io(url: str) -> dict:
                             "FROM pg_stat_database WHERE datname = current_database()").fetchone()
 
 
+def io_per(url: str, before: dict, n: int) -> dict:
+    """Per operation of the n done since `before` (database_io), with their connections
+    closed (a backend hands its counts on as it exits): the blocks touched, those read from
+    outside shared buffers, and the ms of those reads."""
+    time.sleep(1)
+    after = database_io(url)
+    per = {k: (after[k] - before[k]) / n for k in ("hit", "read", "ms")}
+    return {"blocks": per["hit"] + per["read"], "read": per["read"], "io_ms": per["ms"]}
+
+
 def read_pass(url: str, jobs: list[str], warm_up: str) -> tuple[list[float], dict]:
-    """Each job's events through the API (Flask's test client on a new pool): the times in
-    ms, and per read the blocks touched, those read from outside shared buffers and the ms
-    that took. The pool is closed before the counts are read: a backend hands its counts on
-    as it exits."""
+    """Each job's events through the API (Flask's test client on a new pool, closed before
+    the counts are read): the times in ms, and io_per's figures per read."""
     before = database_io(url)
     app = create_app({"DATABASE_URL": url, "TESTING": True})
     times = []
@@ -221,10 +226,7 @@ def read_pass(url: str, jobs: list[str], warm_up: str) -> tuple[list[float], dic
             assert response.status_code == 200 and response.get_json()["events"], response.status_code
     finally:
         app.extensions["db_pool"].close()
-    time.sleep(1)
-    after = database_io(url)
-    per = {k: (after[k] - before[k]) / len(jobs) for k in ("hit", "read", "ms")}
-    return sorted(times), {"blocks": per["hit"] + per["read"], "read": per["read"], "io_ms": per["ms"]}
+    return sorted(times), io_per(url, before, len(jobs))
 
 
 def reads(url: str, n: int) -> dict:
@@ -272,7 +274,8 @@ def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
         print(f"    built in {out['build_s']:.0f} s", flush=True)
     if not kept and (args.no_replay or args.replay_over == "live"):
         full_replay(url)  # untimed: the API reads jobs, a replay over live ones needs them
-        settle(url)
+        if not args.no_replay:  # the timed replay then starts from a store at rest
+            settle(url)
     out["replay"] = None if args.no_replay else full_replay(url)
     out["settle_s"] = settle(url)
     print(f"    settled in {out['settle_s']:.0f} s (vacuum of the projections, checkpoint)", flush=True)
