@@ -105,7 +105,8 @@ def retry_job(conn: psycopg.Connection, job_id: str, source: str = "api") -> tup
     if job is None:
         raise NotFound(f"no job {job_id}")
     stream = events.job_stream(conn, job_id)
-    done = conn.execute(queries["job_retries"], stream).fetchone()["retries"]
+    latest = conn.execute(queries["latest_retry"], stream).fetchone()  # rounds are numbered 1, 2, …
+    done = latest["retry"] if latest else 0
     if job["status"] == "canceled":
         raise NotRetryable(f"job {job_id} was canceled; create it again instead")
     if job["status"] not in ("completed", "failed"):

@@ -417,15 +417,10 @@ SELECT coalesce(max(position), 0) AS position FROM events;
 -- Readiness: the migrations recorded as applied.
 SELECT version FROM schema_migrations;
 
--- job_retries --
--- How many retry rounds a job has had (job.retried events; a partial index finds them).
-SELECT count(*)::integer AS retries FROM events
-WHERE stream = %(stream)s AND type = 'job.retried'
-  AND position BETWEEN %(lo)s::bigint AND %(hi)s::bigint;
-
 -- latest_retry --
--- A job's latest retry round and the slots (prediction_id, step, index) it submitted again;
--- no row before its first.
+-- A job's latest retry round (its number: how many it has had, as retry_job numbers them)
+-- and the slots (prediction_id, step, index) it submitted again; no row before its first.
+-- A partial index finds job.retried events.
 SELECT (data ->> 'retry')::integer AS retry, data -> 'slots' AS slots
 FROM events
 WHERE stream = %(stream)s AND type = 'job.retried'

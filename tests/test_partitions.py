@@ -159,7 +159,7 @@ def test_an_old_jobs_events_are_read_without_probing_the_newer_partitions(conn, 
     bounds = events.job_stream(conn, old)
     # each read of one job's events is planned on its partition only, not just run on it
     for name, params in [("job_events", {}), ("submission_slots", {}), ("job_created_data", {}),
-                         ("latest_retry", {}), ("job_retries", {}),
+                         ("latest_retry", {}),
                          ("prediction_for_slot", {"step": "1", "index": "0", "retry": "0"}),
                          ("retryable_predictions", {"job_id": old}),
                          ("job_view", {"id": old, "owner": None})]:
