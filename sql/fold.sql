@@ -674,8 +674,14 @@ BEGIN
         -- a job with a deadline gets its cancel_after again from the latest retry, or the
         -- round would not be sent at all (rebuild_jobs: job_stream_stats.retried_at). A
         -- job.retried is recorded only while the job's row exists and is locked, so it
-        -- never precedes job.created.
-        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + (deadline - created_at))
+        -- never precedes job.created. The cancel_after is job.created's: the deadline less
+        -- created_at is it only until a first retry has moved the deadline.
+        UPDATE jobs SET deadline = greatest(deadline, e.recorded_at + coalesce(
+            (SELECT cancel_after_seconds(c.data ->> 'cancel_after') * interval '1 second'
+             FROM events c
+             WHERE c.position = job_first_position(e.stream) AND c.stream = e.stream
+               AND c.type = 'job.created'),
+            deadline - created_at))
         WHERE id = v_job AND deadline IS NOT NULL;
     END IF;
     IF v_job IS NOT NULL THEN

@@ -163,3 +163,23 @@ def test_a_bad_job_cancel_after_stops_startup(db_url):
 
     with pytest.raises(ConfigError, match="JOB_CANCEL_AFTER must be"):
         create_app({"TESTING": True, "DATABASE_URL": db_url, "JOB_CANCEL_AFTER": "tomorrow"})
+
+
+def test_a_job_retried_twice_has_its_cancel_after_from_the_latest_retry(conn):
+    """Each retry gives the job its cancel_after again, counted from the retry: the second
+    must not add the first retry's extension again (the live fold did, and a replay then
+    disagreed with it)."""
+    from service import events
+    from tests.conftest import new_job_id
+    from tests.workload import create_job
+
+    job = new_job_id()
+    created = create_job(conn, job, cancel_after="3600")
+    retried = [events.append(conn, key=f"retried:{job}:{n}", stream=job, type="job.retried",
+                             data={"predictions": []}) for n in (1, 2)]
+    times = conn.execute("SELECT recorded_at FROM events WHERE stream = %s", (job,)).fetchall()
+    latest = max(t["recorded_at"] for t in times)
+    assert created and retried and latest > min(t["recorded_at"] for t in times)
+    deadline = conn.execute("SELECT deadline - %s AS left FROM jobs WHERE id = %s", (latest, job)).fetchone()
+    assert deadline["left"].total_seconds() == 3600
+    assert replay.replay(conn, check=True).differences == 0
