@@ -55,12 +55,69 @@ BEGIN
     END IF;
 END $$;
 
+-- The positions a full rebuild groups at once (rebuild_grouped). A window's groups are
+-- held in memory; grouping the whole store at once keeps one group per prediction or job
+-- (about 1 kB each), which past some millions of events no longer fits, and the spilled
+-- aggregation writes every event's facts to disk and reads them back (at 20M events, tens
+-- of GB). A multiple of the partitions' size, so that each window reads whole partitions.
+-- The setting rjs.rebuild_window overrides it (the tests make windows of a few events).
+CREATE OR REPLACE FUNCTION rebuild_window() RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN coalesce(nullif(current_setting('rjs.rebuild_window', true), '')::bigint,
+                2 * event_partition_size());
+
+-- Group events into a temporary table (dropped at commit): `key`, then the `partial`
+-- aggregates, over `source` (a FROM over events e and a WHERE). For some streams (`only`,
+-- a condition on them) in one statement; for the whole store (`only` NULL) a window of
+-- positions at a time, in position order, each window into a table of its own. A key whose
+-- events lie in several windows then has a group in each, and only those keys are grouped
+-- again, by `merged` (the aggregates that combine partial ones: sum for count, max for
+-- max...). CREATE TABLE AS, unlike INSERT, may run in parallel workers.
+CREATE OR REPLACE FUNCTION rebuild_grouped(p_table text, p_key text, p_partial text,
+                                           p_merged text, p_source text, p_only text,
+                                           p_streams text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_window bigint := rebuild_window();
+    v_from bigint;
+    v_last bigint;
+    v_parts text[] := '{}';
+BEGIN
+    SELECT min(position) / v_window * v_window, max(position) INTO v_from, v_last FROM events;
+    IF p_only IS NOT NULL OR v_from IS NULL OR v_last < v_from + v_window THEN  -- one statement
+        EXECUTE format('CREATE TEMP TABLE %I ON COMMIT DROP AS SELECT %s AS key, %s %s AND %s GROUP BY 1',
+                       p_table, p_key, p_partial, p_source, coalesce(p_only, 'true')) USING p_streams;
+        RETURN;
+    END IF;
+    WHILE v_from <= v_last LOOP
+        v_parts := v_parts || format('%s_%s', p_table, cardinality(v_parts));
+        EXECUTE format($sql$
+            CREATE TEMP TABLE %I ON COMMIT DROP AS
+            SELECT %s AS key, %s %s AND e.position >= %s AND e.position < %s GROUP BY 1
+        $sql$, v_parts[cardinality(v_parts)], p_key, p_partial, p_source, v_from, v_from + v_window);
+        v_from := v_from + v_window;
+    END LOOP;
+    EXECUTE format($sql$
+        CREATE TEMP TABLE %1$I ON COMMIT DROP AS
+        WITH parts AS (%2$s),
+        split AS (SELECT key FROM parts GROUP BY key HAVING count(*) > 1)
+        SELECT f.* FROM parts f WHERE NOT EXISTS (SELECT FROM split s WHERE s.key = f.key)
+        UNION ALL
+        SELECT f.key, %3$s FROM parts f WHERE EXISTS (SELECT FROM split s WHERE s.key = f.key)
+        GROUP BY f.key
+    $sql$, p_table,
+       (SELECT string_agg(format('SELECT * FROM %I', t), ' UNION ALL ') FROM unnest(v_parts) t),
+       p_merged);
+    FOR i IN 1 .. cardinality(v_parts) LOOP
+        EXECUTE format('DROP TABLE %I', v_parts[i]);
+    END LOOP;
+END $$;
+
 -- Every prediction: first each one's winning keys from one pass over its events, then the
 -- facts of the winning events.
 CREATE OR REPLACE FUNCTION rebuild_predictions(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
--- The aggregation keeps one group per prediction (about 1 kB each): in memory it reads
--- each event once; spilled to disk it would write and read them all again.
+-- A window's aggregation keeps one group per prediction (about 1 kB each) in memory.
 SET work_mem = '256MB'
 SET jit = off
 AS $$
@@ -74,38 +131,28 @@ BEGIN
                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
         PERFORM set_config('default_toast_compression', 'lz4', true);
     END IF;
-    -- First each prediction's winning keys, from one pass over its events. A statement that
-    -- only reads (CREATE TABLE AS, unlike INSERT) may run in parallel workers: each worker
+    -- First each prediction's winning keys, from one pass over its events: each process
     -- computes the facts of its share of the events and groups them, the leader merges.
     -- The keys are compared as the live path compares them (the key columns are COLLATE
     -- "C"), which is also cheaper than the database's default collation.
-    EXECUTE format($sql$
-        CREATE TEMP TABLE rebuild_prediction_groups ON COMMIT DROP AS
-        SELECT f.id,
-               max(f.job_id::text COLLATE "C")::uuid AS job_id,
-               min(f.step) AS step,
-               max(f.state_key COLLATE "C") AS state_key,
-               max(f.logs_key COLLATE "C") AS logs_key,
-               max(f.output_key COLLATE "C") AS output_key,
-               fold_key_position(max(f.state_key COLLATE "C")) AS state_at,
-               fold_key_position(max(f.logs_key COLLATE "C")) AS logs_at,
-               fold_key_position(max(f.output_key COLLATE "C")) AS output_at,
-               max(f.model) AS model,
-               max(f.version) AS version,
-               bool_or(f.data_removed) AS data_removed,
-               min(f.created_at) AS created_at,
-               min(f.started_at) AS started_at,
-               min(f.first_seen_at) AS first_seen_at,
-               max(f.updated_at) AS updated_at,
-               count(*)::integer AS event_count
+    PERFORM rebuild_grouped('rebuild_prediction_groups', 'f.id', $partial$
+               max(f.job_id::text COLLATE "C")::uuid AS job_id, min(f.step) AS step,
+               max(f.state_key COLLATE "C") AS state_key, max(f.logs_key COLLATE "C") AS logs_key,
+               max(f.output_key COLLATE "C") AS output_key, max(f.model) AS model,
+               max(f.version) AS version, bool_or(f.data_removed) AS data_removed,
+               min(f.created_at) AS created_at, min(f.started_at) AS started_at,
+               min(f.first_seen_at) AS first_seen_at, max(f.updated_at) AS updated_at,
+               count(*)::integer AS event_count $partial$, $merged$
+               max(f.job_id::text COLLATE "C")::uuid, min(f.step), max(f.state_key COLLATE "C"),
+               max(f.logs_key COLLATE "C"), max(f.output_key COLLATE "C"), max(f.model),
+               max(f.version), bool_or(f.data_removed), min(f.created_at), min(f.started_at),
+               min(f.first_seen_at), max(f.updated_at), sum(f.event_count)::integer $merged$, $source$
         FROM events e
         CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata,
                                             e.position, e.recorded_at) f
         WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
-                         'prediction.submit_failed')
-          AND %s
-        GROUP BY f.id
-    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
+                         'prediction.submit_failed') $source$,
+        CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END, p_streams);
     -- The predictions a retry submitted again (job.retried events name them, in their job's
     -- stream): superseded, as apply_event marks them on the live path.
     EXECUTE format($sql$
@@ -130,7 +177,10 @@ BEGIN
            g.model, g.version, g.data_removed, g.created_at, g.started_at, s.completed_at,
            g.first_seen_at, g.updated_at, g.event_count, g.state_key, g.logs_key, g.output_key,
            coalesce((g.id, g.job_id) IN (SELECT r.id, r.job_id FROM rebuild_retried r), false)
-    FROM (SELECT * FROM rebuild_prediction_groups ORDER BY state_at OFFSET 0) g
+    FROM (SELECT f.key AS id, f.*, fold_key_position(f.state_key) AS state_at,
+                 fold_key_position(f.logs_key) AS logs_at,
+                 fold_key_position(f.output_key) AS output_at
+          FROM rebuild_prediction_groups f ORDER BY state_at OFFSET 0) g
     CROSS JOIN LATERAL (
         SELECT f.*
         FROM events se
@@ -203,8 +253,19 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    -- s: each job stream's statistics, once (OFFSET 0: ask which streams are jobs once per
-    -- stream, not once per event), for job_activity and for the jobs rows alike.
+    -- Each stream's statistics, as the view job_stream_stats has them (the live path's), a
+    -- window of positions at a time (rebuild_grouped).
+    PERFORM rebuild_grouped('rebuild_stream_stats', 'e.stream', $partial$
+               count(*)::integer AS event_count, max(e.position) AS last_position,
+               max(e.recorded_at) AS updated_at,
+               min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
+               count(*) FILTER (WHERE is_final_submit_failure(e.type, e.data))::integer AS submit_failures,
+               max(e.recorded_at) FILTER (WHERE e.type = 'job.retried') AS retried_at $partial$, $merged$
+               sum(f.event_count)::integer, max(f.last_position), max(f.updated_at),
+               min(f.canceled_at), sum(f.submit_failures)::integer, max(f.retried_at) $merged$,
+        ' FROM events e WHERE true ', CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END,
+        p_streams);
+    -- s: each job stream's statistics, for job_activity and for the jobs rows alike.
     -- b: each job as job.created describes it, and how many of its predictions_expected
     -- are step 1's (all but a second step's one) (OFFSET 0: hand job_derived_values plain
     -- columns, since an argument that is an expression used more than once keeps the
@@ -213,8 +274,8 @@ BEGIN
     -- its rows.
     EXECUTE format($sql$
         WITH s AS MATERIALIZED (
-            SELECT * FROM (SELECT * FROM job_stream_stats s WHERE %1$s OFFSET 0) s
-            WHERE stream_job_id(s.stream) IS NOT NULL),
+            SELECT s.key AS stream, s.* FROM rebuild_stream_stats s
+            WHERE stream_job_id(s.key) IS NOT NULL),
         activity AS (
             INSERT INTO job_activity (job_id, event_count, last_position, updated_at)
             SELECT stream_job_id(s.stream), s.event_count, s.last_position, s.updated_at FROM s)
@@ -236,16 +297,17 @@ BEGIN
               CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
                                            s.submit_failures) j
               OFFSET 0) b
-        LEFT JOIN job_step_rollups r1 ON r1.job_id = b.id AND r1.step = 1 AND %2$s
-        LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %3$s
-        LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %4$s
-        LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %5$s
+        LEFT JOIN job_step_rollups r1 ON r1.job_id = b.id AND r1.step = 1 AND %1$s
+        LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %2$s
+        LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %3$s
+        LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %4$s
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1, o1, r2, o2,
                                               b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
-    $sql$, stream_filter(p_streams, 's'), job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
+    $sql$, job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
        job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
     GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE rebuild_stream_stats;
     RETURN n;
 END $$;

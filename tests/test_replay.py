@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from service import events, replay
 from tests.conftest import new_job_id
 from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, deliveries, webhook
@@ -90,6 +92,43 @@ def test_replay_rebuilds_dropped_projections_row_for_row(conn):
     assert result.committed
     assert result.differences == sum(len(rows) for rows in live.values())
     assert snapshot(conn) == live
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_a_rebuild_in_windows_of_a_few_positions_equals_the_live_projection(conn, window):
+    """A full rebuild groups the store a window of positions at a time; with windows this
+    small nearly every prediction's events lie in several, and their groups must merge
+    into what the live path folded."""
+    jobs = random_workload(conn, random.Random(17))
+    # a job's statistics from events far apart: two final refusals (counted), a retry
+    for index in (8, 9):
+        events.append(conn, key=f"submit_failed:{jobs[0]}:1:{index}:final", stream=jobs[0],
+                      type="prediction.submit_failed",
+                      data={"step": 1, "index": index, "error": "422", "final": True, "round": 0,
+                            "prediction_id": f"unsubmitted-{jobs[0]}-1-{index}"})
+    events.append(conn, key=f"retried:{jobs[1]}:1", stream=jobs[1], type="job.retried",
+                  data={"predictions": ["p1x0"]})
+    timed = new_job_id()  # its deadline runs from its latest retry
+    create_job(conn, timed, cancel_after="3600")
+    for n in (1, 2):
+        events.append(conn, key=f"retried:{timed}:{n}", stream=timed, type="job.retried",
+                      data={"predictions": []})
+    live = snapshot(conn)
+    activity = conn.execute("SELECT * FROM job_activity ORDER BY job_id").fetchall()
+    assert conn.execute("SELECT submit_failures FROM jobs WHERE id = %s", (jobs[0],)).fetchone() == {
+        "submit_failures": 2}
+    split = conn.execute("""
+        SELECT count(*) AS n FROM (
+            SELECT FROM events WHERE type IN ('prediction.submitted', 'replicate.webhook')
+            GROUP BY coalesce(data #>> '{prediction,id}', data ->> 'id')
+            HAVING min(position) / %(w)s <> max(position) / %(w)s) p""", {"w": window}).fetchone()
+    assert split["n"] >= 5  # predictions in several windows: their merge is what this exercises
+    conn.execute("SELECT set_config('rjs.rebuild_window', %s, false)", (str(window),))
+    conn.execute("DELETE FROM outputs; DELETE FROM predictions; DELETE FROM jobs; DELETE FROM job_activity")
+    result = replay.replay(conn)
+    assert result.committed
+    assert snapshot(conn) == live
+    assert conn.execute("SELECT * FROM job_activity ORDER BY job_id").fetchall() == activity
 
 
 def test_check_catches_a_corrupted_row_and_changes_nothing(conn):
