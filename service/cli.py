@@ -112,11 +112,19 @@ def migrate_command() -> None:
               help="Write the rows that differ a few hundred jobs at a time before the cut-over, "
                    "so webhooks never wait long even when every row differs (after a change of "
                    "the fold's rules). Stopped midway, it leaves the jobs it wrote rebuilt.")
+@click.option("--keep-free", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              metavar="GB", help="Disk to leave free on the database server beside a full replay's "
+                                 "scratch copy, for the webhooks recorded while it runs.")
+@click.option("--no-disk-check", is_flag=True,
+              help="Start a full replay even when the database server's disk looks too full.")
 @one_line_errors()
-def replay_command(check: bool, stream: str | None, batches: bool) -> None:
+def replay_command(check: bool, stream: str | None, batches: bool, keep_free: float,
+                   no_disk_check: bool) -> None:
     """Rebuild the projections (jobs, predictions, outputs) from the events, beside the live
     ones, while webhooks keep being recorded; then write only the rows that differ."""
     require_migrated()
+    if stream is None:
+        _check_disk(keep_free, no_disk_check)
 
     def progress(step: replays.Step) -> None:
         left = f", about {step.left:,.0f} s left" if step.number < len(replays.STAGES) else ""
@@ -133,6 +141,32 @@ def replay_command(check: bool, stream: str | None, batches: bool) -> None:
     _summarise(result, check)
     if check and result.differences:
         sys.exit(1)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def _check_disk(keep_free: float, skip: bool) -> None:
+    """A full replay copies the projections on the database server's disk: refuse to start
+    one that would fill it (appends would then fail too), where this process can see that
+    disk; otherwise say what it needs."""
+    with _connect() as conn:
+        space = replays.scratch_space(conn)
+    reserve = int(keep_free * 1e9)
+    if space.free is None:
+        click.echo(f"a full replay needs about {_gb(space.need)} free on the database server's disk "
+                   "(not visible from here: check it there, docs/deploy.md)", err=True)
+    elif space.free < space.need + reserve and not skip:
+        raise click.ClickException(
+            f"a full replay needs about {_gb(space.need)} on the database server's disk for its "
+            f"scratch copy of the projections (they take {_gb(space.projections)}), plus "
+            f"{_gb(reserve)} left free for webhooks (--keep-free), and {_gb(space.free)} is free "
+            f"at {space.directory}; free some disk first (docs/deploy.md), or pass "
+            "--no-disk-check to start anyway")
+    else:
+        click.echo(f"a full replay needs about {_gb(space.need)} of disk; {_gb(space.free)} is free "
+                   f"at {space.directory}", err=True)
 
 
 def _summarise(result: replays.ReplayResult, check: bool) -> None:

@@ -28,6 +28,7 @@ as it was: nothing is written to it before the cut-over commits.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from service.db import queries
 from service.errors import ServiceError
 from service.scratch import TABLES, Difference, Scratch
 
-__all__ = ["TABLES", "Difference", "ReplayBusy", "ReplayResult", "Step", "replay"]
+__all__ = ["TABLES", "Difference", "ReplayBusy", "ReplayResult", "Space", "Step", "replay", "scratch_space"]
 
 PHASES = ("predictions", "outputs", "jobs")
 # What a running replay reports in application_name, for /metrics (service/metrics.py).
@@ -59,6 +60,40 @@ _SMALL_DELTA = 2_000
 # folds in the rest with appends waiting.
 _TINY_DELTA = 50
 _CATCH_UP_ROUNDS = 4
+
+
+# A full replay's disk use on the database server beside the store, at its peak: the scratch
+# copy of the projections with its indexes, and the sort and hash files of the rebuild. Per
+# event, and as a multiple of the live projections' size, whichever is greater (a new store
+# has none). Measured with scripts/bench/scale.py at 1M and 20M events (docs/deploy.md).
+SCRATCH_BYTES_PER_EVENT = 900
+SCRATCH_PER_PROJECTION_BYTE = 1.5
+
+
+@dataclass
+class Space:
+    """What a full replay needs on the database server's disk, and what is free there
+    (None: not visible from this process: a remote server, or a role that may not see
+    where its data lives)."""
+
+    need: int
+    free: int | None
+    projections: int
+    directory: str | None = None
+
+
+def scratch_space(conn: psycopg.Connection) -> Space:
+    row = conn.execute(queries["replay_space"]).fetchone()
+    need = int(max(row["events"] * SCRATCH_BYTES_PER_EVENT,
+                   row["projections_bytes"] * SCRATCH_PER_PROJECTION_BYTE))
+    directory = row["data_directory"]
+    host = conn.info.host or ""
+    local = host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")
+    try:
+        free = shutil.disk_usage(directory).free if directory and local else None
+    except OSError:  # a path of the server's that this machine does not have
+        free = None
+    return Space(need, free, row["projections_bytes"], directory if free is not None else None)
 
 
 class ReplayBusy(ServiceError):

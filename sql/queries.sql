@@ -6,6 +6,17 @@
 SELECT event_position AS position, duplicate
 FROM append_event(%(event_key)s, %(stream)s, %(type)s, %(data)s, %(metadata)s);
 
+-- replay_space --
+-- What a full replay's scratch copy of the projections is weighed against: about how many
+-- events it reads (from the positions, without counting them), the live projections' size
+-- on disk (tables, TOAST, indexes), and the server's data directory where this role may
+-- see it (superuser or pg_read_all_settings; NULL otherwise).
+SELECT coalesce((SELECT max(position) - min(position) + 1 FROM events), 0) AS events,
+       (pg_total_relation_size('jobs') + pg_total_relation_size('predictions')
+        + pg_total_relation_size('outputs') + pg_total_relation_size('job_activity'))::bigint
+           AS projections_bytes,
+       (SELECT setting FROM pg_settings WHERE name = 'data_directory') AS data_directory;
+
 -- replay_event_count --
 -- How many events of some streams (NULL: all) lie in (after, upto], the positions a replay reads.
 SELECT count(*) AS n FROM events

@@ -140,6 +140,37 @@ def test_replay_counts_one_of_a_thing_in_the_singular(app, client):
     assert " 1 rows" not in result.output and " 1 jobs" not in result.output
 
 
+def test_a_full_replay_says_the_disk_it_needs_and_what_is_free(app, client):
+    assert client.post("/api/jobs", json={"model": "a/b", "input": {}}).status_code == 201
+    result = app.test_cli_runner().invoke(args=["replay"])
+    assert result.exit_code == 0, result.output
+    # the test servers run on this machine: their disk is visible
+    assert "a full replay needs about " in result.stderr and " GB is free at /" in result.stderr
+
+
+def test_a_full_replay_that_would_fill_the_disk_is_refused_in_one_line_and_changes_nothing(app, client):
+    assert client.post("/api/jobs", json={"model": "a/b", "input": {}}).status_code == 201
+    with psycopg.connect(app.config["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("DELETE FROM jobs")  # a replay would write it back
+        runner = app.test_cli_runner()
+        refused = runner.invoke(args=["replay", "--keep-free", "1000000000"])
+        assert refused.exit_code == 1, refused.output
+        assert "Traceback" not in refused.output
+        message = refused.output.strip().splitlines()[-1]
+        assert message.startswith("Error: a full replay needs about ") and "--keep-free" in message
+        assert "--no-disk-check" in message
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+        # one job's replay copies one job: no check
+        job = conn.execute("SELECT stream FROM events LIMIT 1").fetchone()[0]
+        one = runner.invoke(args=["replay", "--job", job, "--keep-free", "1000000000"])
+        assert one.exit_code == 0 and "needs about" not in one.output, one.output
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+        conn.execute("DELETE FROM jobs")
+        forced = runner.invoke(args=["replay", "--keep-free", "1000000000", "--no-disk-check"])
+        assert forced.exit_code == 0, forced.output
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+
+
 def test_counts_and_the_reconcile_summary_read_as_english():
     assert [plural(n, "job") for n in (0, 1, 2, 1000)] == ["0 jobs", "1 job", "2 jobs", "1,000 jobs"]
     assert reconciled({"polled": 1, "unchanged": 0, "poll_failed": 2, "resubmitted": 1}) == (
