@@ -91,6 +91,9 @@ def parse_args() -> argparse.Namespace:
                              "after a change of the fold's rules: every row is written) or runs "
                              "over the live ones (the projection is rebuilt and compared, nothing "
                              "differs; the replay benchmark's case)")
+    parser.add_argument("--drop-os-cache", action="store_true",
+                        help="empty the page cache before the cold reads (root; the server on "
+                             "this machine), so they come from disk at every size")
     parser.add_argument("--keep", action="store_true",
                         help="keep the partitioned stores' databases (bench_scale_<size>) afterwards")
     parser.add_argument("--reuse", action="store_true",
@@ -229,10 +232,11 @@ def read_pass(url: str, jobs: list[str], warm_up: str) -> tuple[list[float], dic
     return sorted(times), io_per(url, before, len(jobs))
 
 
-def reads(url: str, n: int) -> dict:
+def reads(url: str, n: int, drop_os_cache: bool = False) -> dict:
     """One job's events through the API, for n jobs picked at random from the whole store:
-    p50 and p99 in ms, first as they come (cold: what the page cache holds then) and then
-    the same jobs again (warm), with each pass's blocks per read (see read_pass)."""
+    p50 and p99 in ms, first as they come (cold: what the page cache holds then, or with
+    drop_os_cache nothing of it) and then the same jobs again (warm), with each pass's blocks
+    per read (see read_pass)."""
     with db.connect(url, autocommit=True) as conn:
         # SYSTEM sampling at the percentage that gives ~20n rows: blocks from every part of
         # the table (a LIMIT on a larger sample would keep only the table's first blocks)
@@ -243,11 +247,25 @@ def reads(url: str, n: int) -> dict:
             "SELECT id FROM jobs TABLESAMPLE SYSTEM (%s) REPEATABLE (1)", (percent,))]
     picked = random.Random(1).sample(jobs, min(n + 1, len(jobs)))
     out = {}
+    if drop_os_cache:
+        drop_page_cache()
     for label in ("cold", "warm"):
         times, io = read_pass(url, picked[1:], picked[0])
         out[label] = {"p50": statistics.median(times), "p99": times[max(0, math.ceil(0.99 * len(times)) - 1)],
                       **io}
     return out
+
+
+def drop_page_cache() -> None:
+    """Empty the operating system's page cache (root only, and the server on this machine):
+    a cold read then comes from the disk at any size of the store, where otherwise a small
+    store is read from memory and a large one from disk. PostgreSQL's own shared buffers
+    keep what they hold."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        raise SystemExit(f"--drop-os-cache: cannot empty the page cache ({exc}); run as root") from exc
 
 
 def bytes_per_event(url: str, partitioned: bool) -> float:
@@ -289,7 +307,7 @@ def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
     # today's schema lacks what the API reads now (job_first_position): its reads are not measured
     if partitioned:
         settle(url, appended=True)  # not autovacuum's work on the appends while reads are timed
-        out["reads"] = reads(url, args.reads)
+        out["reads"] = reads(url, args.reads, args.drop_os_cache)
         for label, r in out["reads"].items():
             print(f"    job events, {label}: p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms; per read "
                   f"{r['blocks']:.1f} blocks, {r['read']:.1f} read from outside shared buffers "
