@@ -563,11 +563,12 @@ DECLARE
     v_o1 job_step_output_rollups;
     v_o2 job_step_output_rollups;
 BEGIN
-    INSERT INTO job_activity AS a (job_id, event_count, last_position, updated_at)
-    VALUES (p_job, 1, e.position, e.recorded_at)
+    INSERT INTO job_activity AS a (job_id, event_count, first_position, last_position, updated_at)
+    VALUES (p_job, 1, CASE WHEN e.type = 'job.created' THEN e.position END, e.position, e.recorded_at)
     ON CONFLICT (job_id) DO UPDATE SET
-        event_count   = a.event_count + 1,
-        last_position = greatest(a.last_position, excluded.last_position),
+        event_count    = a.event_count + 1,
+        first_position = least(a.first_position, excluded.first_position),  -- NULLs ignored
+        last_position  = greatest(a.last_position, excluded.last_position),
         updated_at    = greatest(a.updated_at, excluded.updated_at);
     IF NOT p_derive THEN
         RETURN;

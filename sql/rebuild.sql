@@ -269,12 +269,15 @@ BEGIN
     -- Each stream's statistics, as the view job_stream_stats has them (the live path's), a
     -- window of positions at a time (rebuild_grouped).
     PERFORM rebuild_grouped('rebuild_stream_stats', 'e.stream', $partial$
-               count(*)::integer AS event_count, max(e.position) AS last_position,
+               count(*)::integer AS event_count,
+               min(e.position) FILTER (WHERE e.type = 'job.created') AS first_position,
+               max(e.position) AS last_position,
                max(e.recorded_at) AS updated_at,
                min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
                count(*) FILTER (WHERE is_final_submit_failure(e.type, e.data))::integer AS submit_failures,
                max(e.recorded_at) FILTER (WHERE e.type = 'job.retried') AS retried_at $partial$, $merged$
-               sum(f.event_count)::integer, max(f.last_position), max(f.updated_at),
+               sum(f.event_count)::integer, min(f.first_position), max(f.last_position),
+               max(f.updated_at),
                min(f.canceled_at), sum(f.submit_failures)::integer, max(f.retried_at) $merged$,
         ' FROM events e WHERE true ', CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END,
         p_streams);
@@ -290,8 +293,9 @@ BEGIN
             SELECT s.key AS stream, s.* FROM rebuild_stream_stats s
             WHERE stream_job_id(s.key) IS NOT NULL),
         activity AS (
-            INSERT INTO job_activity (job_id, event_count, last_position, updated_at)
-            SELECT stream_job_id(s.stream), s.event_count, s.last_position, s.updated_at FROM s)
+            INSERT INTO job_activity (job_id, event_count, first_position, last_position, updated_at)
+            SELECT stream_job_id(s.stream), s.event_count, s.first_position, s.last_position,
+                   s.updated_at FROM s)
         INSERT INTO jobs (id, model, version, deployment, aspect_ratio, postprocess, input,
                           next_step, metadata, status, predictions_expected, predictions_submitted,
                           predictions_succeeded, predictions_failed, submit_failures,

@@ -119,6 +119,8 @@ SHAPE_CHANGED_SINCE_LEGACY = (
     # issue 19 (append speed, 023_held_tasks_index.sql and sql/fold.sql): the held
     # submissions' own index; the deadline probe out of job_derived_values' inlined body
     r"\btasks_held_running\b", r"^job_stopped_by_deadline\(",
+    # issue 19 (024_job_activity_first_position.sql): a job's first position in job_activity
+    r"^job_activity\.first_position ",
 )
 
 # issue 19 (migration 017): events is rebuilt as a partitioned table, and its keys are unique

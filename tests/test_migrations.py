@@ -97,7 +97,7 @@ def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     job's second prediction in predictions_expected; 020 gives each task its owner (its
     job's, for one still to run; else the nil uuid), rank 0 and no hold; 021 adds
     jobs.deadline (none: the old jobs had no cancel_after) and predictions.superseded (none:
-    nothing was retried)."""
+    nothing was retried); 024 gives each job_activity row its job.created's position."""
     jobs = [{**j, "predictions_expected": j["predictions_expected"] + (j["next_step"] is not None),
              "deadline": None} for j in data["jobs"]]
     owners = {j["id"]: j["owner_id"] for j in data["jobs"]}
@@ -106,7 +106,11 @@ def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     tasks = [{**t, "owner_key": (owners.get(t["job_id"]) if t["status"] in waiting else None) or nil,
               "fair_rank": 0, "held_by": None} for t in data["tasks"]]
     predictions = [{**p, "superseded": False} for p in data["predictions"]]
-    return {**data, "jobs": jobs, "tasks": tasks, "predictions": predictions}
+    created = {e["event_key"]: e["position"] for e in data["events"] if e["type"] == "job.created"}
+    activity = [{**a, "first_position": created.get(f"created:{a['job_id']}")}
+                for a in data.get("job_activity", [])]
+    return {**data, "jobs": jobs, "tasks": tasks, "predictions": predictions,
+            **({"job_activity": activity} if "job_activity" in data else {})}
 
 
 def since_legacy() -> list[str]:

@@ -185,6 +185,40 @@ def test_an_old_jobs_events_are_read_without_probing_the_newer_partitions(conn, 
                         "AS last", (old, old)).fetchone() == {"unbounded": True, "last": True}
 
 
+EVENT_KEY_SCANS = """
+    SELECT pg_stat_get_xact_numscans('event_keys'::regclass)
+           + (SELECT coalesce(sum(pg_stat_get_xact_numscans(i.indexrelid)), 0) FROM pg_index i
+              WHERE i.indrelid = 'event_keys'::regclass) AS n"""
+
+
+def test_a_jobs_bounds_come_from_its_job_activity_row_alone(conn):
+    """Both bounds of a read of one job's events are in the job's job_activity row: reading
+    them looks up no key in event_keys, whose index (a key per event) is deeper than
+    job_activity's (a row per job), so a cold read of an old job reads fewer blocks."""
+    job = new_job_id()
+    created = create_job(conn, job)
+    states = bodies(LIFECYCLE, "p_bounds")
+    webhook(conn, job, states[1], key="bounds_1")
+    last = webhook(conn, job, states[2], key="bounds_2")
+    with conn.transaction():
+        before = conn.execute(EVENT_KEY_SCANS).fetchone()["n"]
+        bounds = events.job_stream(conn, job)
+        assert conn.execute(EVENT_KEY_SCANS).fetchone()["n"] == before
+    assert (bounds["lo"], bounds["hi"]) == (created.position, last.position)
+    assert conn.execute("SELECT job_first_position(%s) AS lo, job_last_position(%s) AS hi",
+                        (job, job)).fetchone() == {"lo": bounds["lo"], "hi": bounds["hi"]}
+    # no bounds for a stream that is no job's, nor below a job's events before its job.created
+    unbounded = 2 ** 63 - 1
+    assert events.job_stream(conn, "p_orphan") == {"stream": "p_orphan", "lo": 0, "hi": unbounded}
+    early = new_job_id()
+    first = webhook(conn, early, bodies(LIFECYCLE, "p_early")[1], key="early_1")
+    assert events.job_stream(conn, early) == {"stream": early, "lo": 0, "hi": first.position}
+    create_job(conn, early)
+    assert events.job_stream(conn, early)["lo"] > first.position
+    # the rebuild writes the same bounds
+    assert replay.replay(conn, check=True).differences == 0
+
+
 def scans(conn) -> dict[str, int]:
     """Each partition's scans (its own and its indexes') so far in this transaction."""
     return {r["partition"]: r["n"] for r in conn.execute(

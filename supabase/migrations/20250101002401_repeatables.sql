@@ -1295,11 +1295,12 @@ DECLARE
     v_o1 job_step_output_rollups;
     v_o2 job_step_output_rollups;
 BEGIN
-    INSERT INTO job_activity AS a (job_id, event_count, last_position, updated_at)
-    VALUES (p_job, 1, e.position, e.recorded_at)
+    INSERT INTO job_activity AS a (job_id, event_count, first_position, last_position, updated_at)
+    VALUES (p_job, 1, CASE WHEN e.type = 'job.created' THEN e.position END, e.position, e.recorded_at)
     ON CONFLICT (job_id) DO UPDATE SET
-        event_count   = a.event_count + 1,
-        last_position = greatest(a.last_position, excluded.last_position),
+        event_count    = a.event_count + 1,
+        first_position = least(a.first_position, excluded.first_position),  -- NULLs ignored
+        last_position  = greatest(a.last_position, excluded.last_position),
         updated_at    = greatest(a.updated_at, excluded.updated_at);
     IF NOT p_derive THEN
         RETURN;
@@ -1697,12 +1698,15 @@ BEGIN
     -- Each stream's statistics, as the view job_stream_stats has them (the live path's), a
     -- window of positions at a time (rebuild_grouped).
     PERFORM rebuild_grouped('rebuild_stream_stats', 'e.stream', $partial$
-               count(*)::integer AS event_count, max(e.position) AS last_position,
+               count(*)::integer AS event_count,
+               min(e.position) FILTER (WHERE e.type = 'job.created') AS first_position,
+               max(e.position) AS last_position,
                max(e.recorded_at) AS updated_at,
                min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
                count(*) FILTER (WHERE is_final_submit_failure(e.type, e.data))::integer AS submit_failures,
                max(e.recorded_at) FILTER (WHERE e.type = 'job.retried') AS retried_at $partial$, $merged$
-               sum(f.event_count)::integer, max(f.last_position), max(f.updated_at),
+               sum(f.event_count)::integer, min(f.first_position), max(f.last_position),
+               max(f.updated_at),
                min(f.canceled_at), sum(f.submit_failures)::integer, max(f.retried_at) $merged$,
         ' FROM events e WHERE true ', CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END,
         p_streams);
@@ -1718,8 +1722,9 @@ BEGIN
             SELECT s.key AS stream, s.* FROM rebuild_stream_stats s
             WHERE stream_job_id(s.key) IS NOT NULL),
         activity AS (
-            INSERT INTO job_activity (job_id, event_count, last_position, updated_at)
-            SELECT stream_job_id(s.stream), s.event_count, s.last_position, s.updated_at FROM s)
+            INSERT INTO job_activity (job_id, event_count, first_position, last_position, updated_at)
+            SELECT stream_job_id(s.stream), s.event_count, s.first_position, s.last_position,
+                   s.updated_at FROM s)
         INSERT INTO jobs (id, model, version, deployment, aspect_ratio, postprocess, input,
                           next_step, metadata, status, predictions_expected, predictions_submitted,
                           predictions_succeeded, predictions_failed, submit_failures,
@@ -2669,9 +2674,9 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '9223716a97f10b1e00004154517fb9a2e1b3f2697267fe1f85f0ceaf08846adc')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '9116c4de8de2fb8292945e2536cd50558b4887610f854e158a156c85cc6e4bba')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '975b727fdc43cef54b6aae14e79b9fbb1d2c2b33f1367a951509f8ff1eb7516c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '6480b99df62e829e22de47b9f7e9590be9fd892e84f6c55ac1b1a5fcd2db264d')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '20bea557c417d1d21addd827f58bb3b5899be0f51146b67fa1bdaedd6b0f82f8')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
