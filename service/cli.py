@@ -143,29 +143,25 @@ def replay_command(check: bool, stream: str | None, batches: bool, keep_free: fl
         sys.exit(1)
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:,.1f} GB"
-
-
 def _check_disk(keep_free: float, skip: bool) -> None:
     """A full replay copies the projections on the database server's disk: refuse to start
     one that would fill it (appends would then fail too), where this process can see that
     disk; otherwise say what it needs."""
     with _connect() as conn:
         space = replays.scratch_space(conn)
-    reserve = int(keep_free * 1e9)
+    reserve = int(keep_free * 1024 ** 3)
     if space.free is None:
-        click.echo(f"a full replay needs about {_gb(space.need)} free on the database server's disk "
+        click.echo(f"a full replay needs about {_size(space.need)} free on the database server's disk "
                    "(not visible from here: check it there, docs/deploy.md)", err=True)
     elif space.free < space.need + reserve and not skip:
         raise click.ClickException(
-            f"a full replay needs about {_gb(space.need)} on the database server's disk for its "
-            f"scratch copy of the projections (they take {_gb(space.projections)}), plus "
-            f"{_gb(reserve)} left free for webhooks (--keep-free), and {_gb(space.free)} is free "
+            f"a full replay needs about {_size(space.need)} on the database server's disk for its "
+            f"scratch copy of the projections (they take {_size(space.projections)}), plus "
+            f"{_size(reserve)} left free for webhooks (--keep-free), and {_size(space.free)} is free "
             f"at {space.directory}; free some disk first (docs/deploy.md), or pass "
             "--no-disk-check to start anyway")
     else:
-        click.echo(f"a full replay needs about {_gb(space.need)} of disk; {_gb(space.free)} is free "
+        click.echo(f"a full replay needs about {_size(space.need)} of disk; {_size(space.free)} is free "
                    f"at {space.directory}", err=True)
 
 
