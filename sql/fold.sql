@@ -339,9 +339,11 @@ AS $$
     WHERE stream_job_id(stream) IS NOT NULL
 $$;
 
--- What a job row records about its stream of events as a whole. The rebuild reads it for
--- every stream; the live path reads it for one stream when job.created arrives (so events
--- that came before job.created are counted the same way) and then adds each event.
+-- What a job row records about its stream of events as a whole. The live path reads it for
+-- one stream when job.created arrives (so events that came before job.created are counted
+-- the same way) and then adds each event. The rebuild computes the same aggregates a window
+-- of positions at a time (sql/rebuild.sql: rebuild_jobs): keep the two alike (the replay
+-- tests compare what each gives).
 CREATE OR REPLACE VIEW job_stream_stats AS
 SELECT stream,
        count(*)::integer AS event_count,
