@@ -123,8 +123,6 @@ def replay_command(check: bool, stream: str | None, batches: bool, keep_free: fl
     """Rebuild the projections (jobs, predictions, outputs) from the events, beside the live
     ones, while webhooks keep being recorded; then write only the rows that differ."""
     require_migrated()
-    if stream is None:
-        _check_disk(keep_free, no_disk_check)
 
     def progress(step: replays.Step) -> None:
         left = f", about {step.left:,.0f} s left" if step.number < len(replays.STAGES) else ""
@@ -132,6 +130,8 @@ def replay_command(check: bool, stream: str | None, batches: bool, keep_free: fl
                    f"{step.seconds:,.1f} s, {step.rate:,.0f} events/s{left}", err=True)
 
     with _connect() as conn:
+        if stream is None:
+            _check_disk(conn, keep_free, no_disk_check)
         try:
             result = replays.replay(conn, stream=stream, check=check,
                                     batches=replays.WRITE_BATCH if batches else 0,
@@ -143,12 +143,11 @@ def replay_command(check: bool, stream: str | None, batches: bool, keep_free: fl
         sys.exit(1)
 
 
-def _check_disk(keep_free: float, skip: bool) -> None:
+def _check_disk(conn: psycopg.Connection, keep_free: float, skip: bool) -> None:
     """A full replay copies the projections on the database server's disk: refuse to start
     one that would fill it (appends would then fail too), where this process can see that
     disk; otherwise say what it needs."""
-    with _connect() as conn:
-        space = replays.scratch_space(conn)
+    space = replays.scratch_space(conn)
     reserve = int(keep_free * 1024 ** 3)
     if space.free is None:
         click.echo(f"a full replay needs about {_size(space.need)} free on the database server's disk "
