@@ -108,9 +108,8 @@ def migrated_rows(data: dict[str, list[dict]]) -> dict[str, list[dict]]:
     predictions = [{**p, "superseded": False} for p in data["predictions"]]
     created = {e["event_key"]: e["position"] for e in data["events"] if e["type"] == "job.created"}
     activity = [{**a, "first_position": created.get(f"created:{a['job_id']}")}
-                for a in data.get("job_activity", [])]
-    return {**data, "jobs": jobs, "tasks": tasks, "predictions": predictions,
-            **({"job_activity": activity} if "job_activity" in data else {})}
+                for a in data["job_activity"]]
+    return {**data, "jobs": jobs, "tasks": tasks, "predictions": predictions, "job_activity": activity}
 
 
 def since_legacy() -> list[str]:
