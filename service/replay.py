@@ -9,7 +9,8 @@ sees those tables, and they go when the session ends, however it ends.
 1. snapshot: a snapshot in which no append is in flight (a second session holds a SHARE
    lock on events for a moment and exports its snapshot), and W, the greatest position in
    it: every event at or below W is in the snapshot, every later one is above W.
-2. predictions, outputs, jobs: the set-based rebuild of that snapshot. Webhooks go on.
+2. scan, predictions, outputs, jobs: the set-based rebuild of that snapshot (scan reads
+   the events once, a window at a time, for the three after it). Webhooks go on.
 3. indexes: the temporary tables' keys and statistics, built after their rows.
 4. compare: the streams with events above W are rebuilt again, from a new quiet snapshot,
    until few arrived during a round; then the rows that differ from the live ones are
@@ -43,13 +44,13 @@ from service.scratch import TABLES, Difference, Scratch
 
 __all__ = ["TABLES", "Difference", "ReplayBusy", "ReplayResult", "Space", "Step", "replay", "scratch_space"]
 
-PHASES = ("predictions", "outputs", "jobs")
+PHASES = ("scan", "predictions", "outputs", "jobs")
 # What a running replay reports in application_name, for /metrics (service/metrics.py).
 STAGES = ("snapshot", *PHASES, "indexes", "compare", "write", "cut-over")
 # Share of a full replay's time each stage takes (scripts/bench/replay.py at 1,000,000
 # events over a live projection), for the estimate of the time left.
-WEIGHTS = {"snapshot": 0.01, "predictions": 0.5, "outputs": 0.05, "jobs": 0.25, "indexes": 0.08,
-           "compare": 0.08, "write": 0.02, "cut-over": 0.01}
+WEIGHTS = {"snapshot": 0.01, "scan": 0.35, "predictions": 0.2, "outputs": 0.01, "jobs": 0.2,
+           "indexes": 0.07, "compare": 0.13, "write": 0.02, "cut-over": 0.01}
 # Streams written per transaction by a replay in batches (each holds their advisory locks).
 WRITE_BATCH = 500
 # Held for the whole replay: a second one is refused while it runs.

@@ -66,28 +66,36 @@ LANGUAGE sql STABLE PARALLEL SAFE
 RETURN coalesce(nullif(current_setting('rjs.rebuild_window', true), '')::bigint,
                 2 * event_partition_size());
 
--- Group events into a temporary table (dropped at commit): `key`, then the `partial`
--- aggregates, over `source` (a FROM over events e and a WHERE). For some streams (`only`,
--- a condition on them) in one statement; for the whole store (`only` NULL) a window of
--- positions at a time, in position order, each window into a table of its own. A key whose
--- events lie in several windows then has a group in each, and only those keys are grouped
--- again, by `merged` (the aggregates that combine partial ones: sum for count, max for
--- max...). CREATE TABLE AS, unlike INSERT, may run in parallel workers.
-CREATE OR REPLACE FUNCTION rebuild_grouped(p_table text, p_key text, p_partial text,
-                                           p_merged text, p_source text, p_only text,
-                                           p_streams text[]) RETURNS void
+-- Superseded: one grouping a pass, where rebuild_windowed makes several in one.
+DROP FUNCTION IF EXISTS rebuild_grouped(text, text, text, text, text, text, text[]);
+
+-- Fill temporary tables (dropped at commit) from the events, each by a SELECT (`selects`,
+-- its rows' first column `key`) whose `{window}` is a condition on events e. For some
+-- streams (`only`, a condition on them) one statement each; for the whole store (`only`
+-- NULL) a window of positions at a time, in position order: each window's statements run
+-- one after the other, so that the window's partitions, read from disk by the first, are
+-- still in memory for the others (a pass per table read the whole store from disk each
+-- time, at 20M events 17.5 GB). Each window's rows go into tables of their own; a key
+-- found in several windows then has a row in each, and only those rows are combined again,
+-- by `merges` (a SELECT over `split_parts f`, those rows: the aggregates that combine
+-- partial ones, sum for count, max for max...). CREATE TABLE AS, unlike INSERT, may run in
+-- parallel workers.
+CREATE OR REPLACE FUNCTION rebuild_windowed(p_tables text[], p_selects text[], p_merges text[],
+                                            p_only text, p_streams text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_window bigint := rebuild_window();
     v_from bigint;
     v_last bigint;
-    v_parts text[] := '{}';
+    v_windows integer := 0;
     v_settings text[];
 BEGIN
     SELECT min(position) / v_window * v_window, max(position) INTO v_from, v_last FROM events;
     IF p_only IS NOT NULL OR v_from IS NULL OR v_last < v_from + v_window THEN  -- one statement
-        EXECUTE format('CREATE TEMP TABLE %I ON COMMIT DROP AS SELECT %s AS key, %s %s AND %s GROUP BY 1',
-                       p_table, p_key, p_partial, p_source, coalesce(p_only, 'true')) USING p_streams;
+        FOR i IN 1 .. cardinality(p_tables) LOOP
+            EXECUTE format('CREATE TEMP TABLE %I ON COMMIT DROP AS %s', p_tables[i],
+                           replace(p_selects[i], '{window}', coalesce(p_only, 'true'))) USING p_streams;
+        END LOOP;
         RETURN;
     END IF;
     -- A window's groups fit in memory: hash them, reading the window's partitions whole.
@@ -100,37 +108,114 @@ BEGIN
     PERFORM set_config('enable_sort', 'off', true), set_config('enable_indexscan', 'off', true),
             set_config('enable_bitmapscan', 'off', true);
     WHILE v_from <= v_last LOOP
-        v_parts := v_parts || format('%s_%s', p_table, cardinality(v_parts));
-        EXECUTE format($sql$
-            CREATE TEMP TABLE %I ON COMMIT DROP AS
-            SELECT %s AS key, %s %s AND e.position >= %s AND e.position < %s GROUP BY 1
-        $sql$, v_parts[cardinality(v_parts)], p_key, p_partial, p_source, v_from, v_from + v_window);
+        FOR i IN 1 .. cardinality(p_tables) LOOP
+            EXECUTE format('CREATE TEMP TABLE %I ON COMMIT DROP AS %s', p_tables[i] || '_' || v_windows,
+                           replace(p_selects[i], '{window}', format('e.position >= %s AND e.position < %s',
+                                                                    v_from, v_from + v_window)));
+        END LOOP;
+        v_windows := v_windows + 1;
         v_from := v_from + v_window;
     END LOOP;
     PERFORM set_config('enable_sort', v_settings[1], true),
             set_config('enable_indexscan', v_settings[2], true),
             set_config('enable_bitmapscan', v_settings[3], true);
-    EXECUTE format($sql$
-        CREATE TEMP TABLE %1$I ON COMMIT DROP AS
-        WITH parts AS (%2$s),
-        split AS (SELECT key FROM parts GROUP BY key HAVING count(*) > 1)
-        SELECT f.* FROM parts f WHERE NOT EXISTS (SELECT FROM split s WHERE s.key = f.key)
-        UNION ALL
-        SELECT f.key, %3$s FROM parts f WHERE EXISTS (SELECT FROM split s WHERE s.key = f.key)
-        GROUP BY f.key
-    $sql$, p_table,
-       (SELECT string_agg(format('SELECT * FROM %I', t), ' UNION ALL ') FROM unnest(v_parts) t),
-       p_merged);
-    FOR i IN 1 .. cardinality(v_parts) LOOP
-        EXECUTE format('DROP TABLE %I', v_parts[i]);
+    FOR i IN 1 .. cardinality(p_tables) LOOP
+        EXECUTE format($sql$
+            CREATE TEMP TABLE %1$I ON COMMIT DROP AS
+            WITH parts AS (%2$s),
+            split AS (SELECT key FROM parts GROUP BY key HAVING count(*) > 1),
+            split_parts AS (SELECT f.* FROM parts f WHERE EXISTS (SELECT FROM split s WHERE s.key = f.key))
+            SELECT f.* FROM parts f WHERE NOT EXISTS (SELECT FROM split s WHERE s.key = f.key)
+            UNION ALL
+            (%3$s)
+        $sql$, p_tables[i],
+           (SELECT string_agg(format('SELECT * FROM %I', p_tables[i] || '_' || w), ' UNION ALL ')
+            FROM generate_series(0, v_windows - 1) w),
+           p_merges[i]);
+        FOR w IN 0 .. v_windows - 1 LOOP
+            EXECUTE format('DROP TABLE %I', p_tables[i] || '_' || w);
+        END LOOP;
     END LOOP;
 END $$;
 
--- Every prediction: first each one's winning keys from one pass over its events, then the
--- facts of the winning events.
+-- The first phase of a rebuild: one pass over the events (of some streams, or all, a window
+-- at a time) into the temporary tables the others read, dropped at commit:
+-- rebuild_prediction_groups: each prediction's winning keys and the aggregates of its
+--   events (rebuild_predictions fetches the facts of its winning events);
+-- rebuild_output_facts: each output's winning event's row (rebuild_outputs);
+-- rebuild_stream_stats: each stream's statistics, as the view job_stream_stats has them
+--   (the live path's: keep the two alike), and its job.created's body and time (a stream
+--   has one), for rebuild_jobs.
+-- Returns how many events it read.
+CREATE OR REPLACE FUNCTION rebuild_scan(p_streams text[]) RETURNS bigint
+LANGUAGE plpgsql
+-- A window's aggregation keeps one group per prediction or stream (about 1 kB each) in memory.
+SET work_mem = '256MB'
+SET jit = off
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- The keys are compared as the live path compares them (the key columns are COLLATE
+    -- "C"), which is also cheaper than the database's default collation.
+    PERFORM rebuild_windowed(
+        ARRAY['rebuild_prediction_groups', 'rebuild_output_facts', 'rebuild_stream_stats'],
+        ARRAY[$predictions$
+            SELECT f.id AS key,
+                   max(f.job_id::text COLLATE "C")::uuid AS job_id, min(f.step) AS step,
+                   max(f.state_key COLLATE "C") AS state_key, max(f.logs_key COLLATE "C") AS logs_key,
+                   max(f.output_key COLLATE "C") AS output_key, max(f.model) AS model,
+                   max(f.version) AS version, bool_or(f.data_removed) AS data_removed,
+                   min(f.created_at) AS created_at, min(f.started_at) AS started_at,
+                   min(f.first_seen_at) AS first_seen_at, max(f.updated_at) AS updated_at,
+                   count(*)::integer AS event_count
+            FROM events e
+            CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata,
+                                                e.position, e.recorded_at) f
+            WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
+                             'prediction.submit_failed') AND {window}
+            GROUP BY 1 $predictions$,
+        $outputs$
+            SELECT DISTINCT ON (1) (f.prediction_id || '/' || f.index) COLLATE "C" AS key, f AS output
+            FROM events e
+            CROSS JOIN LATERAL output_facts(e.stream, e.type, e.data, e.position, e.recorded_at) f
+            WHERE e.type IN ('output.processed', 'output.failed') AND {window}
+            ORDER BY 1, f.fold_key DESC $outputs$,
+        $streams$
+            SELECT e.stream AS key,
+                   count(*)::integer AS event_count,
+                   min(e.position) FILTER (WHERE e.type = 'job.created') AS first_position,
+                   max(e.position) AS last_position,
+                   max(e.recorded_at) AS updated_at,
+                   min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
+                   count(*) FILTER (WHERE is_final_submit_failure(e.type, e.data))::integer AS submit_failures,
+                   max(e.recorded_at) FILTER (WHERE e.type = 'job.retried') AS retried_at,
+                   min(e.recorded_at) FILTER (WHERE e.type = 'job.created') AS created_at,
+                   min(e.data::text COLLATE "C") FILTER (WHERE e.type = 'job.created') AS created_data
+            FROM events e WHERE {window}
+            GROUP BY 1 $streams$],
+        ARRAY[$predictions$
+            SELECT f.key, max(f.job_id::text COLLATE "C")::uuid, min(f.step), max(f.state_key COLLATE "C"),
+                   max(f.logs_key COLLATE "C"), max(f.output_key COLLATE "C"), max(f.model),
+                   max(f.version), bool_or(f.data_removed), min(f.created_at), min(f.started_at),
+                   min(f.first_seen_at), max(f.updated_at), sum(f.event_count)::integer
+            FROM split_parts f GROUP BY f.key $predictions$,
+        $outputs$
+            SELECT DISTINCT ON (f.key) f.key, f.output
+            FROM split_parts f ORDER BY f.key, (f.output).fold_key DESC $outputs$,
+        $streams$
+            SELECT f.key, sum(f.event_count)::integer, min(f.first_position), max(f.last_position),
+                   max(f.updated_at), min(f.canceled_at), sum(f.submit_failures)::integer,
+                   max(f.retried_at), min(f.created_at), min(f.created_data COLLATE "C")
+            FROM split_parts f GROUP BY f.key $streams$],
+        CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END, p_streams);
+    SELECT coalesce(sum(event_count), 0) INTO n FROM rebuild_stream_stats;
+    RETURN n;
+END $$;
+
+-- Every prediction: the facts of its winning events (rebuild_scan found which they are).
 CREATE OR REPLACE FUNCTION rebuild_predictions(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
--- A window's aggregation keeps one group per prediction (about 1 kB each) in memory.
 SET work_mem = '256MB'
 SET jit = off
 AS $$
@@ -144,28 +229,7 @@ BEGIN
                WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
         PERFORM set_config('default_toast_compression', 'lz4', true);
     END IF;
-    -- First each prediction's winning keys, from one pass over its events: each process
-    -- computes the facts of its share of the events and groups them, the leader merges.
-    -- The keys are compared as the live path compares them (the key columns are COLLATE
-    -- "C"), which is also cheaper than the database's default collation.
-    PERFORM rebuild_grouped('rebuild_prediction_groups', 'f.id', $partial$
-               max(f.job_id::text COLLATE "C")::uuid AS job_id, min(f.step) AS step,
-               max(f.state_key COLLATE "C") AS state_key, max(f.logs_key COLLATE "C") AS logs_key,
-               max(f.output_key COLLATE "C") AS output_key, max(f.model) AS model,
-               max(f.version) AS version, bool_or(f.data_removed) AS data_removed,
-               min(f.created_at) AS created_at, min(f.started_at) AS started_at,
-               min(f.first_seen_at) AS first_seen_at, max(f.updated_at) AS updated_at,
-               count(*)::integer AS event_count $partial$, $merged$
-               max(f.job_id::text COLLATE "C")::uuid, min(f.step), max(f.state_key COLLATE "C"),
-               max(f.logs_key COLLATE "C"), max(f.output_key COLLATE "C"), max(f.model),
-               max(f.version), bool_or(f.data_removed), min(f.created_at), min(f.started_at),
-               min(f.first_seen_at), max(f.updated_at), sum(f.event_count)::integer $merged$, $source$
-        FROM events e
-        CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata,
-                                            e.position, e.recorded_at) f
-        WHERE e.type IN ('prediction.submitted', 'replicate.webhook', 'replicate.polled',
-                         'prediction.submit_failed') $source$,
-        CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END, p_streams);
+    -- Each prediction's winning keys are in rebuild_prediction_groups (rebuild_scan).
     -- The predictions a retry submitted again (job.retried events name them, in their job's
     -- stream): superseded, as apply_event marks them on the live path.
     EXECUTE format($sql$
@@ -222,24 +286,18 @@ BEGIN
     RETURN n;
 END $$;
 
--- Every output: the event with the greatest fold key of each (prediction, index).
+-- Every output: the event with the greatest fold key of each (prediction, index), as
+-- rebuild_scan found it.
 CREATE OR REPLACE FUNCTION rebuild_outputs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
-SET work_mem = '256MB'  -- sort the outputs in memory, not in files
 SET jit = off
 AS $$
 DECLARE
     n bigint;
 BEGIN
-    EXECUTE format($sql$
-        INSERT INTO outputs
-        SELECT DISTINCT ON (f.prediction_id, f.index) f.*
-        FROM events e
-        CROSS JOIN LATERAL output_facts(e.stream, e.type, e.data, e.position, e.recorded_at) f
-        WHERE e.type IN ('output.processed', 'output.failed') AND %s
-        ORDER BY f.prediction_id, f.index, f.fold_key DESC
-    $sql$, stream_filter(p_streams, 'e')) USING p_streams;
+    INSERT INTO outputs SELECT (f.output).* FROM rebuild_output_facts f;
     GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE rebuild_output_facts;
     RETURN n;
 END $$;
 
@@ -265,32 +323,37 @@ SET jit = off
 AS $$
 DECLARE
     n bigint;
+    v_target text;
 BEGIN
-    -- Each stream's statistics, as the view job_stream_stats has them (the live path's), a
-    -- window of positions at a time (rebuild_grouped).
-    PERFORM rebuild_grouped('rebuild_stream_stats', 'e.stream', $partial$
-               count(*)::integer AS event_count,
-               min(e.position) FILTER (WHERE e.type = 'job.created') AS first_position,
-               max(e.position) AS last_position,
-               max(e.recorded_at) AS updated_at,
-               min(e.recorded_at) FILTER (WHERE e.type = 'job.canceled') AS canceled_at,
-               count(*) FILTER (WHERE is_final_submit_failure(e.type, e.data))::integer AS submit_failures,
-               max(e.recorded_at) FILTER (WHERE e.type = 'job.retried') AS retried_at $partial$, $merged$
-               sum(f.event_count)::integer, min(f.first_position), max(f.last_position),
-               max(f.updated_at),
-               min(f.canceled_at), sum(f.submit_failures)::integer, max(f.retried_at) $merged$,
-        ' FROM events e WHERE true ', CASE WHEN p_streams IS NOT NULL THEN stream_filter(p_streams, 'e') END,
-        p_streams);
+    -- Each stream's statistics, and its job.created, are in rebuild_stream_stats (rebuild_scan).
+    -- The planner's row counts for the statements below: a new table has no statistics, and
+    -- the planner, guessing a few thousand rows, sorted every job's wide row (several
+    -- times) to merge-join them. A small sample gives the counts.
+    v_target := current_setting('default_statistics_target');
+    PERFORM set_config('default_statistics_target', '10', true);
+    IF p_streams IS NULL THEN
+        ANALYZE predictions, outputs;
+    END IF;
+    -- Each step's rollups, grouped once: a job reads step 1's and step 2's of both. Grouped
+    -- in the jobs statement itself, each was grouped twice (once per step).
+    EXECUTE format('CREATE TEMP TABLE rebuild_step_rollups ON COMMIT DROP AS '
+                   'SELECT r.job_id, r.step, r AS rollup FROM job_step_rollups r WHERE %s',
+                   job_filter(p_streams, 'r')) USING p_streams;
+    EXECUTE format('CREATE TEMP TABLE rebuild_step_output_rollups ON COMMIT DROP AS '
+                   'SELECT o.job_id, o.step, o AS rollup FROM job_step_output_rollups o WHERE %s',
+                   job_filter(p_streams, 'o')) USING p_streams;
+    ANALYZE rebuild_stream_stats, rebuild_step_rollups, rebuild_step_output_rollups;
+    PERFORM set_config('default_statistics_target', v_target, true);
     -- s: each job stream's statistics, for job_activity and for the jobs rows alike.
     -- b: each job as job.created describes it, and how many of its predictions_expected
     -- are step 1's (all but a second step's one) (OFFSET 0: hand job_derived_values plain
     -- columns, since an argument that is an expression used more than once keeps the
     -- functions it calls from being inlined, and a call per job costs more than the rest).
-    -- When one stream is rebuilt, the rollups are filtered to its job, so they group only
-    -- its rows.
-    EXECUTE format($sql$
+    -- (EXECUTE: planned anew each time, for the tables these names are in this session)
+    EXECUTE $sql$
         WITH s AS MATERIALIZED (
-            SELECT s.key AS stream, s.* FROM rebuild_stream_stats s
+            SELECT s.key AS stream, s.*, s.created_data::jsonb AS created
+            FROM rebuild_stream_stats s
             WHERE stream_job_id(s.key) IS NOT NULL),
         activity AS (
             INSERT INTO job_activity (job_id, event_count, first_position, last_position, updated_at)
@@ -310,21 +373,20 @@ BEGIN
                      -- the deadline runs from the latest retry, as apply_event moves it
                      j.deadline + greatest(s.retried_at - j.created_at, interval '0') AS round_deadline
               FROM s
-              JOIN events c ON c.stream = s.stream AND c.type = 'job.created'
-              CROSS JOIN LATERAL job_facts(c.stream, c.data, c.recorded_at, s.canceled_at,
+              CROSS JOIN LATERAL job_facts(s.stream, s.created, s.created_at, s.canceled_at,
                                            s.submit_failures) j
+              WHERE s.created IS NOT NULL
               OFFSET 0) b
-        LEFT JOIN job_step_rollups r1 ON r1.job_id = b.id AND r1.step = 1 AND %1$s
-        LEFT JOIN job_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1 AND %2$s
-        LEFT JOIN job_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2 AND %3$s
-        LEFT JOIN job_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2 AND %4$s
+        LEFT JOIN rebuild_step_rollups r1 ON r1.job_id = b.id AND r1.step = 1
+        LEFT JOIN rebuild_step_output_rollups o1 ON o1.job_id = b.id AND o1.step = 1
+        LEFT JOIN rebuild_step_rollups r2 ON r2.job_id = b.id AND r2.step = 2
+        LEFT JOIN rebuild_step_output_rollups o2 ON o2.job_id = b.id AND o2.step = 2
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
-                                              b.next_step IS NOT NULL, r1, o1, r2, o2,
-                                              b.round_deadline) d
+                                              b.next_step IS NOT NULL, r1.rollup, o1.rollup,
+                                              r2.rollup, o2.rollup, b.round_deadline) d
         ORDER BY b.created_at DESC, b.id DESC
-    $sql$, job_filter(p_streams, 'r1'), job_filter(p_streams, 'o1'),
-       job_filter(p_streams, 'r2'), job_filter(p_streams, 'o2')) USING p_streams;
+    $sql$;
     GET DIAGNOSTICS n = ROW_COUNT;
-    DROP TABLE rebuild_stream_stats;
+    DROP TABLE rebuild_stream_stats, rebuild_step_rollups, rebuild_step_output_rollups;
     RETURN n;
 END $$;

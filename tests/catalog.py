@@ -100,8 +100,9 @@ CHANGED_SINCE_LEGACY = {
     "events_default_partition", "detach_caught_events", "restore_caught_events",
     # issue 19: a read of one job's events bounded above too (sql/store.sql)
     "job_last_position",
-    # issue 19: a full rebuild groups the store a window of positions at a time (sql/rebuild.sql)
-    "rebuild_window", "rebuild_grouped",
+    # issue 19: a full rebuild reads the store a window of positions at a time, once for
+    # every table it groups (sql/rebuild.sql)
+    "rebuild_window", "rebuild_windowed", "rebuild_scan",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same

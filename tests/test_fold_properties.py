@@ -109,8 +109,8 @@ def _retried_projection(conn, job: str, items: list[tuple[str, str, dict]], rebu
         live = _job_and_predictions(conn, job)
         if not rebuild:
             return live
-        conn.execute("SELECT clear_projections(%(s)s), rebuild_predictions(%(s)s), rebuild_outputs(%(s)s), "
-                     "rebuild_jobs(%(s)s)", {"s": [job]})
+        conn.execute("SELECT clear_projections(%(s)s), rebuild_scan(%(s)s), rebuild_predictions(%(s)s), "
+                     "rebuild_outputs(%(s)s), rebuild_jobs(%(s)s)", {"s": [job]})
         assert _job_and_predictions(conn, job) == live  # the set-based replay agrees
         return live
 

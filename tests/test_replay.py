@@ -6,7 +6,7 @@ import pytest
 
 from service import events, replay
 from tests.conftest import new_job_id
-from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, deliveries, webhook
+from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, deliveries, process_output, webhook
 
 PROJECTIONS = ("jobs", "predictions", "outputs")
 
@@ -58,7 +58,7 @@ def test_replay_of_a_random_workload_equals_the_live_projection(conn):
     assert snapshot(conn) == live
 
 
-# The grouping pass of rebuild_predictions, as sql/rebuild.sql writes it.
+# The predictions' grouping in rebuild_scan, as sql/rebuild.sql writes it.
 GROUPING = """
     SELECT f.id, max(f.state_key COLLATE "C"), count(*)
     FROM events e
@@ -113,7 +113,25 @@ def test_a_rebuild_in_windows_of_a_few_positions_equals_the_live_projection(conn
     for n in (1, 2):
         events.append(conn, key=f"retried:{timed}:{n}", stream=timed, type="job.retried",
                       data={"predictions": []})
+    # outputs whose events lie far apart: a failure then a success of the same output (the
+    # success wins), and a success then a failure recorded after it (the success still wins)
+    [second] = conn.execute("""
+        SELECT prediction_id, index, job_id::text AS job FROM outputs
+        WHERE status = 'processed' ORDER BY prediction_id, index LIMIT 1""").fetchall()
+    failed = {"error": "could not download the output", "source_url": "https://replicate.delivery/x.png"}
+    events.append(conn, key=f"failed-late:{second['prediction_id']}:{second['index']}", stream=second["job"],
+                  type="output.failed", data={"prediction_id": second["prediction_id"],
+                                              "index": second["index"], **failed})
+    late = new_job_id()
+    create_job(conn, late)
+    events.append(conn, key=f"failed:{late}:0", stream=late, type="output.failed",
+                  data={"prediction_id": f"{late}-p", "index": 0, **failed})
+    for _ in range(3):  # a few events between the two
+        create_job(conn, new_job_id())
+    process_output(conn, late, f"{late}-p", 0)
     live = snapshot(conn)
+    assert {(o["prediction_id"], o["index"], o["status"]) for o in live["outputs"]} >= {
+        (second["prediction_id"], second["index"], "processed"), (f"{late}-p", 0, "processed")}
     activity = conn.execute("SELECT * FROM job_activity ORDER BY job_id").fetchall()
     assert conn.execute("SELECT submit_failures FROM jobs WHERE id = %s", (jobs[0],)).fetchone() == {
         "submit_failures": 2}
@@ -123,6 +141,12 @@ def test_a_rebuild_in_windows_of_a_few_positions_equals_the_live_projection(conn
             GROUP BY coalesce(data #>> '{prediction,id}', data ->> 'id')
             HAVING min(position) / %(w)s <> max(position) / %(w)s) p""", {"w": window}).fetchone()
     assert split["n"] >= 5  # predictions in several windows: their merge is what this exercises
+    split = conn.execute("""
+        SELECT count(*) AS n FROM (
+            SELECT FROM events WHERE type IN ('output.processed', 'output.failed')
+            GROUP BY data ->> 'prediction_id', data ->> 'index'
+            HAVING min(position) / %(w)s <> max(position) / %(w)s) p""", {"w": window}).fetchone()
+    assert split["n"] == 2  # and so are two outputs
     conn.execute("SELECT set_config('rjs.rebuild_window', %s, false)", (str(window),))
     conn.execute("DELETE FROM outputs; DELETE FROM predictions; DELETE FROM jobs; DELETE FROM job_activity")
     result = replay.replay(conn)
