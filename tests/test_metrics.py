@@ -131,7 +131,7 @@ def test_a_running_replay_shows_its_phase(app, client, db_url):
         _announce(replaying, None, "outputs")
         samples = scrape(client)
     assert value(samples, "rjs_replay_running") == 1
-    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="8") == 3
+    assert value(samples, "rjs_replay_phase", scope="all", stage="outputs", stages="9") == 4
     assert 0 <= value(samples, "rjs_replay_seconds", scope="all") < 60
     assert value(scrape(client), "rjs_replay_running") == 0  # the name ends with the session
 
@@ -143,8 +143,9 @@ def test_replay_names_each_stage_and_leaves_the_session_as_it_was(db_url):
             conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"]))
         stages = [name.rsplit(":", 1) for name in seen]
         assert [stage for stage, _ in stages] == [
-            "rjs-replay:all:1:8:snapshot", "rjs-replay:all:2:8:predictions", "rjs-replay:all:3:8:outputs",
-            "rjs-replay:all:4:8:jobs", "rjs-replay:all:5:8:indexes", "rjs-replay:all:6:8:compare"]
+            "rjs-replay:all:1:9:snapshot", "rjs-replay:all:2:9:scan", "rjs-replay:all:3:9:predictions",
+            "rjs-replay:all:4:9:outputs", "rjs-replay:all:5:9:jobs", "rjs-replay:all:6:9:indexes",
+            "rjs-replay:all:7:9:compare"]
         assert len({started for _, started in stages}) == 1  # when the replay began, in each
         assert abs(int(stages[0][1]) - time.time()) < 60
         assert not conn.execute("SELECT current_setting('application_name') AS a").fetchone()["a"] \
