@@ -322,8 +322,8 @@ END $$;
 
 CREATE OR REPLACE FUNCTION rebuild_jobs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
--- Group the events by stream and join the rollups in memory (hash tables), rather than
--- reading events in stream order through the index and sorting rollups in files.
+-- Group the step rollups and join them in memory (hash tables), rather than sorting the
+-- jobs' rows in files.
 SET work_mem = '256MB'
 SET jit = off
 AS $$
@@ -335,6 +335,8 @@ BEGIN
     -- The planner's row counts for the statements below: a new table has no statistics, and
     -- the planner, guessing a few thousand rows, sorted every job's wide row (several
     -- times) to merge-join them. A small sample gives the counts.
+    -- (Some streams' tables are small: planned from their size alone, as a catch-up in
+    -- the cut-over must be quick.)
     v_target := current_setting('default_statistics_target');
     PERFORM set_config('default_statistics_target', '10', true);
     IF p_streams IS NULL THEN
@@ -348,7 +350,9 @@ BEGIN
     EXECUTE format('CREATE TEMP TABLE rebuild_step_output_rollups ON COMMIT DROP AS '
                    'SELECT o.job_id, o.step, o AS rollup FROM job_step_output_rollups o WHERE %s',
                    job_filter(p_streams, 'o')) USING p_streams;
-    ANALYZE rebuild_stream_stats, rebuild_step_rollups, rebuild_step_output_rollups;
+    IF p_streams IS NULL THEN
+        ANALYZE rebuild_stream_stats, rebuild_step_rollups, rebuild_step_output_rollups;
+    END IF;
     PERFORM set_config('default_statistics_target', v_target, true);
     -- s: each job stream's statistics, for job_activity and for the jobs rows alike.
     -- b: each job as job.created describes it, and how many of its predictions_expected
