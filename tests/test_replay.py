@@ -6,7 +6,16 @@ import pytest
 
 from service import events, replay
 from tests.conftest import new_job_id
-from tests.workload import CANCELED, FAILED, LIFECYCLE, bodies, create_job, deliveries, process_output, webhook
+from tests.workload import (
+    CANCELED,
+    FAILED,
+    LIFECYCLE,
+    bodies,
+    create_job,
+    deliveries,
+    process_output,
+    webhook,
+)
 
 PROJECTIONS = ("jobs", "predictions", "outputs")
 
