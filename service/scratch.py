@@ -155,14 +155,15 @@ class Scratch:
             self.forget(streams)
         # the keys and hashes of a large store's rows hashed in memory
         self.conn.execute("SELECT set_config('work_mem', '256MB', true)")
-        for table, (keys, _, stream, _, _) in TABLES.items():
+        for table, spec in TABLES.items():
+            keys = spec.keys
             self.conn.execute(sql.SQL("""
                 INSERT INTO {diff}
                 SELECT {cols}, {stream},
                        CASE WHEN o.{k} IS NULL THEN 'i' WHEN n.{k} IS NULL THEN 'd' ELSE 'u' END
                 FROM {live} o FULL JOIN {new} n ON {on}
                 WHERE o.{k} IS NULL OR n.{k} IS NULL OR o.row_hash <> n.row_hash""").format(
-                diff=_diff(table), on=_on(keys, "o", "n"), stream=sql.SQL(stream.format("o", "n")),
+                diff=_diff(table), on=_on(keys, "o", "n"), stream=sql.SQL(spec.stream.format("o", "n")),
                 cols=sql.SQL(", ").join(sql.SQL("coalesce(o.{0}, n.{0})").format(sql.Identifier(k))
                                         for k in keys),
                 live=self._hashed(table, True, streams), new=self._hashed(table, False, streams),

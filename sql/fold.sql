@@ -342,7 +342,7 @@ $$;
 -- What a job row records about its stream of events as a whole. The live path reads it for
 -- one stream when job.created arrives (so events that came before job.created are counted
 -- the same way) and then adds each event. The rebuild computes the same aggregates a window
--- of positions at a time (sql/rebuild.sql: rebuild_jobs): keep the two alike (the replay
+-- of positions at a time (sql/rebuild.sql: rebuild_scan): keep the two alike (the replay
 -- tests compare what each gives).
 CREATE OR REPLACE VIEW job_stream_stats AS
 SELECT stream,

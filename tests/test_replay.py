@@ -122,15 +122,15 @@ def test_a_rebuild_in_windows_of_a_few_positions_equals_the_live_projection(conn
     for n in (1, 2):
         events.append(conn, key=f"retried:{timed}:{n}", stream=timed, type="job.retried",
                       data={"predictions": []})
-    # outputs whose events lie far apart: a failure then a success of the same output (the
-    # success wins), and a success then a failure recorded after it (the success still wins)
-    [second] = conn.execute("""
+    # outputs whose events lie far apart: a success then a failure recorded after it (the
+    # success still wins), and a failure then a success of the same output (the success wins)
+    [processed] = conn.execute("""
         SELECT prediction_id, index, job_id::text AS job FROM outputs
         WHERE status = 'processed' ORDER BY prediction_id, index LIMIT 1""").fetchall()
     failed = {"error": "could not download the output", "source_url": "https://replicate.delivery/x.png"}
-    events.append(conn, key=f"failed-late:{second['prediction_id']}:{second['index']}", stream=second["job"],
-                  type="output.failed", data={"prediction_id": second["prediction_id"],
-                                              "index": second["index"], **failed})
+    events.append(conn, key=f"failed-late:{processed['prediction_id']}:{processed['index']}",
+                  stream=processed["job"], type="output.failed",
+                  data={"prediction_id": processed["prediction_id"], "index": processed["index"], **failed})
     late = new_job_id()
     create_job(conn, late)
     events.append(conn, key=f"failed:{late}:0", stream=late, type="output.failed",
@@ -140,7 +140,7 @@ def test_a_rebuild_in_windows_of_a_few_positions_equals_the_live_projection(conn
     process_output(conn, late, f"{late}-p", 0)
     live = snapshot(conn)
     assert {(o["prediction_id"], o["index"], o["status"]) for o in live["outputs"]} >= {
-        (second["prediction_id"], second["index"], "processed"), (f"{late}-p", 0, "processed")}
+        (processed["prediction_id"], processed["index"], "processed"), (f"{late}-p", 0, "processed")}
     activity = conn.execute("SELECT * FROM job_activity ORDER BY job_id").fetchall()
     assert conn.execute("SELECT submit_failures FROM jobs WHERE id = %s", (jobs[0],)).fetchone() == {
         "submit_failures": 2}

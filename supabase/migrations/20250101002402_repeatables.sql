@@ -1074,7 +1074,7 @@ $$;
 -- What a job row records about its stream of events as a whole. The live path reads it for
 -- one stream when job.created arrives (so events that came before job.created are counted
 -- the same way) and then adds each event. The rebuild computes the same aggregates a window
--- of positions at a time (sql/rebuild.sql: rebuild_jobs): keep the two alike (the replay
+-- of positions at a time (sql/rebuild.sql: rebuild_scan): keep the two alike (the replay
 -- tests compare what each gives).
 CREATE OR REPLACE VIEW job_stream_stats AS
 SELECT stream,
@@ -2748,7 +2748,7 @@ END $$;
 -- Recorded as `flask --app service migrate` records them.
 INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '9223716a97f10b1e00004154517fb9a2e1b3f2697267fe1f85f0ceaf08846adc')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', 'd8d1eb9dbf50212454a9de69b1bbc124311b0c8fbf869087dc3e3aba4ea3636c')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '4f0bd1ecbdb70505f666e06da802d70bc154d8861dd5b398bf8349df1aee9697')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '4d8eced5e2aaa6921f6be3f1ada5f9770372784f97df5413f1dfdd72e4b62383')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
