@@ -31,7 +31,7 @@ class Table(NamedTuple):
 
 
 TABLES: dict[str, Table] = {
-    # jobs in the order of its created_at indexes, as rebuild_jobs writes them (sql/rebuild.sql)
+    # new jobs written in the order of its created_at indexes (why: above rebuild_jobs in sql/rebuild.sql)
     "jobs": Table(("id",), "id = ANY (stream_job_ids({0}))", "coalesce({0}.id, {1}.id)::text",
                   "n.created_at DESC, n.id DESC"),
     "predictions": Table(
