@@ -1743,14 +1743,17 @@ END $$;
 -- computed on the way in by job_derived_values (the definition the live path's touch_job
 -- uses as well).
 --
--- The rows are written in the order of the jobs_created_at index. Four of the jobs
--- table's six indexes lead with created_at (or with model or status, then created_at);
--- rows inserted in whatever order the joins leave them (by job id: random) land on a
--- random leaf page of every index. Sorted by (created_at DESC, id DESC), each index fills
--- nearly in order. Measured on the replay benchmark's 196,080 jobs, the same database and
--- PostgreSQL 15, four runs each, taking turns: unsorted 14.3, 13.2, 12.3, 11.9 s; sorted
--- 10.0, 12.4, 10.8, 11.0 s (copying the finished rows alone into an indexed copy of jobs:
--- 4.5 s unsorted, 3.1 s sorted). Same rows; only the order in which they are written changes.
+-- The rows go into the scratch tables, which have no indexes yet (service/scratch.py builds
+-- them after the rows), in whatever order the joins leave them. The cut-over writes new
+-- rows into the live jobs table in the order of its jobs_created_at index (scratch.TABLES'
+-- order), where the order pays: four of the jobs table's six indexes lead with created_at
+-- (or with model or status, then created_at), and rows inserted by job id (random) land on
+-- a random leaf page of every index. Measured on the replay benchmark's 196,080 jobs, the
+-- same database and PostgreSQL 15, four runs each, taking turns, rebuilding into indexed
+-- tables: unsorted 14.3, 13.2, 12.3, 11.9 s; sorted 10.0, 12.4, 10.8, 11.0 s (copying the
+-- finished rows alone into an indexed copy of jobs: 4.5 s unsorted, 3.1 s sorted). Sorted
+-- here as well, every job's wide row was sorted twice, and at 20M events (3.9M jobs,
+-- ~700 bytes each in the sort) the first sort went through files.
 
 CREATE OR REPLACE FUNCTION rebuild_jobs(p_streams text[]) RETURNS bigint
 LANGUAGE plpgsql
@@ -1794,7 +1797,9 @@ BEGIN
     -- (EXECUTE: planned anew each time, for the tables these names are in this session)
     EXECUTE $sql$
         WITH s AS MATERIALIZED (
-            SELECT s.key AS stream, s.*, s.created_data::jsonb AS created
+            SELECT s.key AS stream, s.event_count, s.first_position, s.last_position, s.updated_at,
+                   s.canceled_at, s.submit_failures, s.retried_at, s.created_at,
+                   s.created_data::jsonb AS created  -- the body once: past work_mem, kept in a file
             FROM rebuild_stream_stats s
             WHERE stream_job_id(s.key) IS NOT NULL),
         activity AS (
@@ -1826,7 +1831,6 @@ BEGIN
         CROSS JOIN LATERAL job_derived_values(b.canceled_at, b.first_step_expected,
                                               b.next_step IS NOT NULL, r1.rollup, o1.rollup,
                                               r2.rollup, o2.rollup, b.round_deadline) d
-        ORDER BY b.created_at DESC, b.id DESC
     $sql$;
     GET DIAGNOSTICS n = ROW_COUNT;
     DROP TABLE rebuild_stream_stats, rebuild_step_rollups, rebuild_step_output_rollups CASCADE;
@@ -2751,7 +2755,7 @@ INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '9223716a97
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '4f0bd1ecbdb70505f666e06da802d70bc154d8861dd5b398bf8349df1aee9697')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '213b39db010f4eee461d571e547bbc13247643e1cd2a063eceb3c454c81a3657')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', 'abd046d8a25712734740ad7367fe8fe68075a754d6b090a95742cb3b2bf057c5')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
