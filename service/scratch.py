@@ -100,10 +100,11 @@ class Scratch:
         above all, plans its reads of the scratch tables from them (rebuild_jobs for 30
         jobs of a million events: 354 ms without statistics, 5 ms with)."""
         self.conn.execute("SET default_statistics_target = 10")  # a small sample is enough
-        # A key's sort takes ~94 bytes a row (trace_sort, predictions' primary key): 256MB
-        # sorted 2.7M rows in memory and a 20M-event store's 3.9M predictions in files;
-        # 512MB holds ~5.5M. A sort takes only what its rows need, up to this.
-        self.conn.execute("SET maintenance_work_mem = '512MB'")
+        # The keys of a large store's projection sorted in memory, as the rebuild's work_mem.
+        # (A key takes ~94 bytes in the sort, trace_sort: 256MB holds 2.7M. 512MB, which
+        # holds a 20M-event store's 3.9M predictions, left the indexes stage where it was
+        # at 20M, 34.0-35.8 s against 32.6-34.1 s: kept at 256MB, for smaller servers.)
+        self.conn.execute("SET maintenance_work_mem = '256MB'")
         for table, spec in TABLES.items():
             self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                 _temp(table), _names(spec.keys)))
