@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import select
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +44,12 @@ def redact(url: str) -> str:
 
 def embedded_database_url(data_dir: str) -> str:
     """Start (or join) the embedded PostgreSQL keeping its data in DATA_DIR/postgres."""
-    import pgserver  # imported here: only the no-DATABASE_URL path needs it
+    with warnings.catch_warnings():
+        # pgserver keeps its lock file in the user's runtime directory; where there is none
+        # (a root shell, a container) platformdirs picks another and warns at the import,
+        # which every command printed. The lock works the same from there.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver  # imported here: only the no-DATABASE_URL path needs it
 
     pgdata = Path(data_dir) / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)

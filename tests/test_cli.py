@@ -69,6 +69,16 @@ def test_an_unreachable_database_is_one_line(command):
     assert_one_line_error(result, "cannot connect", f"DATABASE_URL {url}", "Connection refused")
 
 
+def test_the_embedded_server_in_a_shell_without_a_runtime_dir_prints_no_warning(tmp_path):
+    """A root shell or a container has no XDG_RUNTIME_DIR: platformdirs warned at pgserver's
+    import, and every command with the embedded server printed that warning."""
+    env = {k: v for k, v in cli_env(DATA_DIR=str(tmp_path / "data")).items() if k != "XDG_RUNTIME_DIR"}
+    result = flask("migrate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "embedded PostgreSQL" in result.stderr + result.stdout
+    assert "Warning" not in result.stderr and "XDG_RUNTIME_DIR" not in result.stderr, result.stderr
+
+
 def test_an_unmigrated_database_says_to_migrate_then_migrate_makes_it_work(server_url):
     name = f"rjs_cli_empty_{os.getpid()}"
     with psycopg.connect(server_url, autocommit=True) as admin:
