@@ -105,11 +105,13 @@ class Scratch:
 
         The text keys (a prediction's id, an output's) get a hash index, not a btree: a
         btree sorts them in the database's collation (strcoll, with no abbreviated keys in
-        PostgreSQL 15 for a libc collation), and at 20M events the predictions' 3.9M ids
-        took 26 s of the stage; a hash index compares no strings (787,520 ids: 3.4-3.7 s
-        btree, 2.1-2.3 s hash). The scratch tables are looked up by key, never range-read,
-        and nothing relies on their keys being unique: the rebuild makes one row a key
-        (GROUP BY, DISTINCT ON), and nothing writes them with ON CONFLICT."""
+        PostgreSQL 15 for a libc collation): at 20M events the predictions' 3.9M ids took
+        26-29 s as a btree, 18-20 s as a hash index (most of it the first read of the
+        7.3 GB table; the job_id index after it, 5 s). A hash index compares no strings
+        (787,520 ids: 3.4-3.7 s btree, 2.1-2.3 s hash). The scratch tables are looked up
+        by key, never range-read, and nothing relies on their keys being unique: the
+        rebuild makes one row a key (GROUP BY, DISTINCT ON), and nothing writes them with
+        ON CONFLICT."""
         self.conn.execute("SET default_statistics_target = 10")  # a small sample is enough
         # The uuid keys of a large store's projection sorted in memory, as the rebuild's
         # work_mem. (A prediction key took ~94 bytes in the sort, trace_sort: 256MB holds
