@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -42,15 +43,20 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def import_pgserver() -> ModuleType:
+    """The embedded server's package, imported only by the no-DATABASE_URL path (and the
+    tests'). pgserver keeps its lock file in the user's runtime directory; where there is
+    none (a root shell, a container) platformdirs picks another and warns at the import,
+    which every command printed. The lock works the same from there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import pgserver
+    return pgserver
+
+
 def embedded_database_url(data_dir: str) -> str:
     """Start (or join) the embedded PostgreSQL keeping its data in DATA_DIR/postgres."""
-    with warnings.catch_warnings():
-        # pgserver keeps its lock file in the user's runtime directory; where there is none
-        # (a root shell, a container) platformdirs picks another and warns at the import,
-        # which every command printed. The lock works the same from there.
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import pgserver  # imported here: only the no-DATABASE_URL path needs it
-
+    pgserver = import_pgserver()
     pgdata = Path(data_dir) / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     try:

@@ -37,7 +37,7 @@ def server_url() -> Iterator[str]:
     if configured:
         yield with_database(configured, "postgres")
         return
-    import pgserver
+    pgserver = db.import_pgserver()
 
     # Not under pytest's basetemp: pytest deletes all but the newest three of those, so a
     # second test session starting meanwhile would delete this one's database under it.
