@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psycopg
 
+from service.db import import_pgserver
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,9 +25,7 @@ class PrivatePostgres:
     """One embedded server in `root`; restart() crashes it (-m immediate) and starts it again."""
 
     def __init__(self, root: Path) -> None:
-        import pgserver
-
-        self.server = pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+        self.server = import_pgserver().get_server(root / "pgdata", cleanup_mode="delete")
         self.pgdata = Path(self.server.pgdata)
         self.url = self.server.get_uri()
         self.restarts = 0
