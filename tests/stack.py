@@ -24,6 +24,35 @@ TERMINAL = {"completed", "failed", "canceled"}
 class Stack:
     def __init__(self, app, base_url: str, sim, ctx: Context) -> None:
         self.app, self.base_url, self.sim, self.ctx = app, base_url, sim, ctx
+        self._stop = threading.Event()
+        self._working: threading.Thread | None = None
+
+    def start_worker(self) -> None:
+        """The worker in a thread, with the reconciler, until stop_worker (or the end)."""
+        if self._working is None:
+            self._stop.clear()
+            background = Worker(self.ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(self.ctx),
+                                periodic_every=0.5)
+            self._working = threading.Thread(target=background.run_forever, args=(self._stop,), daemon=True)
+            self._working.start()
+
+    def stop_worker(self) -> None:
+        if self._working is not None:
+            self._stop.set()
+            self._working.join(timeout=10)
+            self._working = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No task runs inside (a job created there stays pending): the worker waits, then
+        goes on. For a test that must see a job from its start, whatever the machine's load."""
+        running = self._working is not None
+        self.stop_worker()
+        try:
+            yield
+        finally:
+            if running:
+                self.start_worker()
 
     def create_job(self, **body: Any) -> dict:
         response = requests.post(f"{self.base_url}/api/jobs", json=body, timeout=10)
@@ -67,19 +96,13 @@ def running_stack(db_url: str, *, speed: float = 20.0, faults: object = None,
     app.config["PUBLIC_BASE_URL"] = base_url
     served = threading.Thread(target=server.serve_forever, daemon=True)
     served.start()
-    ctx = worker_context(app)
-    stop = threading.Event()
-    background = Worker(ctx, handlers(), poll_seconds=0.2, periodic=lambda: reconcile(ctx),
-                        periodic_every=0.5)
-    working = threading.Thread(target=background.run_forever, args=(stop,), daemon=True)
+    stack = Stack(app, base_url, sim, worker_context(app))
     if worker:
-        working.start()
+        stack.start_worker()
     try:
-        yield Stack(app, base_url, sim, ctx)
+        yield stack
     finally:
-        stop.set()
-        if worker:
-            working.join(timeout=10)
+        stack.stop_worker()
         server.shutdown()
         sim.stop()
         app.extensions["db_pool"].close()

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.stack import running_stack
@@ -24,6 +25,20 @@ def follower(*args: str, env: dict[str, str] | None = None, flask: bool = False)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SUPABASE_", "API_KEYS"))}
     return subprocess.Popen([*command, *args], cwd=ROOT, env={**clean, **(env or {})}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def followed_from_the_start(stack, create: Callable[[], str], *args: str, env: dict[str, str] | None = None,
+                            flask: bool = False) -> tuple[str, subprocess.Popen, str, str]:
+    """Create a job (create() gives its id) and follow it until the follower exits: the job's
+    id, the follower, its stdout and stderr. The worker is held until the follower has
+    printed the job as created: on a busy machine a new Python's start-up took longer than
+    the simulator's whole job, and the follower saw only its end."""
+    with stack.held():
+        job_id = create()
+        run = follower(job_id, *args, env=env, flask=flask)
+        first = run.stdout.readline()  # the follower's lines are flushed as they come (click.echo)
+    stdout, stderr = run.communicate(timeout=90)
+    return job_id, run, first + stdout, stderr
 
 
 def parsed(stdout: str) -> list[tuple[str, int, int, int, list[str]]]:
@@ -49,10 +64,10 @@ def followed_to_completion(stdout: str, counts: tuple[int, int, int]) -> list[tu
 
 def test_the_follower_prints_each_change_until_the_job_completes(db_url):
     with running_stack(db_url, speed=5.0) as stack:
-        job = stack.create_job(model="stability-ai/sdxl", input={"prompt": "a lighthouse"}, count=2)
-        run = follower(job["id"], "--url", stack.base_url)
-        stdout, stderr = run.communicate(timeout=90)
-        final = stack.job(job["id"])
+        job_id, run, stdout, stderr = followed_from_the_start(
+            stack, lambda: stack.create_job(model="stability-ai/sdxl", input={"prompt": "a lighthouse"},
+                                            count=2)["id"], "--url", stack.base_url)
+        final = stack.job(job_id)
     assert run.returncode == 0, stderr
     lines = parsed(stdout)
     assert len(lines) >= 3 and len(set(lines_text := stdout.splitlines())) == len(lines_text)

@@ -23,7 +23,7 @@ from tests import pg15 as pg15_cluster
 from tests.realtime_server import ANON_KEY, SupabaseServer
 from tests.stack import running_stack
 from tests.supabase import create_project
-from tests.test_follow import followed_to_completion, follower, parsed
+from tests.test_follow import followed_from_the_start, followed_to_completion, follower, parsed
 from tests.test_follow_realtime import ALICE, BOB, alices_job, env
 
 SHOWN_TO_OWNERS = {"id", "owner_id", "model", "version", "deployment", "aspect_ratio", "status",
@@ -80,10 +80,9 @@ def job_row(stack, job_id: str) -> dict[str, Any]:
 
 def test_the_owner_follows_a_job_through_postgres_changes(running):
     stack, project = running
-    job_id = alices_job(stack, project, count=2)
-    run = follower(job_id, "--via", "changes", env=env(project, SUPABASE_EMAIL=ALICE[0],
-                                                        SUPABASE_PASSWORD=ALICE[1]))
-    stdout, stderr = run.communicate(timeout=90)
+    job_id, run, stdout, stderr = followed_from_the_start(
+        stack, lambda: alices_job(stack, project, count=2), "--via", "changes",
+        env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
     assert run.returncode == 0, stderr
     lines = followed_to_completion(stdout, (2, 2, 2))
     statuses = [line[0] for line in lines]

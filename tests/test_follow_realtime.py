@@ -14,7 +14,7 @@ import requests
 
 from tests.realtime_server import ANON_KEY, SupabaseServer
 from tests.stack import running_stack
-from tests.test_follow import followed_to_completion, follower, parsed
+from tests.test_follow import followed_from_the_start, followed_to_completion, follower, parsed
 
 ALICE = ("alice@example.com", "alice-password", "6f1c3a0e-1d2b-4c5d-8e9f-0a1b2c3d4e5f")
 BOB = ("bob@example.com", "bob-password", "0b7e6d5c-4a39-4281-9f0e-1d2c3b4a5968")
@@ -51,9 +51,9 @@ def alices_job(stack, project: SupabaseServer, **body) -> str:
 
 
 def test_the_owner_follows_a_job_through_realtime_broadcasts(stack, project):
-    job_id = alices_job(stack, project, count=2)
-    run = follower(job_id, env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
-    stdout, stderr = run.communicate(timeout=90)
+    job_id, run, stdout, stderr = followed_from_the_start(
+        stack, lambda: alices_job(stack, project, count=2),
+        env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
     assert run.returncode == 0, stderr
     lines = followed_to_completion(stdout, (2, 2, 2))
     statuses = [line[0] for line in lines]
