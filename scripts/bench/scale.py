@@ -4,13 +4,20 @@
 
 For each size, a scratch database is migrated and filled with generated events made from the
 real payloads (generate_events.sql, set-based; each webhook's event keeps what webhook_facts
-keeps, the keys go to event_keys, partitions are made ahead), then measured in this order:
+keeps, the keys go to event_keys, partitions are made ahead), then measured, each figure
+at every size before the next figure:
 
 * full replay (service.replay.replay; the projections start empty, or with --replay-over
-  live are those a first, untimed replay built): events/s, and the time of each stage;
-* (untimed) the store is let come to rest: the projections vacuumed, a checkpoint (settle);
+  live are those a first, untimed replay built): events/s, and the time of each stage.
+  The smallest store's replay is timed before and after the others' (--replays times
+  each side), and the ratio is taken against its mean: a ratio of two replays taken tens
+  of minutes apart moved with the machine (the 1M rate moved by 18% between runs of
+  unchanged code, more than the gap measured);
+* (untimed) after each replay the store is let come to rest: the projections vacuumed, a
+  checkpoint (settle);
 * append throughput: new jobs' webhooks appended one transaction each through append_webhook
-  (the live path's SQL), from one connection: events/s;
+  (the live path's SQL), from one connection: events/s, in --append-rounds rounds taking
+  turns between the sizes (the order reversed each round), the median round of each size;
 * (untimed) the store let come to rest again, with what the appends wrote;
 * one job's events through the API (GET /api/jobs/<id>/events, Flask's test client on a
   real pool): p50 and p99 over jobs picked at random from the whole store, first as they
@@ -40,7 +47,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -76,7 +83,11 @@ WEBHOOKS_PER_IMAGE = 3.5  # start, a log or two, completed (the issue's 300,000-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000000,20000000", help="store sizes, comma-separated")
-    parser.add_argument("--appends", type=int, default=3000, help="webhooks appended per measure")
+    parser.add_argument("--appends", type=int, default=3000, help="webhooks appended per round")
+    parser.add_argument("--append-rounds", type=int, default=5,
+                        help="rounds of appends, taking turns between the sizes")
+    parser.add_argument("--replays", type=int, default=1,
+                        help="the smallest store's timed replays before the others', and again after")
     parser.add_argument("--reads", type=int, default=1000,
                         help="jobs whose events are read (p99: the 10th slowest of 1,000)")
     parser.add_argument("--rate", type=int, default=300, help="webhooks/s while a day is dropped")
@@ -277,33 +288,73 @@ def bytes_per_event(url: str, partitioned: bool) -> float:
         return conn.execute(sql).fetchone()["b"]
 
 
-def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) -> dict:
+def prepare(url: str, size: int, partitioned: bool, args: argparse.Namespace) -> dict:
+    """Build the store (or take the kept one), with the live projections a replay over them
+    needs, at rest."""
     label = "partitioned" if partitioned else "unpartitioned (today)"
     print(f"  {label}, {size:,} events:", flush=True)
     kept = built(url) if args.reuse and partitioned else 0
     if kept:
         out = {"build_s": math.nan}
         print(f"    reused a kept store of {kept:,} events", flush=True)
-        if not args.no_replay and args.replay_over == "empty":  # as a new store
-            with db.connect(url, autocommit=True) as conn:
-                conn.execute("TRUNCATE jobs, predictions, outputs, job_activity")
     else:
         out = {"build_s": generate(url, size, partitioned)}
         print(f"    built in {out['build_s']:.0f} s", flush=True)
     if not kept and (args.no_replay or args.replay_over == "live"):
         full_replay(url)  # untimed: the API reads jobs, a replay over live ones needs them
-        if not args.no_replay:  # the timed replay then starts from a store at rest
-            settle(url)
-    out["replay"] = None if args.no_replay else full_replay(url)
-    out["settle_s"] = settle(url)
-    print(f"    settled in {out['settle_s']:.0f} s (vacuum of the projections, checkpoint)", flush=True)
-    time_io(url)
-    out["append"], out["append_io"] = appends(url, args.appends)
+        settle(url)
+    return out
+
+
+def timed_replay(url: str, size: int, args: argparse.Namespace) -> float:
+    """One timed full replay (over emptied projections, or over the live ones), then the
+    store let come to rest."""
+    print(f"  full replay at {size:,}:", flush=True)
+    if args.replay_over == "empty":  # as a new store
+        with db.connect(url, autocommit=True) as conn:
+            conn.execute("TRUNCATE jobs, predictions, outputs, job_activity")
+    rate = full_replay(url)
+    print(f"    {rate:,.0f} ev/s; settled in {settle(url):.0f} s (vacuum of the projections, "
+          "checkpoint)", flush=True)
+    return rate
+
+
+def replays(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[float]]:
+    """Each size's timed replays: the smallest's before and after the others'."""
+    sizes = list(urls)
+    order = [sizes[0]] * args.replays + sizes[1:] + [sizes[0]] * args.replays
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    for size in order:
+        rates[size].append(timed_replay(urls[size], size, args))
+    return rates
+
+
+def append_rounds(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[tuple[float, dict]]]:
+    """Rounds of appends taking turns between the stores, the order reversed each round, so
+    that what the machine does meanwhile falls on every size alike."""
+    for url in urls.values():
+        time_io(url)
+    rounds: dict[int, list[tuple[float, dict]]] = {size: [] for size in urls}
+    for r in range(args.append_rounds):
+        for size in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+            rate, io = appends(urls[size], args.appends)
+            rounds[size].append((rate, io))
+            print(f"  append round {r + 1} at {size:,}: {rate:,.0f} ev/s ({io['blocks']:.0f} blocks per "
+                  f"append, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms)",
+                  flush=True)
+    return rounds
+
+
+def median_round(rounds: list[tuple[float, dict]]) -> tuple[float, dict]:
+    """The round with the median rate (the lower middle one of an even number)."""
+    ranked = sorted(rounds, key=lambda r: r[0])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def finish(url: str, size: int, partitioned: bool, out: dict, args: argparse.Namespace) -> None:
+    """The figures read after the appends: bytes per event, and one job's events."""
     out["bytes"] = bytes_per_event(url, partitioned)
-    io = out["append_io"]
-    print(f"    replay {out['replay'] or 0:,.0f} ev/s; append {out['append']:,.0f} ev/s ({io['blocks']:.0f} "
-          f"blocks per append, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms); "
-          f"{out['bytes']:,.0f} B/event", flush=True)
+    print(f"  {size:,} events: {out['bytes']:,.0f} B/event", flush=True)
     # today's schema lacks what the API reads now (job_first_position): its reads are not measured
     if partitioned:
         settle(url, appended=True)  # not autovacuum's work on the appends while reads are timed
@@ -312,7 +363,22 @@ def measure(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
             print(f"    job events, {label}: p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms; per read "
                   f"{r['blocks']:.1f} blocks, {r['read']:.1f} read from outside shared buffers "
                   f"in {r['io_ms']:.2f} ms", flush=True)
-    return out
+
+
+def measure(urls: dict[int, str], partitioned: bool, args: argparse.Namespace) -> dict[int, dict]:
+    """Every figure of these stores (size: url, smallest first), each taken at every size
+    before the next."""
+    results = {size: prepare(url, size, partitioned, args) for size, url in urls.items()}
+    if not args.no_replay:
+        for size, rates in replays(urls, args).items():
+            results[size]["replays"] = rates
+            results[size]["replay"] = statistics.mean(rates)
+    for size, rounds in append_rounds(urls, args).items():
+        results[size]["append_rounds"] = [rate for rate, _ in rounds]
+        results[size]["append"], results[size]["append_io"] = median_round(rounds)
+    for size, url in urls.items():
+        finish(url, size, partitioned, results[size], args)
+    return results
 
 
 def retention(url: str, args: argparse.Namespace) -> dict:
@@ -375,23 +441,22 @@ def retention(url: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = sorted(int(s) for s in args.sizes.split(","))
     with server(args.database_url) as (server_url, where):
         print(f"server: {where}, PostgreSQL {server_version(server_url)}; sizes {sizes}", flush=True)
-        results = {}
-        for size in sizes:
-            with scratch_database(server_url, f"bench_scale_{size}",
-                                  keep=args.keep, reuse=args.reuse) as url:
-                results[size] = measure(url, size, True, args)
-                if size == sizes[0]:
-                    kept = retention(url, args)
+        with ExitStack() as stores:
+            urls = {size: stores.enter_context(scratch_database(server_url, f"bench_scale_{size}",
+                                                                keep=args.keep, reuse=args.reuse))
+                    for size in sizes}
+            results = measure(urls, True, args)
+            kept = retention(urls[sizes[0]], args)
         todays = {}
         for commit in filter(None, args.baseline_commits.split(",")):
             with tempfile.TemporaryDirectory() as tmp:
                 old_sql = baseline_sql(commit, Path(tmp))
                 print(f"  baseline {commit}:", flush=True)
                 with scratch_database(server_url, f"bench_scale_today_{sizes[0]}", old_sql) as url:
-                    todays[commit] = measure(url, sizes[0], False, args)
+                    todays[commit] = measure({sizes[0]: url}, False, args)[sizes[0]]
     report(args, sizes, results, todays, kept)
 
 
@@ -402,7 +467,9 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
     today = next(iter(todays.values()), {"bytes": math.nan})
     print("\nfigures (goal in brackets):")
     print(f"  append at {hi:,} vs {lo:,}: {large['append']:,.0f} / {small['append']:,.0f} ev/s "
-          f"= {large['append'] / small['append']:.2f}x [>= 0.9x]")
+          f"= {large['append'] / small['append']:.2f}x [>= 0.9x] (median rounds; every round: "
+          + "; ".join(f"{size:,} " + ", ".join(f"{r:,.0f}" for r in results[size]["append_rounds"])
+                      for size in sizes) + ")")
     for commit, base in todays.items():
         print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
               f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x]")
@@ -416,8 +483,10 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
         print(f"  full replay over {args.replay_over} projections at {hi:,} vs {lo:,}: "
               f"{large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
               f"= {large['replay'] / small['replay']:.2f}x [>= 1x] "
-              f"(unpartitioned at {lo:,}: "
-              + ", ".join(f"{c} {b['replay']:,.0f}" for c, b in todays.items()) + " ev/s)")
+              f"({lo:,} before and after: " + ", ".join(f"{r:,.0f}" for r in small["replays"])
+              + f" ev/s, {large['replay'] / max(small['replays']):.2f}x the faster"
+              + "".join(f"; unpartitioned {c} at {lo:,}: {b['replay']:,.0f} ev/s" for c, b in todays.items())
+              + ")")
     print(f"  dropping a day of delivery log ({args.log_rows:,} bodies, {kept['freed'] / 2**20:,.0f} MB) "
           f"at {args.rate}/s: drop {kept['drop_ms']:.0f} ms, slowest append {kept['max_ms']:.0f} ms "
           f"(p99 {kept['p99_ms']:.0f} ms) [<= 250 ms], {kept['lost']} lost of {kept['sent']:,} [0]")
