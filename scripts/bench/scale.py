@@ -208,20 +208,25 @@ def time_io(url: str) -> None:
 def database_io(url: str) -> dict:
     """The blocks this database's backends found in shared buffers (hit) or had to read from
     outside them (read: the OS's page cache or the disk), and the ms those reads took (counted
-    by backends with track_io_timing on)."""
+    by backends with track_io_timing on); and the server's WAL so far, in bytes and in full-page
+    images (pg_stat_wal: the whole server's, and only this benchmark writes)."""
     with db.connect(url) as conn:
-        return conn.execute("SELECT blks_hit AS hit, blks_read AS read, blk_read_time AS ms "
+        return conn.execute("SELECT blks_hit AS hit, blks_read AS read, blk_read_time AS ms, "
+                            "(SELECT wal_bytes FROM pg_stat_wal)::float AS wal, "
+                            "(SELECT wal_fpi FROM pg_stat_wal) AS fpi "
                             "FROM pg_stat_database WHERE datname = current_database()").fetchone()
 
 
 def io_per(url: str, before: dict, n: int) -> dict:
     """Per operation of the n done since `before` (database_io), with their connections
     closed (a backend hands its counts on as it exits): the blocks touched, those read from
-    outside shared buffers, and the ms of those reads."""
+    outside shared buffers, the ms of those reads, and the WAL written (bytes, and full-page
+    images: a page's first change after a checkpoint logs the whole 8 kB page)."""
     time.sleep(1)
     after = database_io(url)
-    per = {k: (after[k] - before[k]) / n for k in ("hit", "read", "ms")}
-    return {"blocks": per["hit"] + per["read"], "read": per["read"], "io_ms": per["ms"]}
+    per = {k: (after[k] - before[k]) / n for k in ("hit", "read", "ms", "wal", "fpi")}
+    return {"blocks": per["hit"] + per["read"], "read": per["read"], "io_ms": per["ms"],
+            "wal": per["wal"], "fpi": per["fpi"]}
 
 
 def read_pass(url: str, jobs: list[str], warm_up: str) -> tuple[list[float], dict]:
@@ -339,9 +344,9 @@ def append_rounds(urls: dict[int, str], args: argparse.Namespace) -> dict[int, l
         for size in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
             rate, io = appends(urls[size], args.appends)
             rounds[size].append((rate, io))
-            print(f"  append round {r + 1} at {size:,}: {rate:,.0f} ev/s ({io['blocks']:.0f} blocks per "
-                  f"append, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms)",
-                  flush=True)
+            print(f"  append round {r + 1} at {size:,}: {rate:,.0f} ev/s (per append {io['blocks']:.0f} "
+                  f"blocks, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms; "
+                  f"WAL {io['wal'] / 1024:.1f} kB, {io['fpi']:.2f} full pages)", flush=True)
     return rounds
 
 
@@ -469,7 +474,10 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
     print(f"  append at {hi:,} vs {lo:,}: {large['append']:,.0f} / {small['append']:,.0f} ev/s "
           f"= {large['append'] / small['append']:.2f}x [>= 0.9x] (median rounds; every round: "
           + "; ".join(f"{size:,} " + ", ".join(f"{r:,.0f}" for r in results[size]["append_rounds"])
-                      for size in sizes) + ")")
+                      for size in sizes)
+          + f"; WAL per append {large['append_io']['wal'] / 1024:.1f} / "
+          f"{small['append_io']['wal'] / 1024:.1f} kB, full pages {large['append_io']['fpi']:.2f} / "
+          f"{small['append_io']['fpi']:.2f})")
     for commit, base in todays.items():
         print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
               f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x]")
