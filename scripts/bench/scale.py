@@ -26,10 +26,11 @@ at every size before the next figure:
 * bytes on disk per event (events with its partitions and indexes, event_keys).
 
 The baselines, in the same run: the unpartitioned store (the SQL of each --baseline-commits
-commit, taken from git) at the first size, measured the same way, and its bytes per event
-with whole bodies. The default two: 6504d9f, the store as issue 19 found it, and be99c1a,
-the last commit before issue 19's merge (issue 20's fold work in, unpartitioned), which
-tells the store's own cost apart from the fold's. Then, on a partitioned store of the first
+commit, taken from git) at the first size, its appends measured the same way (not its
+replay: today's replay needs today's SQL), and its bytes per event with whole bodies. The
+default two: 6504d9f, the store as issue 19 found it, and be99c1a, the last commit before
+issue 19's merge (issue 20's fold work in, unpartitioned), which tells the store's own cost
+apart from the fold's. Then, on a partitioned store of the first
 size: a day of delivery log (whole bodies; --log-rows of them) is dropped by prune while
 webhooks are appended at --rate per second: the slowest append (the acknowledgement waits
 for its commit) and how many failed; and the delivery log's bytes per webhook, for the disk
@@ -305,8 +306,10 @@ def prepare(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
     else:
         out = {"build_s": generate(url, size, partitioned)}
         print(f"    built in {out['build_s']:.0f} s", flush=True)
-    if not kept and (args.no_replay or args.replay_over == "live"):
-        full_replay(url)  # untimed: the API reads jobs, a replay over live ones needs them
+    # untimed: the API reads jobs, a replay over live ones needs them. (Not the unpartitioned
+    # baselines: today's replay needs today's SQL, and their appends fold as they go.)
+    if partitioned and not kept and (args.no_replay or args.replay_over == "live"):
+        full_replay(url)
         settle(url)
     return out
 
@@ -374,7 +377,7 @@ def measure(urls: dict[int, str], partitioned: bool, args: argparse.Namespace) -
     """Every figure of these stores (size: url, smallest first), each taken at every size
     before the next."""
     results = {size: prepare(url, size, partitioned, args) for size, url in urls.items()}
-    if not args.no_replay:
+    if partitioned and not args.no_replay:
         for size, rates in replays(urls, args).items():
             results[size]["replays"] = rates
             results[size]["replay"] = statistics.mean(rates)
@@ -492,9 +495,7 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
               f"{large['replay']:,.0f} / {small['replay']:,.0f} ev/s "
               f"= {large['replay'] / small['replay']:.2f}x [>= 1x] "
               f"({lo:,} before and after: " + ", ".join(f"{r:,.0f}" for r in small["replays"])
-              + f" ev/s, {large['replay'] / max(small['replays']):.2f}x the faster"
-              + "".join(f"; unpartitioned {c} at {lo:,}: {b['replay']:,.0f} ev/s" for c, b in todays.items())
-              + ")")
+              + f" ev/s, {large['replay'] / max(small['replays']):.2f}x the faster)")
     print(f"  dropping a day of delivery log ({args.log_rows:,} bodies, {kept['freed'] / 2**20:,.0f} MB) "
           f"at {args.rate}/s: drop {kept['drop_ms']:.0f} ms, slowest append {kept['max_ms']:.0f} ms "
           f"(p99 {kept['p99_ms']:.0f} ms) [<= 250 ms], {kept['lost']} lost of {kept['sent']:,} [0]")
