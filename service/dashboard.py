@@ -35,6 +35,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 ASSETS_DIR = STATIC_DIR / "assets"
 PUBLIC_ENDPOINTS = {"dashboard.index", "dashboard.asset", "dashboard.config"}
 HEX_PREFIX = re.compile(r"^[0-9a-f-]{4,36}$")
+HEX_TAIL = re.compile(r"^[0-9a-f]{4,12}$")  # within a uuid's last group
 WINDOWS = (15, 60, 360, 1440)  # minutes the health panel can look back
 BUCKETS = 30
 # Each open stream holds a thread and a database connection for its lifetime; beyond this
@@ -183,21 +184,31 @@ def models() -> dict:
 
 @bp.get("/api/dashboard/search")
 def search() -> dict:
-    """Jobs whose id starts with q (at least 4 hex digits) and the prediction whose id is q."""
+    """Jobs whose id starts with q (at least 4 hex digits) or ends with it (4 to 12 digits: the
+    dashboard shows a job's last 8), and the prediction whose id is q."""
     q = request.args.get("q", "").strip()
     if not q or len(q) > 200:
-        raise InvalidRequest({"q": ["give a job id (or its first 4+ characters) or a prediction id"]})
+        raise InvalidRequest({"q": ["give a job id (its first 4+ or last 4+ characters) or a prediction id"]})
     with _pool().connection() as conn:
         return find(conn, q)
 
 
-def find(conn: psycopg.Connection, q: str) -> dict[str, Any]:
+def find(conn: psycopg.Connection, q: str, limit: int = 10) -> dict[str, Any]:
     found: dict[str, Any] = {"jobs": [], "predictions": []}
+    jobs: dict[str, dict[str, Any]] = {}
     low_high = uuid_range(q)
     if low_high:
-        rows = conn.execute(queries["dashboard_search_jobs"],
-                            {"low": low_high[0], "high": low_high[1], "limit": 10}).fetchall()
-        found["jobs"] = [{**r, "id": str(r["id"]), "created_at": r["created_at"].isoformat()} for r in rows]
+        for r in conn.execute(queries["dashboard_search_jobs"],
+                              {"low": low_high[0], "high": low_high[1], "limit": limit}):
+            jobs[str(r["id"])] = r
+    tail = q.lower()
+    if HEX_TAIL.match(tail):
+        even = tail[len(tail) % 2:]
+        for r in conn.execute(queries["dashboard_search_job_tails"],
+                              {"tail": tail, "even": even, "bytes": len(even) // 2, "limit": limit}):
+            jobs.setdefault(str(r["id"]), r)
+    found["jobs"] = [{**r, "id": job_id, "created_at": r["created_at"].isoformat()}
+                     for job_id, r in list(jobs.items())[:limit]]
     rows = conn.execute(queries["dashboard_search_predictions"], {"id": q}).fetchall()
     found["predictions"] = [{**r, "job_id": r["job_id"] and str(r["job_id"]),
                              "first_seen_at": r["first_seen_at"].isoformat()} for r in rows]

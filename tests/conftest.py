@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from service import create_app, db, migrations
+from service import commands, create_app, db, migrations
 
 # Real Replicate bodies and the Standard Webhooks vectors, kept byte for byte in the repository
 # (tests/fixtures/replicate/README.md says where each came from).
@@ -105,7 +104,8 @@ def payload(name: str) -> dict:
 
 
 def new_job_id() -> str:
-    return str(uuid.uuid4())
+    """A job id as the service makes one (UUIDv7: time-ordered, random tail)."""
+    return commands.new_job_id()
 
 
 @pytest.fixture(scope="session")

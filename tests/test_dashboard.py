@@ -175,12 +175,17 @@ def test_jobs_quiet_past_the_reconcilers_threshold_are_stuck(db_url, conn):
         app.extensions["db_pool"].close()
 
 
-def test_search_finds_a_job_by_id_prefix_and_a_prediction_by_id(client, conn):
-    job = new_job_id()
+def test_search_finds_a_job_by_the_end_of_its_id_or_its_start_and_a_prediction_by_id(client, conn):
+    job, twin = new_job_id(), new_job_id()  # made in the same minute: their first 8 characters match
     create_job(conn, job)
+    create_job(conn, twin)
     deliver(client, bodies(LIFECYCLE[:1], "pred-abc")[0], "msg_s", job)
-    by_prefix = client.get(f"/api/dashboard/search?q={job[:8]}").get_json()
-    assert [j["id"] for j in by_prefix["jobs"]] == [job] and by_prefix["predictions"] == []
+    by_tail = client.get(f"/api/dashboard/search?q={job[-8:]}").get_json()  # what the dashboard shows
+    assert [j["id"] for j in by_tail["jobs"]] == [job] and by_tail["predictions"] == []
+    for odd in (job[-5:], job[-11:]):  # half a byte more than the bytes compared
+        assert job in [j["id"] for j in client.get(f"/api/dashboard/search?q={odd}").get_json()["jobs"]]
+    by_prefix = [j["id"] for j in client.get(f"/api/dashboard/search?q={job[:8]}").get_json()["jobs"]]
+    assert job in by_prefix and (twin in by_prefix) == (twin[:8] == job[:8])
     assert client.get(f"/api/dashboard/search?q={job.upper()}").get_json()["jobs"][0]["id"] == job
     by_prediction = client.get("/api/dashboard/search?q=pred-abc").get_json()
     assert by_prediction["predictions"][0]["job_id"] == job and by_prediction["jobs"] == []

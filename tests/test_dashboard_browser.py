@@ -256,7 +256,7 @@ def test_a_busy_list_filters_by_status_and_model(page, stack):
     expect(page.locator("table.jobs tbody tr").first).to_contain_text("flux-schnell")
     assert all("flux-schnell" in t for t in page.locator("td.model").all_inner_texts())
     page.get_by_label("Model").select_option("")
-    page.get_by_label("Find a job or prediction by id").fill(failed["id"][:8])
+    page.get_by_label("Find a job or prediction by id").fill(failed["id"][-8:])
     page.get_by_role("button", name="Find").click()
     page.wait_for_url(re.compile(f"#/jobs/{failed['id']}$"))
     expect(page.locator(".callout-error")).to_be_visible()  # the job's error

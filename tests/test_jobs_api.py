@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 
 import pytest
@@ -68,6 +69,22 @@ def test_create_records_the_job_and_queues_one_submission_per_prediction(client,
     tasks = conn.execute("SELECT kind, task_key, job_id::text, payload FROM tasks ORDER BY id").fetchall()
     assert tasks == [{"kind": "submit_prediction", "task_key": f"submit:{job['id']}:1:{i}",
                       "job_id": job["id"], "payload": {"step": 1, "index": i}} for i in range(3)]
+
+
+def test_a_new_job_id_is_a_uuidv7_whose_order_is_creation_order(client):
+    """Job ids begin with their creation time in milliseconds (RFC 9562's UUIDv7), so the
+    indexes keyed by them grow at one edge; the rest is random. An Idempotency-Key's job keeps
+    its derived (v5) id: the same key must name the same job whenever it comes again."""
+    before = time.time_ns() // 1_000_000
+    first = uuid.UUID(post(client, BODY).get_json()["id"])
+    time.sleep(0.002)
+    second = uuid.UUID(post(client, BODY).get_json()["id"])
+    after = time.time_ns() // 1_000_000
+    assert first.version == second.version == 7 and first.variant == uuid.RFC_4122
+    assert before <= first.int >> 80 < second.int >> 80 <= after
+    assert str(first) < str(second)  # text order too: what jobs_pkey sorts by is the uuid's bytes
+    keyed = uuid.UUID(post(client, BODY, **{"Idempotency-Key": "k-v7"}).get_json()["id"])
+    assert keyed.version == 5
 
 
 def test_create_returns_the_same_shape_as_get(client):

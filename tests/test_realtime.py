@@ -81,7 +81,7 @@ def peek_all(conn: psycopg.Connection) -> list[dict]:
 def job_with_logs(conn: psycopg.Connection, log_lines: int) -> str:
     """A job that Replicate starts processing, then sends `log_lines` log-only webhooks for."""
     job_id, _ = commands.create_job(conn, SPEC, owner_id=ALICE)
-    states = bodies(LIFECYCLE, f"p-{job_id[:8]}")
+    states = bodies(LIFECYCLE, f"p-{job_id[-12:]}")
     submit(conn, job_id, states[0])
     webhook(conn, job_id, states[1], key=f"{job_id}-running")
     for n in range(log_lines):
@@ -116,7 +116,7 @@ def test_log_lines_do_not_rewrite_the_jobs_row(slot):
     job_with_logs(slot, log_lines=0)
     changes(slot, realtime_tables(slot))  # the job's creation and start
     job_id = slot.execute("SELECT id FROM jobs").fetchone()["id"]
-    states = bodies(LIFECYCLE, f"p-{str(job_id)[:8]}")
+    states = bodies(LIFECYCLE, f"p-{str(job_id)[-12:]}")
     for n in range(20):
         body = dict(states[1], logs=states[1]["logs"] + f"\nmore {n}")
         webhook(slot, str(job_id), body, key=f"more-{n}")

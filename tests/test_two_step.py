@@ -102,7 +102,7 @@ def step_one_done(conn, then: dict | None = None, processed: bool = True) -> str
     record(conn, job_id, f"created:{job_id}", "job.created",
            {"model": "black-forest-labs/flux-schnell", "input": {"prompt": "x"}, "count": 1,
             **({"then": then} if then else {})})
-    body = {"id": f"p-{job_id[:8]}", "status": "starting", "model": "black-forest-labs/flux-schnell"}
+    body = {"id": f"p-{job_id[-12:]}", "status": "starting", "model": "black-forest-labs/flux-schnell"}
     record(conn, job_id, f"submitted:{job_id}:1:0", "prediction.submitted",
            {"step": 1, "index": 0, "prediction": body})
     record(conn, job_id, f"polled:{body['id']}", "replicate.polled",
@@ -199,7 +199,7 @@ def test_a_retried_job_whose_new_submission_was_lost_is_ended_by_the_reconciler(
         job_id = new_job_id()
         record(conn, job_id, f"created:{job_id}", "job.created",
                {"model": "black-forest-labs/flux-schnell", "input": {"prompt": "x"}, "count": 2})
-        ids = [f"p{n}-{job_id[:8]}" for n in range(2)]
+        ids = [f"p{n}-{job_id[-12:]}" for n in range(2)]
         for n, (pid, status) in enumerate(zip(ids, ("succeeded", "failed"), strict=True)):
             body = {"id": pid, "status": "starting", "model": "black-forest-labs/flux-schnell"}
             record(conn, job_id, f"submitted:{job_id}:1:{n}", "prediction.submitted",

@@ -56,8 +56,10 @@ export function progressBar(done, failed, total, label) {
   return bar;
 }
 
+// A job id's last 8 characters: its first ones are its creation time (UUIDv7), shared by
+// every job made in the same minute; the tail is random. The search finds a job by it.
 export function shortId(id) {
-  return id ? id.slice(0, 8) : "";
+  return id ? id.slice(-8) : "";
 }
 
 export function age(iso, now = Date.now()) {
