@@ -17,7 +17,8 @@ at every size before the next figure:
   checkpoint (settle);
 * append throughput: new jobs' webhooks appended one transaction each through append_webhook
   (the live path's SQL), from one connection: events/s, in --append-rounds rounds taking
-  turns between the sizes (the order reversed each round), the median round of each size;
+  turns between the sizes and the baselines (the order reversed each round), the median
+  round of each store;
 * (untimed) the store let come to rest again, with what the appends wrote;
 * one job's events through the API (GET /api/jobs/<id>/events, Flask's test client on a
   real pool): p50 and p99 over jobs picked at random from the whole store, first as they
@@ -26,7 +27,8 @@ at every size before the next figure:
 * bytes on disk per event (events with its partitions and indexes, event_keys).
 
 The baselines, in the same run: the unpartitioned store (the SQL of each --baseline-commits
-commit, taken from git) at the first size, its appends measured the same way (not its
+commit, taken from git) at the first size, its projections filled by that SQL's own rebuild
+functions, its appends measured in the same rounds as the partitioned stores' (not its
 replay: today's replay needs today's SQL), and its bytes per event with whole bodies. The
 default two: 6504d9f, the store as issue 19 found it, and be99c1a, the last commit before
 issue 19's merge (issue 20's fold work in, unpartitioned), which tells the store's own cost
@@ -66,6 +68,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from service import create_app, db, store
+from service.commands import new_job_id
 from service.replay import replay
 
 GENERATE_SQL = (Path(__file__).with_name("generate_events.sql")).read_text()
@@ -176,10 +179,11 @@ def built(url: str) -> int:
 
 def appends(url: str, n: int) -> tuple[float, dict]:
     """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and
-    io_per's figures per append."""
+    io_per's figures per append. The jobs' ids are the service's (UUIDv7: time-ordered); the
+    webhook ids ascend within a round, as Replicate's (KSUIDs: time first) do."""
     bodies = templates()
     run = uuid.uuid4().hex[:8]
-    jobs = [str(uuid.uuid4()) for _ in range(max(1, n // 4))]
+    jobs = [new_job_id() for _ in range(max(1, n // 4))]
     with db.connect(url, autocommit=True) as conn:
         for job in jobs:
             conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
@@ -306,12 +310,27 @@ def prepare(url: str, size: int, partitioned: bool, args: argparse.Namespace) ->
     else:
         out = {"build_s": generate(url, size, partitioned)}
         print(f"    built in {out['build_s']:.0f} s", flush=True)
-    # untimed: the API reads jobs, a replay over live ones needs them. (Not the unpartitioned
-    # baselines: today's replay needs today's SQL, and their appends fold as they go.)
+    # untimed: the API reads jobs, a replay over live ones needs them, and an append updates
+    # projections the size of the store's
     if partitioned and not kept and (args.no_replay or args.replay_over == "live"):
         full_replay(url)
         settle(url)
+    elif not partitioned:
+        rebuild_in_place(url)
+        settle(url)
     return out
+
+
+def rebuild_in_place(url: str) -> None:
+    """Fill an unpartitioned baseline's projections with its own SQL's rebuild functions, in
+    one transaction (today's replay calls today's SQL, which its store lacks): its appends
+    then update projections as large as the partitioned store's of its size, not empty ones."""
+    started = time.perf_counter()
+    with db.connect(url) as conn, conn.transaction():
+        conn.execute("SET LOCAL jit = off")
+        for step in ("clear_projections", "rebuild_predictions", "rebuild_outputs", "rebuild_jobs"):
+            conn.execute(sql.SQL("SELECT {}(NULL::text[])").format(sql.Identifier(step)))
+    print(f"    projections rebuilt with its own SQL in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def timed_replay(url: str, size: int, args: argparse.Namespace) -> float:
@@ -337,17 +356,17 @@ def replays(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[fl
     return rates
 
 
-def append_rounds(urls: dict[int, str], args: argparse.Namespace) -> dict[int, list[tuple[float, dict]]]:
-    """Rounds of appends taking turns between the stores, the order reversed each round, so
-    that what the machine does meanwhile falls on every size alike."""
-    for url in urls.values():
+def append_rounds(stores: dict[str, str], args: argparse.Namespace) -> dict[str, list[tuple[float, dict]]]:
+    """Rounds of appends taking turns between the stores (label: url), the order reversed
+    each round, so that what the machine does meanwhile falls on every store alike."""
+    for url in stores.values():
         time_io(url)
-    rounds: dict[int, list[tuple[float, dict]]] = {size: [] for size in urls}
+    rounds: dict[str, list[tuple[float, dict]]] = {label: [] for label in stores}
     for r in range(args.append_rounds):
-        for size in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
-            rate, io = appends(urls[size], args.appends)
-            rounds[size].append((rate, io))
-            print(f"  append round {r + 1} at {size:,}: {rate:,.0f} ev/s (per append {io['blocks']:.0f} "
+        for label in (list(stores) if r % 2 == 0 else list(stores)[::-1]):
+            rate, io = appends(stores[label], args.appends)
+            rounds[label].append((rate, io))
+            print(f"  append round {r + 1} at {label}: {rate:,.0f} ev/s (per append {io['blocks']:.0f} "
                   f"blocks, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms; "
                   f"WAL {io['wal'] / 1024:.1f} kB, {io['fpi']:.2f} full pages)", flush=True)
     return rounds
@@ -359,10 +378,10 @@ def median_round(rounds: list[tuple[float, dict]]) -> tuple[float, dict]:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def finish(url: str, size: int, partitioned: bool, out: dict, args: argparse.Namespace) -> None:
+def finish(url: str, label: str, partitioned: bool, out: dict, args: argparse.Namespace) -> None:
     """The figures read after the appends: bytes per event, and one job's events."""
     out["bytes"] = bytes_per_event(url, partitioned)
-    print(f"  {size:,} events: {out['bytes']:,.0f} B/event", flush=True)
+    print(f"  {label}: {out['bytes']:,.0f} B/event", flush=True)
     # today's schema lacks what the API reads now (job_first_position): its reads are not measured
     if partitioned:
         settle(url, appended=True)  # not autovacuum's work on the appends while reads are timed
@@ -373,20 +392,29 @@ def finish(url: str, size: int, partitioned: bool, out: dict, args: argparse.Nam
                   f"in {r['io_ms']:.2f} ms", flush=True)
 
 
-def measure(urls: dict[int, str], partitioned: bool, args: argparse.Namespace) -> dict[int, dict]:
-    """Every figure of these stores (size: url, smallest first), each taken at every size
-    before the next."""
-    results = {size: prepare(url, size, partitioned, args) for size, url in urls.items()}
-    if partitioned and not args.no_replay:
+def measure(urls: dict[int, str], baselines: dict[str, str],
+            args: argparse.Namespace) -> tuple[dict[int, dict], dict[str, dict]]:
+    """Every figure of the partitioned stores (size: url, smallest first) and of the
+    unpartitioned baselines at the smallest size (commit: url), each figure taken at every
+    store before the next; the appends of all of them in the same rounds."""
+    lo = min(urls)
+    results = {size: prepare(url, size, True, args) for size, url in urls.items()}
+    todays = {commit: prepare(url, lo, False, args) for commit, url in baselines.items()}
+    if not args.no_replay:
         for size, rates in replays(urls, args).items():
             results[size]["replays"] = rates
             results[size]["replay"] = statistics.mean(rates)
-    for size, rounds in append_rounds(urls, args).items():
-        results[size]["append_rounds"] = [rate for rate, _ in rounds]
-        results[size]["append"], results[size]["append_io"] = median_round(rounds)
+    stores = {f"{size:,}": (results[size], url) for size, url in urls.items()}
+    stores |= {f"{lo:,} unpartitioned ({commit})": (todays[commit], url) for commit, url in baselines.items()}
+    for label, rounds in append_rounds({label: url for label, (_, url) in stores.items()}, args).items():
+        out = stores[label][0]
+        out["append_rounds"] = [rate for rate, _ in rounds]
+        out["append"], out["append_io"] = median_round(rounds)
     for size, url in urls.items():
-        finish(url, size, partitioned, results[size], args)
-    return results
+        finish(url, f"{size:,} events", True, results[size], args)
+    for commit, url in baselines.items():
+        finish(url, f"{lo:,} events, unpartitioned ({commit})", False, todays[commit], args)
+    return results, todays
 
 
 def retention(url: str, args: argparse.Namespace) -> dict:
@@ -407,7 +435,7 @@ def retention(url: str, args: argparse.Namespace) -> dict:
         row = conn.execute("SELECT sum(bytes)::float AS b FROM delivery_partitions "
                            "WHERE day = %s", (old,)).fetchone()
         per_delivery = row["b"] / args.log_rows
-        job = str(uuid.uuid4())
+        job = new_job_id()
         conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', '{}')", (f"created:{job}", job))
 
     latencies, failures, stop = [], [], threading.Event()
@@ -456,15 +484,13 @@ def main() -> None:
             urls = {size: stores.enter_context(scratch_database(server_url, f"bench_scale_{size}",
                                                                 keep=args.keep, reuse=args.reuse))
                     for size in sizes}
-            results = measure(urls, True, args)
+            baselines = {}
+            for commit in filter(None, args.baseline_commits.split(",")):
+                old_sql = baseline_sql(commit, Path(stores.enter_context(tempfile.TemporaryDirectory())))
+                baselines[commit] = stores.enter_context(
+                    scratch_database(server_url, f"bench_scale_today_{commit}", old_sql))
+            results, todays = measure(urls, baselines, args)
             kept = retention(urls[sizes[0]], args)
-        todays = {}
-        for commit in filter(None, args.baseline_commits.split(",")):
-            with tempfile.TemporaryDirectory() as tmp:
-                old_sql = baseline_sql(commit, Path(tmp))
-                print(f"  baseline {commit}:", flush=True)
-                with scratch_database(server_url, f"bench_scale_today_{sizes[0]}", old_sql) as url:
-                    todays[commit] = measure({sizes[0]: url}, False, args)[sizes[0]]
     report(args, sizes, results, todays, kept)
 
 
@@ -483,7 +509,10 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
           f"{small['append_io']['fpi']:.2f})")
     for commit, base in todays.items():
         print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
-              f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x]")
+              f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x] (median "
+              "rounds, in the same rounds; its rounds: "
+              + ", ".join(f"{r:,.0f}" for r in base["append_rounds"])
+              + f"; WAL per append {base['append_io']['wal'] / 1024:.1f} kB)")
     for label in ("cold", "warm"):
         a, b = large["reads"][label], small["reads"][label]
         print(f"  one job's events p99 at {hi:,} vs {lo:,}, {label}: {a['p99']:.1f} / {b['p99']:.1f} ms "
