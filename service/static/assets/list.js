@@ -22,7 +22,7 @@ export function mountList(main, target, ctx) {
     h("option", { value: "" }, "All models"),
     filters.model ? h("option", { value: filters.model, selected: true }, filters.model) : null);
   const query = h("input", { id: "search", name: "q", type: "search", autocomplete: "off", spellcheck: "false",
-                             placeholder: "job id, its first 8 characters, or a prediction id" });
+                             placeholder: "job id, its last 8 characters, or a prediction id" });
   const found = h("div", { class: "search-results", "aria-live": "polite" });
   const rows = h("tbody", {}, h("tr", {}, h("td", { colspan: 6, class: "muted" }, "Loading…")));
   const pageLabel = h("span", { class: "page-label", "aria-live": "polite" }, "Page 1");
