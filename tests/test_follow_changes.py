@@ -169,9 +169,11 @@ def test_without_a_policy_on_realtime_messages_the_owner_falls_back_to_postgres_
     with db.connect(url, autocommit=True) as conn:
         conn.execute("DROP POLICY jobs_owner_receive_broadcast ON realtime.messages")
     with supabase_stack(url) as (stack, project):
-        job_id = alices_job(stack, project, count=2)
-        run = follower(job_id, env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
-        stdout, stderr = run.communicate(timeout=90)
+        # held until the follower has printed the job (tests/test_follow.py): in one CI run
+        # the job ended before the follower had subscribed, and no change reached it
+        job_id, run, stdout, stderr = followed_from_the_start(
+            stack, lambda: alices_job(stack, project, count=2),
+            env=env(project, SUPABASE_EMAIL=ALICE[0], SUPABASE_PASSWORD=ALICE[1]))
         assert run.returncode == 0, stderr
         assert f"Realtime refused the private channel job:{job_id}" in stderr
         assert "no policy on realtime.messages" in stderr and "following through Postgres Changes" in stderr
