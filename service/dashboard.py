@@ -202,7 +202,7 @@ def find(conn: psycopg.Connection, q: str, limit: int = 10) -> dict[str, Any]:
                               {"low": low_high[0], "high": low_high[1], "limit": limit}):
             jobs[str(r["id"])] = r
     tail = q.lower()
-    if HEX_TAIL.match(tail):
+    if HEX_TAIL.match(tail) and len(jobs) < limit:  # else the prefix's matches fill the answer
         even = tail[len(tail) % 2:]
         for r in conn.execute(queries["dashboard_search_job_tails"],
                               {"tail": tail, "even": even, "bytes": len(even) // 2, "limit": limit}):
