@@ -81,12 +81,11 @@ def _aborted(pid: str) -> list[dict]:
 
 
 def _retry_workload(job: str, outcome: str) -> list[tuple[str, str, dict]]:
-    lives = {"a": bodies(FAILED, "a" + job[-12:]), "b": bodies(CANCELED, "b" + job[-12:]),
-             "c": _aborted("c" + job[-12:])}
-    retried = {"ra": bodies(LIFECYCLE if outcome == "succeeded" else FAILED, "ra" + job[-12:]),
-               "rb": bodies(LIFECYCLE, "rb" + job[-12:]) if outcome == "succeeded"
-               else _aborted("rb" + job[-12:]),
-               "rc": _aborted("rc" + job[-12:])}
+    tag = job[-12:]  # the random end of the id: jobs made in the same minute share its start
+    lives = {"a": bodies(FAILED, "a" + tag), "b": bodies(CANCELED, "b" + tag), "c": _aborted("c" + tag)}
+    retried = {"ra": bodies(LIFECYCLE if outcome == "succeeded" else FAILED, "ra" + tag),
+               "rb": bodies(LIFECYCLE, "rb" + tag) if outcome == "succeeded" else _aborted("rb" + tag),
+               "rc": _aborted("rc" + tag)}
     items = [("replicate.webhook", f"msg_{name}_{i}", body)
              for name, states in (lives | retried).items() for i, body in enumerate(states)]
     items.append(("job.retried", f"retried:{job}:1",
