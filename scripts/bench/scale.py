@@ -110,7 +110,8 @@ def parse_args() -> argparse.Namespace:
                         help="empty the page cache before the cold reads (root; the server on "
                              "this machine), so they come from disk at every size")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the partitioned stores' databases (bench_scale_<size>) afterwards")
+                        help="keep the stores' databases (bench_scale_<size>, and the baselines' "
+                             "bench_scale_today_<commit>, built again by every run) afterwards")
     parser.add_argument("--reuse", action="store_true",
                         help="measure the stores --keep kept, where they exist, without building "
                              "them again (their projections are emptied first for a timed replay "
@@ -488,7 +489,7 @@ def main() -> None:
             for commit in filter(None, args.baseline_commits.split(",")):
                 old_sql = baseline_sql(commit, Path(stores.enter_context(tempfile.TemporaryDirectory())))
                 baselines[commit] = stores.enter_context(
-                    scratch_database(server_url, f"bench_scale_today_{commit}", old_sql))
+                    scratch_database(server_url, f"bench_scale_today_{commit}", old_sql, keep=args.keep))
             results, todays = measure(urls, baselines, args)
             kept = retention(urls[sizes[0]], args)
     report(args, sizes, results, todays, kept)
