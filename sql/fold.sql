@@ -236,14 +236,17 @@ BEGIN
     -- job.created and this event (a job.retried is recorded only while its job exists):
     -- unbounded, the probe was one index scan per partition of events, at every new
     -- prediction (at 20M events, 24 of them: a third of an append's CPU time more than at
-    -- 1M). An orphan prediction has no job.retried to look for.
-    IF v_new AND v_after.job_id IS NOT NULL
-       AND EXISTS (SELECT FROM events r
+    -- 1M). An orphan prediction has no job.retried to look for. Two IFs, not one AND: the
+    -- probe's query is started (its partitions locked, the bounds computed to prune them)
+    -- whenever its IF is evaluated, whatever the AND's first terms say.
+    IF v_new AND v_after.job_id IS NOT NULL THEN
+        IF EXISTS (SELECT FROM events r
                    WHERE r.stream = e.stream AND r.type = 'job.retried'
                      AND r.position BETWEEN job_first_position(e.stream) AND e.position
                      AND r.data -> 'predictions' ? (prediction_body(e.type, e.data) ->> 'id')
                      AND stream_job_id(r.stream) = v_after.job_id) THEN
-        UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+            UPDATE predictions SET superseded = true WHERE id = prediction_body(e.type, e.data) ->> 'id';
+        END IF;
     END IF;
     IF v_before IS DISTINCT FROM v_after THEN
         RETURN v_after.status;

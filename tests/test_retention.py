@@ -167,3 +167,24 @@ def test_the_facts_of_every_real_payload_are_what_the_fold_reads(conn):
         whole = conn.execute(row.format("%s"), (Jsonb(body),)).fetchone()
         kept = conn.execute(row.format("webhook_facts(%s)"), (Jsonb(body),)).fetchone()
         assert kept == whole, body.get("id")
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"deployment": "acme/sdxl", "hardware": {"gpu": "a40"}}, id="keys-replicate-may-add"),
+    pytest.param({"webhook": "https://x/y", "webhook_events_filter": ["completed"], "stream": "https://s"},
+                 id="keys-no-projection-reads"),
+    pytest.param({"logs": "é" * 3000}, id="6000-bytes-of-logs-are-3000-characters-kept-whole"),
+    pytest.param({"logs": "é" * 4001 + "!"}, id="4002-characters-of-logs-are-cut"),
+    pytest.param({"logs": "x" * 4000}, id="4000-characters-are-kept-whole"),
+    pytest.param({"logs": None, "output": None}, id="no-logs"),
+])
+def test_a_webhook_s_facts_keep_the_read_keys_and_the_logs_tail_whatever_else_the_body_holds(conn, change):
+    """webhook_facts takes the keys Replicate sends that no projection reads out by name, and
+    reads a body's keys only when it holds one it does not know; it counts the logs'
+    characters only when their bytes could pass the tail's length. Each way gives what the
+    definition says (tests/workload.py's facts)."""
+    body = dict(payload("succeeded_sdxl_polled_list_output"), **change)
+    kept = conn.execute("SELECT webhook_facts(%s) AS f", (Jsonb(body),)).fetchone()["f"]
+    assert kept == facts(body)
+    assert not set(change) - {"logs", "output"} & set(kept)
+    assert conn.execute("SELECT webhook_facts('[1, 2]') AS f").fetchone()["f"] == [1, 2]
