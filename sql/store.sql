@@ -84,8 +84,10 @@ BEGIN
     RETURNING position INTO v_position;
     IF v_position IS NULL THEN
         SELECT k.position INTO event_position FROM event_keys k WHERE k.event_key = p_event_key;
-        duplicate := true;
-        RETURN NEXT;
+        IF FOUND THEN
+            duplicate := true;
+            RETURN NEXT;
+        END IF;
         RETURN;
     END IF;
     INSERT INTO events (position, event_key, stream, type, data, metadata)

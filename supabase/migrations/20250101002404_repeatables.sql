@@ -104,8 +104,10 @@ BEGIN
     RETURNING position INTO v_position;
     IF v_position IS NULL THEN
         SELECT k.position INTO event_position FROM event_keys k WHERE k.event_key = p_event_key;
-        duplicate := true;
-        RETURN NEXT;
+        IF FOUND THEN
+            duplicate := true;
+            RETURN NEXT;
+        END IF;
         RETURN;
     END IF;
     INSERT INTO events (position, event_key, stream, type, data, metadata)
@@ -2790,7 +2792,7 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'c8868b2b760cef75c54238555762b5a8cc3ac7d3691a1113a3b5a631f0c235dc')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'd34173eda29e719a479c3c3e26028a44e02022bd1f3c64f28da6eab727930f9a')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '399407e6b1b2eebc1798759119c884aeefbc786329a124420d2d368579540ee1')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
