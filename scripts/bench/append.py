@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -39,6 +38,7 @@ from common import (
     PROMPTS,
     RECORDED_TABLE,
     add_database_url,
+    backend_cpu_seconds,
     scratch_database,
     server,
     server_version,
@@ -283,16 +283,12 @@ def rounds(url: str, args: argparse.Namespace) -> tuple[Run, Run, Run]:
 def backend_cpu(url: str, rows: list[Row], write: Callable[[psycopg.Connection, Row], bool]) -> float:
     """PostgreSQL CPU seconds per row that one connection's backend spends writing `rows`
     one transaction each: steadier than throughput when other work shares the machine."""
-    def cpu(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
     with db.connect(url, autocommit=True) as conn:
         pid = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
-        before = cpu(pid)
+        before = backend_cpu_seconds(pid)
         for row in rows:
             write(conn, row)
-        return (cpu(pid) - before) / len(rows)
+        return (backend_cpu_seconds(pid) - before) / len(rows)
 
 
 def cpu_per_row(url: str, seed: int, count: int = 3000) -> None:

@@ -51,6 +51,12 @@ def templates() -> dict[str, dict[str, Any]]:
     return {name: json.loads((PAYLOADS / f"{file}.json").read_text()) for name, file in TEMPLATES.items()}
 
 
+def backend_cpu_seconds(pid: int) -> float:
+    """The CPU seconds (user and system) a backend on this machine has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))

@@ -53,12 +53,14 @@ import uuid
 from contextlib import ExitStack, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 from common import (
     PROMPTS,
     ROOT,
     add_database_url,
+    backend_cpu_seconds,
     scratch_database,
     server,
     server_version,
@@ -180,11 +182,14 @@ def built(url: str) -> int:
 
 def appends(url: str, n: int) -> tuple[float, dict]:
     """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and
-    io_per's figures per append. The jobs' ids are the service's (UUIDv7: time-ordered); the
-    webhook ids ascend within a round, as Replicate's (KSUIDs: time first) do."""
+    io_per's figures per append, with the backend's CPU µs per append where the server runs
+    on this machine (the rounds' rates move with the machine, CPU time less). The jobs' ids
+    are the service's (UUIDv7: time-ordered); the webhook ids ascend within a round, as
+    Replicate's (KSUIDs: time first) do."""
     bodies = templates()
     run = uuid.uuid4().hex[:8]
     jobs = [new_job_id() for _ in range(max(1, n // 4))]
+    local = urlsplit(url).hostname in (None, "", "localhost", "127.0.0.1")  # its backend's /proc here
     with db.connect(url, autocommit=True) as conn:
         for job in jobs:
             conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
@@ -193,6 +198,8 @@ def appends(url: str, n: int) -> tuple[float, dict]:
     before = database_io(url)
     with db.connect(url, autocommit=True) as conn:
         states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
+        pid = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+        cpu = backend_cpu_seconds(pid) if local else math.nan
         started = time.perf_counter()
         for i in range(n):
             job = jobs[i % len(jobs)]
@@ -200,7 +207,8 @@ def appends(url: str, n: int) -> tuple[float, dict]:
             conn.execute("SELECT * FROM append_webhook(%s, %s, %s, %s)",
                          (f"msg_{run}_{i}", job, Jsonb(body), Jsonb({"query": {"job": job, "step": "1"}})))
         rate = n / (time.perf_counter() - started)
-    return rate, io_per(url, before, n)
+        cpu = (backend_cpu_seconds(pid) - cpu) / n if local else math.nan
+    return rate, io_per(url, before, n) | {"cpu_us": cpu * 1e6}
 
 
 def time_io(url: str) -> None:
@@ -369,6 +377,7 @@ def append_rounds(stores: dict[str, str], args: argparse.Namespace) -> dict[str,
             rounds[label].append((rate, io))
             print(f"  append round {r + 1} at {label}: {rate:,.0f} ev/s (per append {io['blocks']:.0f} "
                   f"blocks, {io['read']:.2f} read from outside shared buffers in {io['io_ms']:.3f} ms; "
+                  f"backend CPU {io['cpu_us']:,.0f} µs; "
                   f"WAL {io['wal'] / 1024:.1f} kB, {io['fpi']:.2f} full pages)", flush=True)
     return rounds
 
@@ -411,6 +420,7 @@ def measure(urls: dict[int, str], baselines: dict[str, str],
         out = stores[label][0]
         out["append_rounds"] = [rate for rate, _ in rounds]
         out["append"], out["append_io"] = median_round(rounds)
+        out["append_cpu"] = statistics.median(io["cpu_us"] for _, io in rounds)
     for size, url in urls.items():
         finish(url, f"{size:,} events", True, results[size], args)
     for commit, url in baselines.items():
@@ -508,6 +518,12 @@ def report(args: argparse.Namespace, sizes: list[int], results: dict, todays: di
           + f"; WAL per append {large['append_io']['wal'] / 1024:.1f} / "
           f"{small['append_io']['wal'] / 1024:.1f} kB, full pages {large['append_io']['fpi']:.2f} / "
           f"{small['append_io']['fpi']:.2f})")
+    print(f"  backend CPU per append, median of the rounds: {hi:,} {large['append_cpu']:,.0f} µs, {lo:,} "
+          f"{small['append_cpu']:,.0f} µs; throughput if CPU-bound alike "
+          f"{small['append_cpu'] / large['append_cpu']:.2f}x; "
+          + "; ".join(f"unpartitioned ({commit}) {base['append_cpu']:,.0f} µs, the partitioned at {lo:,} "
+                      f"{base['append_cpu'] / small['append_cpu']:.2f}x of it"
+                      for commit, base in todays.items()))
     for commit, base in todays.items():
         print(f"  append partitioned vs unpartitioned ({commit}) at {lo:,}: {small['append']:,.0f} / "
               f"{base['append']:,.0f} ev/s = {small['append'] / base['append']:.2f}x [>= 0.9x] (median "
