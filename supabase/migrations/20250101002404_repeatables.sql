@@ -572,10 +572,11 @@ END $$;
 -- refuses it, as before; so does it a NULL). PL/pgSQL, not SQL: a SQL function with a
 -- subquery is not inlined, and its body was planned again at every webhook (~90 us of an
 -- append's ~1,200, pg_stat_statements); a PL/pgSQL function's plan is made once a session.
--- The kept keys are named twice below: keep the two lists the same.
 CREATE OR REPLACE FUNCTION webhook_facts(p_body jsonb) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
 DECLARE
+    c_kept CONSTANT text[] := '{id,status,error,metrics,output,model,version,data_removed,'
+                              'created_at,started_at,completed_at,logs}';
     v_facts jsonb;
     v_logs text;
 BEGIN
@@ -587,12 +588,8 @@ BEGIN
     -- taken out by name; only a body with a key neither kept nor named here (one Replicate
     -- added since) takes the long way, which reads its keys.
     v_facts := p_body - '{input,urls,webhook,webhook_events_filter,webhook_completed,stream}'::text[];
-    IF v_facts - '{id,status,error,metrics,output,model,version,data_removed,created_at,started_at,'
-                 'completed_at,logs}'::text[] <> '{}'::jsonb THEN
-        v_facts := v_facts - ARRAY(SELECT k FROM jsonb_object_keys(v_facts) k
-                                   WHERE k NOT IN ('id', 'status', 'error', 'metrics', 'output', 'model',
-                                                   'version', 'data_removed', 'created_at', 'started_at',
-                                                   'completed_at', 'logs'));
+    IF v_facts - c_kept <> '{}'::jsonb THEN
+        v_facts := v_facts - ARRAY(SELECT k FROM jsonb_object_keys(v_facts) k WHERE k <> ALL (c_kept));
     END IF;
     IF jsonb_typeof(v_facts -> 'logs') = 'string' THEN
         v_logs := v_facts ->> 'logs';
@@ -2792,7 +2789,7 @@ END $$;
 
 
 -- Recorded as `flask --app service migrate` records them.
-INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', 'd34173eda29e719a479c3c3e26028a44e02022bd1f3c64f28da6eab727930f9a')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '16f3fffc01b7ca8c38c4b4dd062784778a7b7bf2c5cea4592f043e6e01a3f1b6')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '399407e6b1b2eebc1798759119c884aeefbc786329a124420d2d368579540ee1')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
