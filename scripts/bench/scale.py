@@ -50,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import ExitStack, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,32 +181,44 @@ def built(url: str) -> int:
         return conn.execute("SELECT count(*) AS n FROM events").fetchone()["n"]
 
 
-def appends(url: str, n: int) -> tuple[float, dict]:
-    """Webhooks of new jobs, one transaction each, through append_webhook: events/s, and
-    io_per's figures per append, with the backend's CPU µs per append where the server runs
-    on this machine (the rounds' rates move with the machine, CPU time less). The jobs' ids
-    are the service's (UUIDv7: time-ordered); the webhook ids ascend within a round, as
-    Replicate's (KSUIDs: time first) do."""
+# The job.created of each new job a round of appends sends webhooks to.
+JOB_CREATED = {"model": "stability-ai/sdxl", "count": 1}
+
+
+def round_webhooks(jobs: list[str], n: int) -> Iterator[tuple[str, str, dict, dict]]:
+    """A round's n webhooks over the new jobs (webhook id, job, body, metadata): the job
+    i % len(jobs), its SDXL prediction's processing, more logs and succeeded bodies in turn,
+    webhook ids new for each round and ascending within it, as Replicate's (KSUIDs: time
+    first) are. Made one at a time, as they are sent."""
     bodies = templates()
+    states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
     run = uuid.uuid4().hex[:8]
+    for i in range(n):
+        job = jobs[i % len(jobs)]
+        yield (f"msg_{run}_{i}", job, dict(states[i % 3], id=f"p{run}{i % len(jobs)}"),
+               {"query": {"job": job, "step": "1"}})
+
+
+def appends(url: str, n: int) -> tuple[float, dict]:
+    """Webhooks of new jobs (round_webhooks), one transaction each, through append_webhook:
+    events/s, and io_per's figures per append, with the backend's CPU µs per append where the
+    server runs on this machine (the rounds' rates move with the machine, CPU time less). The
+    jobs' ids are the service's (UUIDv7: time-ordered)."""
     jobs = [new_job_id() for _ in range(max(1, n // 4))]
     local = urlsplit(url).hostname in (None, "", "localhost", "127.0.0.1")  # its backend's /proc here
     with db.connect(url, autocommit=True) as conn:
         for job in jobs:
             conn.execute("SELECT * FROM append_event(%s, %s, 'job.created', %s)",
-                         (f"created:{job}", job, Jsonb({"model": "stability-ai/sdxl", "count": 1})))
+                         (f"created:{job}", job, Jsonb(JOB_CREATED)))
     time.sleep(1)  # the creating connection's counts land before `before` is read
     before = database_io(url)
     with db.connect(url, autocommit=True) as conn:
-        states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
         pid = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
         cpu = backend_cpu_seconds(pid) if local else math.nan
         started = time.perf_counter()
-        for i in range(n):
-            job = jobs[i % len(jobs)]
-            body = dict(states[i % 3], id=f"p{run}{i % len(jobs)}")
+        for webhook_id, job, body, metadata in round_webhooks(jobs, n):
             conn.execute("SELECT * FROM append_webhook(%s, %s, %s, %s)",
-                         (f"msg_{run}_{i}", job, Jsonb(body), Jsonb({"query": {"job": job, "step": "1"}})))
+                         (webhook_id, job, Jsonb(body), Jsonb(metadata)))
         rate = n / (time.perf_counter() - started)
         cpu = (backend_cpu_seconds(pid) - cpu) / n if local else math.nan
     return rate, io_per(url, before, n) | {"cpu_us": cpu * 1e6}

@@ -32,11 +32,10 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 from append_instructions import as_owner, find_bindir, literal
-from common import templates
+from scale import JOB_CREATED, round_webhooks
 
 from service.commands import new_job_id
 
@@ -61,25 +60,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def script(webhooks: int, jobs: int) -> str:
-    """`jobs` new jobs, then `webhooks` webhooks over them as scale.py's appends send them
-    (the job i % jobs, an SDXL prediction's processing, more logs, succeeded in turn); ids new
-    each time, so nothing is a duplicate. Single-user mode (-j) ends a statement at a
-    semicolon and an empty line; each statement is its own transaction."""
-    bodies = templates()
-    states = [bodies["processing"], bodies["more_logs"], bodies["succeeded"]]
-    run = uuid.uuid4().hex[:8]
+    """`jobs` new jobs, then `webhooks` webhooks over them, as scale.py's rounds send them
+    (scale.round_webhooks; ids new each time, so nothing is a duplicate). Single-user mode
+    (-j) ends a statement at a semicolon and an empty line; each statement is its own
+    transaction."""
     ids = [new_job_id() for _ in range(jobs)]
     out = ["SET jit = off;\n\n"]
-    model = json.dumps({"model": "stability-ai/sdxl", "count": 1})
+    created = literal(json.dumps(JOB_CREATED))
     for job in ids:
         out.append(f"SELECT * FROM append_event({literal('created:' + job)}, {literal(job)}, "
-                   f"'job.created', {literal(model)}::jsonb);\n\n")
-    for i in range(webhooks):
-        job = ids[i % jobs]
-        body = json.dumps(dict(states[i % 3], id=f"p{run}{i % jobs}"))
-        metadata = json.dumps({"query": {"job": job, "step": "1"}})
-        out.append(f"SELECT * FROM append_webhook({literal(f'msg_{run}_{i}')}, {literal(job)}, "
-                   f"{literal(body)}::jsonb, {literal(metadata)}::jsonb);\n\n")
+                   f"'job.created', {created}::jsonb);\n\n")
+    for webhook_id, job, body, metadata in round_webhooks(ids, webhooks):
+        out.append(f"SELECT * FROM append_webhook({literal(webhook_id)}, {literal(job)}, "
+                   f"{literal(json.dumps(body))}::jsonb, {literal(json.dumps(metadata))}::jsonb);\n\n")
     return "".join(out)
 
 
