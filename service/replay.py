@@ -389,9 +389,11 @@ def _write_ahead(run: _Run, batches: int) -> int:
     """In batches, write the differing rows before the cut-over, some streams at a time:
     each batch under its streams' advisory locks (appends to other streams go on), and only
     for streams with no event since the comparison (the cut-over takes the others). Each
-    stream's rows change in one transaction, so none is ever shown half rebuilt."""
+    stream's rows change in one transaction, so none is ever shown half rebuilt. First, in
+    batches or not, the log tails of the rows to be written are read again (restore_ahead)."""
     written = 0
     with _timed(run, "write"):
+        run.scratch.restore_ahead()
         if batches:
             streams = run.scratch.streams_differing()
             for lo in range(0, len(streams), batches):

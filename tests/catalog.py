@@ -103,6 +103,8 @@ CHANGED_SINCE_LEGACY = {
     # issue 19: a full rebuild reads the store a window of positions at a time, once for
     # every table it groups (sql/rebuild.sql)
     "rebuild_window", "rebuild_windowed", "rebuild_scan",
+    # issue 19: a replay's scratch copy keeps a digest of each log tail (sql/rebuild.sql)
+    "scratch_digest",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same

@@ -182,6 +182,26 @@ def test_check_catches_a_corrupted_row_and_changes_nothing(conn):
     assert replay.replay(conn, check=True).differences == 0
 
 
+def test_over_a_live_projection_the_replay_writes_the_log_tails_it_compared_as_digests(conn):
+    """Over a live projection the scratch copy keeps a digest of each log tail: a tampered
+    tail and a missing prediction are still found, and what the replay writes back, or shows
+    in its samples, is the tail itself, read again from its event."""
+    random_workload(conn, random.Random(5))
+    live = snapshot(conn)
+    logged = [r["id"] for r in live["predictions"] if r["logs_tail"]]
+    conn.execute("UPDATE predictions SET logs_tail = 'tampered' WHERE id = %s", (logged[0],))
+    conn.execute("DELETE FROM predictions WHERE id = %s", (logged[1],))
+    assert logged[1] not in {r["id"] for r in snapshot(conn)["predictions"]}
+    checked = replay.replay(conn, check=True)
+    assert checked.differences == 2
+    assert {str(d) for d in checked.samples} == {f"predictions {logged[0]}: changed (logs_tail)",
+                                                   f"predictions {logged[1]}: only in rebuild"}
+    result = replay.replay(conn)
+    assert result.committed and result.differences == 2
+    assert snapshot(conn) == live
+    assert not conn.execute("SELECT current_setting('rjs.rebuild_logs', true) AS s").fetchone()["s"]
+
+
 def test_events_recorded_before_job_created_count_as_they_would_in_a_rebuild(conn):
     job = new_job_id()
     running = bodies(LIFECYCLE, "early1")[1]
