@@ -9,6 +9,10 @@ here. The keys of the rows that differ are kept in replay_diff_<table>, with the
 and the change that writes them (i: insert, u: update, d: delete): the live rows of a stream
 change only through appends, so what was listed holds until one of its events arrives, and
 then its entries are listed again.
+
+Over a live projection, the copy keeps a digest of each prediction's log tail, not the tail
+(Table.digests); the comparison digests the live tails alike, and a row that is written or
+shown gets its tail back from the event that has it (Table.restore, restore_ahead).
 """
 
 from __future__ import annotations
