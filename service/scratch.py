@@ -42,6 +42,13 @@ class Table(NamedTuple):
 
 
 
+# The log tail the event at a position ({0}) keeps, as the fold reads it.
+_EVENT_TAIL = """
+    SELECT f.logs_tail FROM events e
+    CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at) f
+    WHERE e.position = {0}"""
+
+
 TABLES: dict[str, Table] = {
     # new jobs written in the order of its created_at indexes (why: above rebuild_jobs in sql/rebuild.sql)
     "jobs": Table(("id",), "id = ANY (stream_job_ids({0}))", "coalesce({0}.id, {1}.id)::text",
@@ -49,13 +56,10 @@ TABLES: dict[str, Table] = {
     "predictions": Table(
         ("id",), "job_id = ANY (stream_job_ids({0})) OR (job_id IS NULL AND id = ANY ({0}))",
         "coalesce({1}.job_id::text, {0}.job_id::text, {1}.id, {0}.id)", carry=("job_id",), hashed=True,
-        digests=("logs_tail",), restore="""
+        digests=("logs_tail",), restore=f"""
             SELECT k.logs_tail FROM pg_temp.replay_logs k WHERE k.position = fold_key_position(n.logs_key)
             UNION ALL
-            (SELECT f.logs_tail FROM events e
-             CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata, e.position,
-                                                 e.recorded_at) f
-             WHERE e.position = fold_key_position(n.logs_key))
+            ({_EVENT_TAIL.format("fold_key_position(n.logs_key)")})
             LIMIT 1"""),
     "outputs": Table(
         ("prediction_id", "index"),
@@ -69,18 +73,14 @@ SAMPLE = 20
 # The log tails of the predictions listed to be written, read again from their events ahead
 # of the cut-over (Scratch.restore_ahead), in position order; by position: an event's tail
 # never changes, whatever is rebuilt after.
-RESTORE_AHEAD = """
+RESTORE_AHEAD = f"""
     INSERT INTO pg_temp.replay_logs
     SELECT p.position, f.logs_tail
     FROM (SELECT DISTINCT fold_key_position(n.logs_key) AS position
           FROM pg_temp.replay_diff_predictions d JOIN pg_temp.predictions n ON n.id = d.id
           WHERE d.change <> 'd' AND fold_key_position(n.logs_key) IS NOT NULL
           ORDER BY 1) p
-    CROSS JOIN LATERAL (
-        SELECT f.logs_tail FROM events e
-        CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata, e.position,
-                                            e.recorded_at) f
-        WHERE e.position = p.position OFFSET 0) f
+    CROSS JOIN LATERAL ({_EVENT_TAIL.format("p.position")} OFFSET 0) f
     ON CONFLICT DO NOTHING"""
 
 
