@@ -40,14 +40,11 @@ class Table(NamedTuple):
     restore: str = ""
 
 
-
-
 # The log tail the event at a position ({0}) keeps, as the fold reads it.
 _EVENT_TAIL = """
     SELECT f.logs_tail FROM events e
     CROSS JOIN LATERAL prediction_facts(e.stream, e.type, e.data, e.metadata, e.position, e.recorded_at) f
     WHERE e.position = {0}"""
-
 
 TABLES: dict[str, Table] = {
     # new jobs written in the order of its created_at indexes (why: above rebuild_jobs in sql/rebuild.sql)
@@ -279,8 +276,9 @@ class Scratch:
         """Read again the log tails behind the digests of every prediction listed to be
         written (after a change of the fold's rules, every one), ahead of the cut-over, which
         then finds them in replay_logs rather than in the events, with appends waiting (at
-        1M events, 196,080 predictions listed: a cut-over of 13.6-16.7 s without, against
-        7.5-9.6 s when the copy kept the tails whole). Compressed here with lz4 where the
+        1M events, 196,080 predictions listed: a cut-over of 9.0-10.0 s, as when the copy
+        kept the tails whole, 7.9-9.1 s; 13.6-16.7 s without this, on a busier machine).
+        Compressed here with lz4 where the
         server has it, as rebuild_predictions compresses the tails it keeps whole: a value
         is written into the live table as compressed as it comes, where one uncompressed
         would be compressed with the default pglz there, appends waiting (+6 s at 1M)."""
