@@ -284,9 +284,7 @@ class Scratch:
         would be compressed with the default pglz there, appends waiting (+6 s at 1M)."""
         if self.digesting:
             with self.conn.transaction():
-                self.conn.execute("SELECT set_config('default_toast_compression', 'lz4', true) "
-                                  "FROM pg_settings WHERE name = 'default_toast_compression' "
-                                  "AND 'lz4' = ANY (enumvals)")
+                self.conn.execute("SELECT prefer_lz4_compression()")
                 self.conn.execute(RESTORE_AHEAD)
 
     def streams_differing(self) -> list[str]:

@@ -66,6 +66,18 @@ CREATE OR REPLACE FUNCTION scratch_digest(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN hashtextextended(value, 0)::text;
 
+-- Until the transaction ends, values written compressed are compressed with lz4 where the
+-- server has it: several times faster than the default pglz, on log tails above all. The
+-- stored values are the same. (rebuild_predictions, and a replay's restore_ahead.)
+CREATE OR REPLACE FUNCTION prefer_lz4_compression() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_settings
+               WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        PERFORM set_config('default_toast_compression', 'lz4', true);
+    END IF;
+END $$;
+
 -- The positions a full rebuild groups at once (rebuild_grouped). A window's groups are
 -- held in memory; grouping the whole store at once keeps one group per prediction or job
 -- (about 1 kB each), which past some millions of events no longer fits, and the spilled
@@ -248,12 +260,8 @@ DECLARE
     -- a replay's scratch copy keeps a digest of each log tail (scratch_digest)
     v_digest boolean := coalesce(current_setting('rjs.rebuild_logs', true) = 'digest', false);
 BEGIN
-    -- The log tails are most of what this writes; lz4, where the server has it, compresses
-    -- them several times faster than the default pglz. The stored values are the same.
-    IF EXISTS (SELECT FROM pg_settings
-               WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
-        PERFORM set_config('default_toast_compression', 'lz4', true);
-    END IF;
+    -- The log tails are most of what this writes.
+    PERFORM prefer_lz4_compression();
     -- Each prediction's winning keys are in rebuild_prediction_groups (rebuild_scan).
     -- The predictions a retry submitted again (job.retried events name them, in their job's
     -- stream): superseded, as apply_event marks them on the live path.

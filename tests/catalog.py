@@ -103,8 +103,9 @@ CHANGED_SINCE_LEGACY = {
     # issue 19: a full rebuild reads the store a window of positions at a time, once for
     # every table it groups (sql/rebuild.sql)
     "rebuild_window", "rebuild_windowed", "rebuild_scan",
-    # issue 19: a replay's scratch copy keeps a digest of each log tail (sql/rebuild.sql)
-    "scratch_digest",
+    # issue 19: a replay's scratch copy keeps a digest of each log tail, and the tails it
+    # reads again are compressed as the rebuild's are (sql/rebuild.sql)
+    "scratch_digest", "prefer_lz4_compression",
 }
 
 # Data shape added or changed on purpose by migrations since that release, left out the same

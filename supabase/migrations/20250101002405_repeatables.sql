@@ -1524,6 +1524,18 @@ CREATE OR REPLACE FUNCTION scratch_digest(value text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN hashtextextended(value, 0)::text;
 
+-- Until the transaction ends, values written compressed are compressed with lz4 where the
+-- server has it: several times faster than the default pglz, on log tails above all. The
+-- stored values are the same. (rebuild_predictions, and a replay's restore_ahead.)
+CREATE OR REPLACE FUNCTION prefer_lz4_compression() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_settings
+               WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
+        PERFORM set_config('default_toast_compression', 'lz4', true);
+    END IF;
+END $$;
+
 -- The positions a full rebuild groups at once (rebuild_grouped). A window's groups are
 -- held in memory; grouping the whole store at once keeps one group per prediction or job
 -- (about 1 kB each), which past some millions of events no longer fits, and the spilled
@@ -1706,12 +1718,8 @@ DECLARE
     -- a replay's scratch copy keeps a digest of each log tail (scratch_digest)
     v_digest boolean := coalesce(current_setting('rjs.rebuild_logs', true) = 'digest', false);
 BEGIN
-    -- The log tails are most of what this writes; lz4, where the server has it, compresses
-    -- them several times faster than the default pglz. The stored values are the same.
-    IF EXISTS (SELECT FROM pg_settings
-               WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
-        PERFORM set_config('default_toast_compression', 'lz4', true);
-    END IF;
+    -- The log tails are most of what this writes.
+    PERFORM prefer_lz4_compression();
     -- Each prediction's winning keys are in rebuild_prediction_groups (rebuild_scan).
     -- The predictions a retry submitted again (job.retried events name them, in their job's
     -- stream): superseded, as apply_event marks them on the live path.
@@ -2808,7 +2816,7 @@ INSERT INTO schema_repeatables (name, checksum) VALUES ('store.sql', '16f3fffc01
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('fold.sql', '399407e6b1b2eebc1798759119c884aeefbc786329a124420d2d368579540ee1')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
-INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '6482b10a7c34a0865c6fba9ecac91d0fcf0a0251f9e8512cd15a1172b3c1955c')
+INSERT INTO schema_repeatables (name, checksum) VALUES ('rebuild.sql', '9bb8fd9e1f253a7a86b8de79c2c01fa3418ec27297a0501bdb01ce71ad0a9366')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
 INSERT INTO schema_repeatables (name, checksum) VALUES ('history_views.sql', 'a19d66095ddc1ab8cca81fe615817f708f051923f15a80e91e7c301e01ce244c')
 ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now();
