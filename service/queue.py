@@ -14,6 +14,9 @@ from psycopg.types.json import Jsonb
 from service.db import queries
 
 logger = logging.getLogger(__name__)
+# The retry jitter draws from a generator of its own: the global one is shared with whatever
+# else runs in the process (a test's Hypothesis draws check that nothing touches it).
+_jitter = random.Random()
 
 KINDS = ("submit_prediction", "cancel_prediction", "process_output")
 
@@ -93,7 +96,7 @@ def extend(conn: psycopg.Connection, task: Task, worker: str, lease_seconds: int
 
 def backoff(attempts: int, base: float = 2.0, cap: float = 300.0) -> float:
     """Seconds before the next attempt: capped exponential with full jitter."""
-    return random.uniform(base / 2, min(cap, base * 2 ** max(attempts - 1, 0)))
+    return _jitter.uniform(base / 2, min(cap, base * 2 ** max(attempts - 1, 0)))
 
 
 def _finish(conn: psycopg.Connection, task: Task, worker: str, status: str, error: str | None,

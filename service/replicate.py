@@ -31,6 +31,8 @@ from service.errors import (
 )
 
 logger = logging.getLogger(__name__)
+# The retry jitter's own generator, not the process's global one (as in service/queue.py).
+_jitter = random.Random()
 
 DEFAULT_BASE_URL = "https://api.replicate.com/v1"
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
@@ -196,9 +198,9 @@ class ReplicateClient:
         """Seconds before the next attempt: Replicate's hint (plus a little jitter), else backoff."""
         hinted = getattr(failure, "retry_after", None)
         if hinted is not None:
-            return hinted + random.uniform(0, min(0.25, hinted / 10))
+            return hinted + _jitter.uniform(0, min(0.25, hinted / 10))
         ceiling = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return ceiling / 2 + _jitter.uniform(0, ceiling / 2)
 
     def _scrub(self, text: str) -> str:
         """Replicate's words, minus our token should anything ever echo it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 import threading
 import time
@@ -282,7 +283,9 @@ def test_server_errors_are_retried_with_backoff(replicate: FakeReplicate, logs: 
     replicate.then(Reply(500, problem(500, "Internal Server Error", "boom")),
                    Reply(502, None))
     client = client_for(replicate.url, backoff_base=0.2, backoff_cap=2.0)
+    shared = random.getstate()
     prediction = client.get_prediction("vgcm4plb7tgzlyznry5d5jkgvu")
+    assert random.getstate() == shared  # the jitter has a generator of its own
     first, second, third = replicate.received
     assert second.at - first.at >= 0.1 and third.at - second.at >= 0.2  # at least half of 0.2, 0.4
     assert first.path == second.path == third.path

@@ -11,6 +11,10 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
+# Unseeded choices draw from a generator of their own: the simulator runs in a thread beside
+# the tests, whose Hypothesis draws check that nothing touches the global one meanwhile.
+_unseeded = random.Random()
+
 FAULT_NAMES = ("duplicate", "reorder", "drop", "fail", "ratelimit")
 
 
@@ -33,7 +37,7 @@ class Faults:
     def chance(self, *key: object) -> float:
         """A number in [0, 1): a pure function of (seed, key) when seeded, else random."""
         if self.seed is None:
-            return random.random()
+            return _unseeded.random()
         digest = hashlib.sha256(":".join(map(str, (self.seed, *key))).encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
