@@ -35,6 +35,10 @@ def ci(examples: int) -> settings:
 @pytest.fixture
 def app(db_url):
     app = create_app({"TESTING": True, "DATABASE_URL": db_url, "REPLICATE_WEBHOOK_SECRET": SECRET})
+    # The pool opens its connections in a thread of its own, each drawing its expiry's jitter
+    # from the global random generator; Hypothesis warns when that moves during a draw
+    # ("Do not use the random module inside strategies"). Opened first, it no longer does.
+    app.extensions["db_pool"].wait(timeout=30)
     yield app
     app.extensions["db_pool"].close()
 
