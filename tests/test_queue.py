@@ -72,7 +72,8 @@ def test_backoff_grows_and_is_capped():
 
 def test_backoff_leaves_the_global_random_state_alone():
     """A worker thread's jitter must not move the generator other code shares (Hypothesis
-    warns when it moves during a draw, as it did in CI while the app ran beside a fuzz test)."""
+    warns when it moves during a draw; in CI that came from the database pool's thread,
+    tests/test_fuzz.py)."""
     before = random.getstate()
     delays = {queue.backoff(6) for _ in range(20)}
     assert random.getstate() == before and len(delays) > 1
