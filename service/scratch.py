@@ -172,10 +172,10 @@ class Scratch:
         self.conn.execute("SET maintenance_work_mem = '256MB'")
         for table, spec in TABLES.items():
             if spec.hashed:
-                self.conn.execute(f"SET maintenance_work_mem = '{HASH_BUILD_MEMORY}'")
-                self.conn.execute(sql.SQL("CREATE INDEX ON {} USING hash ({})").format(
-                    _temp(table), sql.Identifier(spec.keys[0])))
-                self.conn.execute("SET maintenance_work_mem = '256MB'")
+                with self.conn.transaction():  # HASH_BUILD_MEMORY for this build alone
+                    self.conn.execute(f"SET LOCAL maintenance_work_mem = '{HASH_BUILD_MEMORY}'")
+                    self.conn.execute(sql.SQL("CREATE INDEX ON {} USING hash ({})").format(
+                        _temp(table), sql.Identifier(spec.keys[0])))
             else:
                 self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
                     _temp(table), _names(spec.keys)))
@@ -293,10 +293,10 @@ class Scratch:
         then finds them in replay_logs rather than in the events, with appends waiting (at
         1M events, 196,080 predictions listed: a cut-over of 9.0-10.0 s, as when the copy
         kept the tails whole, 7.9-9.1 s; 13.6-16.7 s without this, on a busier machine).
-        Compressed here with lz4 where the
-        server has it, as rebuild_predictions compresses the tails it keeps whole: a value
-        is written into the live table as compressed as it comes, where one uncompressed
-        would be compressed with the default pglz there, appends waiting (+6 s at 1M)."""
+        Compressed here with lz4 where the server has it, as rebuild_predictions compresses
+        the tails it keeps whole: a value is written into the live table as compressed as it
+        comes, where one uncompressed would be compressed with the default pglz there,
+        appends waiting (+6 s at 1M)."""
         if self.digesting:
             with self.conn.transaction():
                 self.conn.execute("SELECT prefer_lz4_compression()")
