@@ -18,6 +18,7 @@ from scripts.faults.stack import StackOptions
 from service import create_app, db, migrations, queue
 from service.cli import handlers, worker_context
 from service.worker import Worker
+from tests.waiting import wait_for
 
 
 def test_kills_and_a_database_crash_under_load_lose_nothing(tmp_path):
@@ -89,15 +90,16 @@ def test_a_worker_listens_again_after_a_database_restart(tmp_path):
         thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
         try:
             thread.start()
-            assert wait_until(lambda: listening(url), 10)
+            wait_for("the worker to LISTEN", lambda: listening(url), 10)
             pg.restart("immediate")
-            assert wait_until(lambda: listening(url), 10)  # long before the 60 s poll
+            wait_for("the worker to LISTEN again", lambda: listening(url), 10)  # long before the 60 s poll
             with db.connect(url, autocommit=True) as conn:
                 # a job nobody knows: the worker finishes the task at once
                 queue.enqueue(conn, "process_output", "process:p1:0", None, {
                     "prediction_id": "p1", "index": 0, "source_url": "https://replicate.delivery/p1.png"})
-                assert wait_until(lambda: conn.execute("SELECT status FROM tasks WHERE task_key = %s",
-                                                       ("process:p1:0",)).fetchone()["status"] == "done", 5)
+                wait_for("the task to be done", lambda: conn.execute(
+                    "SELECT status FROM tasks WHERE task_key = %s", ("process:p1:0",)
+                ).fetchone()["status"] == "done", 5)
         finally:
             stop.set()
             with db.connect(url, autocommit=True) as conn:
@@ -111,11 +113,3 @@ def listening(url: str) -> bool:
         return conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE query = 'LISTEN tasks'"
                             ).fetchone()["n"] > 0
 
-
-def wait_until(check, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
